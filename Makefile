@@ -1,0 +1,22 @@
+# Two commands do everything on a fresh machine: `make demo` (main job) and `make test` (test suite).
+# Each creates the virtual environment first when it is missing.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# The offline CIFAR-10 copy when it sits beside the repository; override with BCM_DATA=/path.
+BCM_DATA ?= $(if $(wildcard ../shared/data/cifar10),$(abspath ../shared/data/cifar10),)
+export BCM_DATA
+
+.PHONY: setup demo test
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[dev]'
+	touch $@
+
+demo: setup
+	$(PY) -m bench.transfer --source wrn --eps 8
+
+test: setup
+	$(PY) -m pytest -q

@@ -1,0 +1,22 @@
+"""Import RobustBench despite its packaging trap; the only place that knows about it.
+
+robustbench 1.1.1 imports the module ``autoattack``, but its dependency ``pyautoattack`` installs the same
+code as ``pyautoattack``; alias it before robustbench is imported. robustbench also imports ``pkg_resources``
+(pinned through ``setuptools<81`` in pyproject.toml), whose deprecation warning we silence here.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+import warnings
+
+
+def import_robustbench():
+    """Return the ``robustbench`` module, with ``autoattack`` resolving to ``pyautoattack``."""
+    if "autoattack" not in sys.modules:
+        pyautoattack = importlib.import_module("pyautoattack")
+        sys.modules["autoattack"] = pyautoattack
+        sys.modules["autoattack.state"] = importlib.import_module("pyautoattack.state")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+        return importlib.import_module("robustbench")

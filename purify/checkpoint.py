@@ -1,0 +1,53 @@
+"""Atomic checkpoint files: write to a temporary file in the same folder, then rename."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``, so readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
+    """``torch.save`` ``state`` to ``path`` atomically."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: str | os.PathLike, required: tuple[str, ...] = ()) -> dict:
+    """Load a checkpoint with ``weights_only=True`` onto the CPU; clear errors for missing/corrupt files."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"checkpoint {path} is corrupt or not a bcm-purify checkpoint: {err}") from err
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
+    missing = [key for key in required if key not in state]
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks the entries {missing}")
+    return state
+
+
+def load_state_dict_strict(module: torch.nn.Module, state_dict: dict, source: str) -> None:
+    """``load_state_dict(strict=True)`` with an error that names the checkpoint and the mismatch."""
+    try:
+        module.load_state_dict(state_dict, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{source} does not match the {type(module).__name__} it is loaded into: "
+                         f"{str(err).splitlines()[0]} ...") from err

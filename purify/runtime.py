@@ -1,0 +1,75 @@
+"""Small pieces every trainer and benchmark shares: devices, seeding, RNG state, CSV logs, time budgets."""
+from __future__ import annotations
+
+import csv
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Torch RNG states as tensors (loadable with ``weights_only=True``)."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CSVLog:
+    """Append rows to a CSV file, writing the header once; rows past ``resume_step`` are dropped on resume."""
+
+    def __init__(self, path: str | os.PathLike, fields: list[str], resume_step: int | None = None):
+        self.path, self.fields = Path(path), list(fields)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            # Keep only rows the checkpoint we resume from has seen, so the log matches the weights.
+            with open(self.path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+            self._rewrite(rows)
+        elif not self.path.exists() or resume_step is None:
+            self._rewrite([])
+
+    def _rewrite(self, rows: list[dict]) -> None:
+        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, self.fields)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.path)
+
+    def write(self, **row) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, self.fields).writerow(row)
+
+
+class Budget:
+    """Wall-clock budget for ``--max-minutes``; ``None`` means unlimited."""
+
+    def __init__(self, max_minutes: float | None):
+        self.deadline = None if max_minutes is None else time.monotonic() + 60.0 * max_minutes
+
+    def exhausted(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline

@@ -1,0 +1,70 @@
+"""Classifier presets: ``configs/classifiers/{preset}.yaml`` loaded into typed dataclasses."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from purify.config import load_yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs" / "classifiers"
+PRESETS = ("paper", "small")
+
+
+@dataclasses.dataclass
+class ArchConfig:
+    """Size of one architecture. ``width``: channel multiplier (WideResNet: its integer widen factor);
+    ``depth``: 0 = the architecture's own (WideResNet: 6n + 4); ``stage2_stride``: MobileNet-V2's second
+    stage stride (1 is the usual CIFAR choice, 2 is 4x cheaper); ``epochs`` overrides the preset's."""
+    width: float = 1.0
+    depth: int = 0
+    stage2_stride: int = 1
+    epochs: int | None = None
+
+
+@dataclasses.dataclass
+class Archs:
+    preact: ArchConfig = dataclasses.field(default_factory=ArchConfig)
+    wrn: ArchConfig = dataclasses.field(default_factory=lambda: ArchConfig(width=10, depth=34))
+    vgg: ArchConfig = dataclasses.field(default_factory=ArchConfig)
+    mobilenet: ArchConfig = dataclasses.field(default_factory=ArchConfig)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """One preset: training recipe shared by all architectures plus each architecture's size."""
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: str = "multistep"          # "multistep" (paper) or "onecycle" (linear warm-up, linear decay)
+    milestones: list[int] = dataclasses.field(default_factory=lambda: [100, 150])  # epochs, multistep only
+    gamma: float = 0.1
+    warmup_fraction: float = 0.0          # onecycle only: share of steps spent warming up
+    label_smoothing: float = 0.0
+    n_val: int = 1000                     # training images held out to select the checkpoint
+    bf16: bool = False                    # bfloat16 autocast (fast on CPUs with AMX, and on recent GPUs)
+    channels_last: bool = True
+    archs: Archs = dataclasses.field(default_factory=Archs)
+
+    def __post_init__(self):
+        if self.schedule not in ("multistep", "onecycle"):
+            raise ValueError(f"schedule must be 'multistep' or 'onecycle', got {self.schedule!r}")
+
+    def arch(self, name: str) -> ArchConfig:
+        return getattr(self.archs, name)
+
+    def epochs_for(self, name: str) -> int:
+        own = self.arch(name).epochs
+        return self.epochs if own is None else own
+
+
+def load_preset(preset: str, config_dir: str | Path = CONFIG_DIR) -> TrainConfig:
+    """The preset ``paper`` or ``small`` (or any ``{preset}.yaml`` in ``config_dir``)."""
+    path = Path(config_dir) / f"{preset}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in Path(config_dir).glob("*.yaml")) or list(PRESETS)
+        raise ValueError(f"unknown preset {preset!r}; valid presets are {', '.join(known)} (in {config_dir})")
+    return load_yaml(TrainConfig, path)

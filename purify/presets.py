@@ -1,0 +1,55 @@
+"""A BCM preset: model, loss, training and purifier settings, loaded from ``configs/bcm/*.yaml``."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .bcm import BCMConfig
+from .bct import LossConfig
+from .config import from_dict, load_yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs" / "bcm"
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 1024           # global batch, split over DDP ranks
+    total_steps: int = 400_000       # K of the curriculum (Eq. 21)
+    lr: float = 1e-4                 # RAdam
+    ema_decay: float = 0.99993
+    grad_clip: float | None = None
+    hflip: bool = True
+    channels_last: bool = False
+    checkpoint_every: int = 1000     # steps
+    log_every: int = 50              # steps
+    seed: int = 0
+
+
+@dataclass
+class PurifierConfig:
+    t_star: float = 80.0             # spec §7: invert 0.11 -> 80 in one step, then denoise in one step
+    eps_inv: float = 0.11
+
+
+@dataclass
+class Preset:
+    model: BCMConfig = field(default_factory=BCMConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    purifier: PurifierConfig = field(default_factory=PurifierConfig)
+
+
+def load_preset(name_or_path: str) -> Preset:
+    """A preset by file path, or by name under ``configs/bcm`` (``cifar10-small``, ``cifar10-paper``)."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise FileNotFoundError(f"no BCM preset {name_or_path!r}; known presets: {known}, or give a YAML path")
+    return load_yaml(Preset, path)
+
+
+def preset_from_dict(data: dict, where: str = "checkpoint config") -> Preset:
+    return from_dict(Preset, data, where)

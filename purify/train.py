@@ -1,0 +1,214 @@
+"""Train a BCM with BCT (Algorithm 1): ``python -m purify.train --config cifar10-small --out runs/bcm-small``.
+
+RAdam on the online weights, an EMA of them for sampling, periodic atomic checkpoints holding everything
+needed to resume (model, EMA, optimizer, step, RNG state, config), a CSV log of the loss terms, a wall-clock
+budget, bf16 autocast on CUDA, and DDP when started by ``torchrun --nproc_per_node=N``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
+
+from .bcm import BCM
+from .bct import BCTLoss
+from .checkpoint import load_checkpoint, load_state_dict_strict, save_checkpoint
+from .config import to_dict
+from .data import load_cifar10
+from .presets import Preset, load_preset, preset_from_dict
+from .runtime import Budget, CSVLog, pick_device, rng_state, seed_everything, set_rng_state
+
+LOG_FIELDS = ["step", "N", "loss", "ct", "soft", "lr", "images_per_s", "elapsed_min"]
+CHECKPOINT_KEYS = ("kind", "config", "model", "ema", "optimizer", "step", "rng")
+
+
+class LossModule(nn.Module):
+    """The BCM together with its loss, so one DDP forward computes all four passes of a BCT step."""
+
+    def __init__(self, bcm: BCM, loss: BCTLoss):
+        super().__init__()
+        self.bcm, self.loss = bcm, loss
+
+    def forward(self, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        return self.loss(self.bcm, x, step)
+
+
+class Trainer:
+    """One training run in ``out_dir``; ``run()`` trains until ``total_steps`` or the budget is spent."""
+
+    def __init__(self, preset: Preset, out_dir: str | os.PathLike, data_root=None, device: str = "auto",
+                 resume: bool = False, init_from: str | None = None, images: torch.Tensor | None = None):
+        self.distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+        if self.distributed:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend)
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+                device = f"cuda:{torch.cuda.current_device()}"
+        else:
+            self.rank, self.world = 0, 1
+        self.device = pick_device(device)
+        self.out_dir = Path(out_dir)
+        self.checkpoint_path = self.out_dir / "checkpoint.pt"
+
+        start = load_checkpoint(self.checkpoint_path, CHECKPOINT_KEYS) if resume else None
+        if start is not None:
+            preset = preset_from_dict(start["config"], f"{self.checkpoint_path} config")
+        self.preset = preset
+        tc = preset.train
+        if tc.batch_size % self.world:
+            raise ValueError(f"batch_size {tc.batch_size} is not divisible by the {self.world} DDP processes")
+        seed_everything(tc.seed + self.rank)
+
+        self.bcm = BCM(preset.model).to(self.device)
+        if tc.channels_last:
+            self.bcm = self.bcm.to(memory_format=torch.channels_last)
+        if init_from is not None and start is None:
+            # Fine-tuning (spec §3, last bullet): start from a CT or BCM checkpoint's EMA weights.
+            source = load_checkpoint(init_from, ("ema",))
+            load_state_dict_strict(self.bcm, source["ema"], init_from)
+        self.ema = AveragedModel(self.bcm, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
+        self.optimizer = torch.optim.RAdam(self.bcm.parameters(), lr=tc.lr)
+        self.loss = BCTLoss(preset.loss, tc.total_steps, preset.model.eps, preset.model.T)
+        module = LossModule(self.bcm, self.loss)
+        self.module = nn.parallel.DistributedDataParallel(module) if self.distributed else module
+        self.step = 0
+        if start is not None:
+            load_state_dict_strict(self.bcm, start["model"], str(self.checkpoint_path))
+            self.ema.module.load_state_dict(start["ema"])
+            self.ema.n_averaged.fill_(start.get("ema_n_averaged", 1))
+            self.optimizer.load_state_dict(start["optimizer"])
+            self.step = start["step"]
+            set_rng_state(start["rng"][min(self.rank, len(start["rng"]) - 1)])
+
+        if images is None:
+            images, _ = load_cifar10("train", data_root)
+        self.images = images.to(self.device)
+        self.log = CSVLog(self.out_dir / "log.csv", LOG_FIELDS, resume_step=self.step) if self.rank == 0 else None
+
+    def batch(self) -> torch.Tensor:
+        """A random batch on the [-1, 1] scale (with random horizontal flips when configured)."""
+        per_rank = self.preset.train.batch_size // self.world
+        idx = torch.randint(0, self.images.shape[0], (per_rank,))
+        x = self.images[idx.to(self.images.device)].float() / 127.5 - 1
+        if self.preset.train.hflip:
+            flip = (torch.rand(per_rank) < 0.5).to(x.device)
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        if self.preset.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def train_step(self) -> dict[str, float]:
+        self.bcm.train()
+        x = self.batch()
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+                    else contextlib.nullcontext())
+        with autocast:
+            terms = self.module(x, self.step)
+        loss = terms["loss"].mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.preset.train.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.bcm.parameters(), self.preset.train.grad_clip)
+        self.optimizer.step()
+        self.ema.update_parameters(self.bcm)
+        self.step += 1
+        return {"loss": loss.item(), "ct": terms["ct"].mean().item(), "soft": terms["soft"].mean().item(),
+                "N": int(terms["N"])}
+
+    def save(self) -> None:
+        """Atomic checkpoint with everything needed to resume (rank 0 only; RNG states of every rank)."""
+        states = [rng_state()]
+        if self.distributed:
+            gathered = [None] * self.world
+            dist.all_gather_object(gathered, states[0])
+            states = gathered
+        if self.rank == 0:
+            save_checkpoint({
+                "kind": "bcm", "config": to_dict(self.preset), "model": self.bcm.state_dict(),
+                "ema": self.ema.module.state_dict(), "ema_n_averaged": int(self.ema.n_averaged),
+                "optimizer": self.optimizer.state_dict(), "step": self.step, "rng": states,
+            }, self.checkpoint_path)
+
+    def run(self, max_steps: int | None = None, max_minutes: float | None = None, progress: bool = True) -> int:
+        """Train until ``total_steps`` (or ``max_steps`` more steps, or the time budget); returns the step."""
+        tc = self.preset.train
+        end = tc.total_steps if max_steps is None else min(tc.total_steps, self.step + max_steps)
+        budget, started, window_start, window_steps = Budget(max_minutes), time.monotonic(), time.monotonic(), 0
+        bar = tqdm(total=tc.total_steps, initial=self.step, disable=not progress or self.rank != 0,
+                   desc="BCT", unit="step", dynamic_ncols=True)
+        try:
+            while self.step < end and not budget.exhausted():
+                terms = self.train_step()
+                window_steps += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{terms['loss']:.4f}", ct=f"{terms['ct']:.4f}",
+                                soft=f"{terms['soft']:.4f}", N=terms["N"])
+                if self.log is not None and (self.step % tc.log_every == 0 or self.step == end):
+                    now = time.monotonic()
+                    self.log.write(step=self.step, N=terms["N"], loss=terms["loss"], ct=terms["ct"],
+                                   soft=terms["soft"], lr=self.optimizer.param_groups[0]["lr"],
+                                   images_per_s=window_steps * tc.batch_size / (now - window_start),
+                                   elapsed_min=(now - started) / 60)
+                    window_start, window_steps = now, 0
+                if self.step % tc.checkpoint_every == 0:
+                    self.save()
+        except KeyboardInterrupt:
+            if self.rank == 0:
+                tqdm.write(f"interrupted at step {self.step}; saving a checkpoint to resume from")
+        finally:
+            bar.close()
+            self.save()
+        return self.step
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m purify.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="cifar10-small",
+                        help="preset name under configs/bcm (cifar10-small, cifar10-paper) or a YAML path")
+    parser.add_argument("--out", required=True, help="run folder: checkpoint.pt, log.csv and config.yaml go here")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from OUT/checkpoint.pt (its stored config wins over --config)")
+    parser.add_argument("--init-from", metavar="CKPT",
+                        help="fine-tune: start from this checkpoint's EMA weights, e.g. a CT-only run (spec §3)")
+    parser.add_argument("--max-minutes", type=float, help="stop cleanly with a checkpoint after this wall time")
+    parser.add_argument("--max-steps", type=int, help="stop after this many more steps (curriculum K unchanged)")
+    parser.add_argument("--data-root", help="CIFAR-10 root (default: $BCM_DATA or the download cache)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    if not args.resume and (out / "checkpoint.pt").exists():
+        parser.error(f"{out}/checkpoint.pt exists: pass --resume to continue it, or choose another --out")
+    if args.resume and not (out / "checkpoint.pt").exists():
+        parser.error(f"--resume given but {out}/checkpoint.pt does not exist")
+    preset = load_preset(args.config)
+    trainer = Trainer(preset, out, data_root=args.data_root, device=args.device, resume=args.resume,
+                      init_from=args.init_from)
+    if trainer.rank == 0:
+        import yaml
+
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(trainer.preset), sort_keys=False))
+    step = trainer.run(max_steps=args.max_steps, max_minutes=args.max_minutes)
+    if trainer.rank == 0:
+        print(f"stopped at step {step}/{trainer.preset.train.total_steps}; checkpoint: {trainer.checkpoint_path}")
+    if trainer.distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+import pytest
+import torch
+
+from purify.bcm import BCM, BCMConfig
+from purify.network import NetworkConfig
+from purify.presets import Preset, TrainConfig
+
+torch.set_num_threads(1)
+
+
+def tiny_network(dropout: float = 0.0) -> NetworkConfig:
+    return NetworkConfig(channels=8, channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[], dropout=dropout)
+
+
+def tiny_preset(**train) -> Preset:
+    train = {"batch_size": 8, "total_steps": 1000, "lr": 1e-3, "ema_decay": 0.9, "checkpoint_every": 1000,
+             "log_every": 1, **train}
+    return Preset(model=BCMConfig(network=tiny_network()), train=TrainConfig(**train))
+
+
+@pytest.fixture
+def tiny_bcm() -> BCM:
+    torch.manual_seed(0)
+    return BCM(BCMConfig(network=tiny_network())).eval()
+
+
+@pytest.fixture
+def tiny_images() -> torch.Tensor:
+    """64 smooth-ish random uint8 images (upsampled 8x8 noise), a stand-in for CIFAR in fast tests."""
+    g = torch.Generator().manual_seed(0)
+    small = torch.rand(64, 3, 8, 8, generator=g)
+    return (torch.nn.functional.interpolate(small, size=32, mode="bilinear") * 255).to(torch.uint8)

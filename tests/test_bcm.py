@@ -1,0 +1,67 @@
+"""Network and parameterization (spec §2)."""
+import pytest
+import torch
+
+from purify.bcm import BCM, BCMConfig, c_in, c_out, c_skip, c_skip_ct, parameter_count
+from purify.presets import load_preset
+
+TIMES = torch.tensor([0.002, 0.01, 0.11, 0.5, 1.0, 6.0, 80.0], dtype=torch.float64)
+
+
+def test_boundary_condition_f_x_t_t_is_identity(tiny_bcm):
+    torch.manual_seed(1)
+    # Make F non-trivial first: the output conv is zero-initialised, which alone would give f = c_skip x.
+    for p in tiny_bcm.parameters():
+        p.data.normal_(0, 0.05)
+    x = torch.randn(4, 3, 32, 32)
+    for t in [0.002, 0.3, 5.0, 80.0]:
+        assert torch.equal(tiny_bcm(x, t, t), x)
+    t = torch.tensor([0.01, 1.0, 20.0, 80.0])
+    assert torch.equal(tiny_bcm(x, t, t), x)
+    assert not torch.allclose(tiny_bcm(x, 1.0, 0.5), x, atol=1e-3)
+
+
+def test_coefficients_at_u_equal_t():
+    assert torch.equal(c_skip(TIMES, TIMES, 0.5), torch.ones_like(TIMES))
+    assert torch.equal(c_out(TIMES, TIMES, 0.5), torch.zeros_like(TIMES))
+
+
+def test_reduces_to_consistency_model_form_at_u_eps():
+    """Paper Appendix B: c_in and c_out equal the CM form (Eq. 25) at u = eps; c_skip differs negligibly."""
+    eps, sd = 0.002, 0.5
+    u = torch.full_like(TIMES, eps)
+    cm_out = sd * (TIMES - eps) / (sd**2 + TIMES**2).sqrt()
+    assert torch.allclose(c_out(TIMES, u, sd), cm_out, rtol=0, atol=1e-15)
+    assert torch.allclose(c_in(TIMES, sd), 1 / (sd**2 + TIMES**2).sqrt())
+    diff = (c_skip(TIMES, u, sd) - c_skip_ct(TIMES, sd, eps)).abs()
+    assert diff.max() < 2e-3
+    assert c_skip(TIMES[:1], u[:1], sd).item() == pytest.approx(1.0, abs=1e-5)  # f(x, eps, eps) ~ x
+
+
+def test_separate_t_and_u_embeddings_change_the_output(tiny_bcm):
+    for p in tiny_bcm.parameters():
+        p.data.normal_(0, 0.05)
+    x = torch.randn(2, 3, 32, 32)
+    a, b = tiny_bcm(x, 2.0, 0.002), tiny_bcm(x, 2.0, 0.5)
+    assert not torch.allclose(a, b)
+
+
+def test_presets_build():
+    """Paper preset: the NCSN++/DDPM++ CIFAR-10 U-Net (ch 128, mult 2-2-2, 4 blocks, attention at 16)
+    with the BCM's doubled embedding layers; small preset: the CPU network."""
+    paper, small = load_preset("cifar10-paper"), load_preset("cifar10-small")
+    n_paper = parameter_count(BCM(paper.model))
+    n_small = parameter_count(BCM(small.model))
+    assert n_paper == 70_756_099  # ~56M of NCSN++ + the t/u embedding layers at twice the width
+    assert 1_000_000 < n_small < 5_000_000
+    assert paper.train.batch_size == 1024 and paper.train.total_steps == 400_000
+    assert paper.train.ema_decay == 0.99993 and paper.purifier.t_star == 80.0
+
+
+def test_channels_last_gives_the_same_output(tiny_bcm):
+    x = torch.randn(2, 3, 32, 32)
+    for p in tiny_bcm.parameters():
+        p.data.normal_(0, 0.05)
+    ref = tiny_bcm(x, 1.0, 0.002)
+    fast = tiny_bcm.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last), 1.0, 0.002)
+    assert torch.allclose(ref, fast, atol=1e-5)

@@ -1,0 +1,105 @@
+"""BCMPurifier: defaults, input checks, gradients, seeding, wrapping, checkpoints."""
+import pytest
+import torch
+from torch import nn
+
+from conftest import tiny_preset
+from purify import BCMPurifier
+from purify.checkpoint import save_checkpoint
+from purify.config import to_dict
+
+
+def test_default_is_invert_011_to_80_then_one_step(tiny_bcm):
+    calls = []
+    forward = tiny_bcm.forward
+    tiny_bcm.forward = lambda x, t, u: calls.append((float(t), float(u))) or forward(x, t, u)
+    out = BCMPurifier(tiny_bcm)(torch.rand(2, 3, 32, 32))
+    assert calls == [(0.11, 80.0), (80.0, 0.002)]
+    assert out.shape == (2, 3, 32, 32) and 0 <= out.min() and out.max() <= 1
+
+
+def test_schedules_and_denoise_mode(tiny_bcm):
+    calls = []
+    forward = tiny_bcm.forward
+    tiny_bcm.forward = lambda x, t, u: calls.append((round(float(t), 4), round(float(u), 4))) or forward(x, t, u)
+    BCMPurifier(tiny_bcm, t_star=10.0, eps_inv=0.07, inversion_times=[1.5], denoise_times=[1.2])(torch.rand(1, 3, 32, 32))
+    assert calls == [(0.07, 1.5), (1.5, 10.0), (10.0, 1.2), (1.2, 0.002)]
+    calls.clear()
+    BCMPurifier(tiny_bcm, t_star=0.5, mode="denoise")(torch.rand(1, 3, 32, 32))
+    assert calls == [(0.5, 0.002)]
+
+
+@pytest.mark.parametrize("bad, message", [
+    (torch.rand(3, 32, 32), "4-D"),
+    (torch.rand(2, 1, 32, 32), "3 channels"),
+    (torch.rand(2, 32, 32, 3), "channels"),
+    (torch.rand(2, 3, 32, 32) * 2, r"\[0, 1\]"),
+    (torch.rand(2, 3, 32, 32) - 0.5, r"\[0, 1\]"),
+    (torch.full((1, 3, 32, 32), float("nan")), "NaN"),
+    (torch.full((1, 3, 32, 32), float("inf")), "inf"),
+    ((torch.rand(1, 3, 32, 32) * 255).to(torch.uint8), "dtype"),
+    ([[0.5]], "Tensor"),
+])
+def test_bad_input_is_rejected_with_a_clear_message(tiny_bcm, bad, message):
+    with pytest.raises(ValueError, match=message):
+        BCMPurifier(tiny_bcm)(bad)
+
+
+def test_bad_settings_are_rejected(tiny_bcm):
+    with pytest.raises(ValueError, match="t_star"):
+        BCMPurifier(tiny_bcm, t_star=100.0)
+    with pytest.raises(ValueError, match="mode"):
+        BCMPurifier(tiny_bcm, mode="diffpure")
+
+
+def test_gradients_reach_the_input_and_not_the_bcm(tiny_bcm):
+    for p in tiny_bcm.parameters():
+        p.data.normal_(0, 0.05)
+    purifier = BCMPurifier(tiny_bcm, t_star=1.0)
+    x = torch.rand(2, 3, 32, 32, requires_grad=True)
+    purifier(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in purifier.parameters())
+
+
+def test_seeded_noise_is_reproducible(tiny_bcm):
+    x = torch.rand(2, 3, 32, 32)
+    a = BCMPurifier(tiny_bcm, seed=3)
+    first = a(x)
+    assert not torch.equal(first, a(x))  # the stream advances
+    a.reseed()
+    assert torch.equal(first, a(x))
+    assert torch.equal(first, BCMPurifier(tiny_bcm, seed=3)(x))
+
+
+def test_wrap_composes_with_any_classifier(tiny_bcm):
+    classifier = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
+    defended = BCMPurifier(tiny_bcm, seed=0).wrap(classifier)
+    defended.train()  # the purifier's BCM must stay in eval mode regardless
+    assert not defended[0].bcm.training
+    assert defended(torch.rand(4, 3, 32, 32)).shape == (4, 10)
+
+
+def test_from_checkpoint_uses_the_preset_defaults(tmp_path, tiny_bcm):
+    preset = tiny_preset()
+    preset.purifier.t_star = 0.3
+    path = tmp_path / "bcm.pt"
+    save_checkpoint({"kind": "bcm", "config": to_dict(preset), "ema": tiny_bcm.state_dict()}, path)
+    purifier = BCMPurifier.from_checkpoint(path)
+    assert purifier.t_star == 0.3 and purifier.eps_inv == 0.11
+    assert BCMPurifier.from_checkpoint(path, t_star=2.0).t_star == 2.0
+    x = torch.rand(1, 3, 32, 32)
+    assert torch.allclose(BCMPurifier.from_checkpoint(path, seed=1)(x), BCMPurifier(tiny_bcm, 0.3, seed=1)(x))
+
+
+def test_from_checkpoint_rejects_mismatched_and_corrupt_files(tmp_path, tiny_bcm):
+    preset = tiny_preset()
+    preset.model.network.channels = 16  # config says 16 channels, weights have 8
+    save_checkpoint({"kind": "bcm", "config": to_dict(preset), "ema": tiny_bcm.state_dict()}, tmp_path / "m.pt")
+    with pytest.raises(ValueError, match="does not match"):
+        BCMPurifier.from_checkpoint(tmp_path / "m.pt")
+    (tmp_path / "c.pt").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="corrupt"):
+        BCMPurifier.from_checkpoint(tmp_path / "c.pt")
+    with pytest.raises(FileNotFoundError):
+        BCMPurifier.from_checkpoint(tmp_path / "missing.pt")

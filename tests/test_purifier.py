@@ -103,3 +103,16 @@ def test_from_checkpoint_rejects_mismatched_and_corrupt_files(tmp_path, tiny_bcm
         BCMPurifier.from_checkpoint(tmp_path / "c.pt")
     with pytest.raises(FileNotFoundError):
         BCMPurifier.from_checkpoint(tmp_path / "missing.pt")
+
+
+def test_export_keeps_ema_and_records_the_purifier_default(tmp_path, tiny_images):
+    from purify.export import export
+    from purify.train import Trainer
+
+    trainer = Trainer(tiny_preset(), tmp_path / "run", images=tiny_images)
+    trainer.run(max_steps=1, progress=False)
+    export(str(tmp_path / "run" / "checkpoint.pt"), str(tmp_path / "release.pt"), t_star=0.3)
+    purifier = BCMPurifier.from_checkpoint(tmp_path / "release.pt")
+    assert purifier.t_star == 0.3
+    for a, b in zip(trainer.ema.module.state_dict().values(), purifier.bcm.state_dict().values()):
+        assert torch.equal(a, b)

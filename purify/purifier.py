@@ -29,7 +29,8 @@ class BCMPurifier(nn.Module):
     Args:
         bcm: a trained BCM (its weights are frozen; gradients still flow to the input).
         t_star: purification strength; the noise level the image is inverted to ([-1, 1] data scale).
-        eps_inv: scale of the initial noise added before inverting (Algorithm 5's ``t_1``).
+        eps_inv: scale of the initial noise added before inverting (Algorithm 5's ``t_1``); capped at
+            ``t_star / 2`` so that small strengths still invert upwards (the paper's 0.11 is for t* = 80).
         inversion_times: optional intermediate times between ``eps_inv`` and ``t_star`` (multi-step inversion).
         denoise_times: optional intermediate times between 0 and ``t_star`` (ancestral multi-step denoising).
         mode: ``"bcm"`` (invert, then denoise) or ``"denoise"`` (the baseline: ``x + t* z``, then denoise).
@@ -46,10 +47,11 @@ class BCMPurifier(nn.Module):
         eps, T = bcm.config.eps, bcm.config.T
         if not eps < t_star <= T:
             raise ValueError(f"t_star must be in ({eps}, {T}], got {t_star}")
-        if mode == "bcm" and not eps_inv < t_star:
-            raise ValueError(f"eps_inv ({eps_inv}) must be smaller than t_star ({t_star})")
+        if not eps < eps_inv:
+            raise ValueError(f"eps_inv must be larger than the model's eps={eps}, got {eps_inv}")
         self.bcm = bcm.eval().requires_grad_(False)
-        self.t_star, self.eps_inv, self.mode, self.seed = float(t_star), float(eps_inv), mode, seed
+        self.t_star, self.mode, self.seed = float(t_star), mode, seed
+        self.eps_inv = min(float(eps_inv), self.t_star / 2)
         self.inversion_times = [self.eps_inv, *map(float, inversion_times), self.t_star]
         self.denoise_times = [*map(float, denoise_times), self.t_star]
         self.generator: torch.Generator | None = None

@@ -19,7 +19,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from .bcm import BCM
-from .bct import BCTLoss
+from .bct import make_loss
 from .checkpoint import load_checkpoint, load_state_dict_strict, save_checkpoint
 from .config import to_dict
 from .data import load_cifar10
@@ -33,7 +33,7 @@ CHECKPOINT_KEYS = ("kind", "config", "model", "ema", "optimizer", "step", "rng")
 class LossModule(nn.Module):
     """The BCM together with its loss, so one DDP forward computes all four passes of a BCT step."""
 
-    def __init__(self, bcm: BCM, loss: BCTLoss):
+    def __init__(self, bcm: BCM, loss):
         super().__init__()
         self.bcm, self.loss = bcm, loss
 
@@ -78,7 +78,7 @@ class Trainer:
             load_state_dict_strict(self.bcm, source["ema"], init_from)
         self.ema = AveragedModel(self.bcm, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
         self.optimizer = torch.optim.RAdam(self.bcm.parameters(), lr=tc.lr)
-        self.loss = BCTLoss(preset.loss, tc.total_steps, preset.model.eps, preset.model.T)
+        self.loss = make_loss(preset.loss, tc.total_steps, preset.model.sigma_data, preset.model.eps, preset.model.T)
         module = LossModule(self.bcm, self.loss)
         self.module = nn.parallel.DistributedDataParallel(module) if self.distributed else module
         self.step = 0
@@ -145,7 +145,7 @@ class Trainer:
         end = tc.total_steps if max_steps is None else min(tc.total_steps, self.step + max_steps)
         budget, started, window_start, window_steps = Budget(max_minutes), time.monotonic(), time.monotonic(), 0
         bar = tqdm(total=tc.total_steps, initial=self.step, disable=not progress or self.rank != 0,
-                   desc="BCT", unit="step", dynamic_ncols=True)
+                   desc=self.preset.loss.kind.upper(), unit="step", dynamic_ncols=True)
         try:
             while self.step < end and not budget.exhausted():
                 terms = self.train_step()

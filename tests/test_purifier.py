@@ -116,3 +116,9 @@ def test_export_keeps_ema_and_records_the_purifier_default(tmp_path, tiny_images
     assert purifier.t_star == 0.3
     for a, b in zip(trainer.ema.module.state_dict().values(), purifier.bcm.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_small_strengths_cap_the_initial_noise(tiny_bcm):
+    purifier = BCMPurifier(tiny_bcm, t_star=0.1)
+    assert purifier.inversion_times == [0.05, 0.1]
+    assert BCMPurifier(tiny_bcm, t_star=80.0).inversion_times == [0.11, 80.0]

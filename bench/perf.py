@@ -1,0 +1,164 @@
+"""Throughput of the BCM toolkit on this machine: ``python -m bench.perf --config cifar10-small``.
+
+Measures, for a BCM preset (untrained weights: speed does not depend on them):
+- BCT training throughput (images/s) through the real trainer (data, loss, RAdam, EMA, CSV log, checkpoints),
+  next to the bare cost of the network passes one BCT step needs (1 forward without gradient, 2 forward +
+  backward, 1 forward + backward to the input through frozen weights), and their ratio;
+- BCM forward throughput, purifier throughput (2 network evaluations) and each classifier's forward
+  throughput, all without gradient;
+- the same with ``channels_last`` off and on, and with bf16 autocast on the CPU.
+Writes ``results/perf/perf-<config>.csv`` and ``.md`` and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch.func import functional_call
+
+from classifiers import ARCHS, build_classifier
+from purify import BCM, BCMPurifier, load_preset
+from purify.checkpoint import atomic_write
+from purify.presets import REPO_ROOT
+from purify.train import Trainer
+
+
+def timed(fn, repeats: int) -> float:
+    """Seconds per call of ``fn`` (after one warm-up call), the best of ``repeats`` calls."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def bare_bct_passes(bcm: BCM, batch: int, channels_last: bool, repeats: int) -> float:
+    """Seconds for the four network passes of one BCT step, without anything around them."""
+    x = _layout(torch.randn(batch, 3, 32, 32), channels_last)
+    t, u = torch.full((batch,), 1.0), torch.full((batch,), 0.002)
+    frozen = {name: p.detach() for name, p in bcm.named_parameters()}
+
+    def passes():
+        with torch.no_grad():
+            bcm(x, t, u)
+        bcm(x, t, u).sum().backward()
+        bcm(x, t, 2.0).sum().backward()
+        x_u = x.clone().requires_grad_(True)
+        functional_call(bcm, frozen, (x_u, t, u)).sum().backward()
+        bcm.zero_grad(set_to_none=True)
+
+    return timed(passes, repeats)
+
+
+def training_throughput(preset, channels_last: bool, steps: int) -> float:
+    preset.train.channels_last = channels_last
+    images = torch.randint(0, 256, (5000, 3, 32, 32), dtype=torch.uint8)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(preset, out, images=images, device="cpu")
+        trainer.run(max_steps=1, progress=False)  # warm-up
+        start = time.perf_counter()
+        trainer.run(max_steps=steps, progress=False)
+        return steps * preset.train.batch_size / (time.perf_counter() - start)
+
+
+def forward_throughput(model, batch: int, channels_last: bool, bf16: bool, repeats: int) -> float:
+    x = _layout(torch.rand(batch, 3, 32, 32), channels_last)
+    model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
+
+    def run():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            model(x)
+
+    return batch / timed(run, repeats)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.perf", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="cifar10-small", help="BCM preset name or YAML path")
+    parser.add_argument("--classifier-preset", default="small", help="classifier preset to compare against")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
+    parser.add_argument("--train-steps", type=int, default=10, help="BCT steps timed through the trainer")
+    parser.add_argument("--eval-batch", type=int, default=256, help="batch size of the forward measurements")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats (the best is kept)")
+    parser.add_argument("--out", default=str(REPO_ROOT / "results" / "perf"), help="output folder")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    preset = load_preset(args.config)
+    name = Path(args.config).stem
+    batch = preset.train.batch_size
+    rows = []
+
+    def add(what, layout, value, unit, note=""):
+        rows.append({"measurement": what, "layout": layout, "value": round(value, 2), "unit": unit, "note": note})
+        print(f"{what:<44} {layout:<14} {value:10.2f} {unit} {note}", flush=True)
+
+    for channels_last in (False, True):
+        layout = "channels_last" if channels_last else "contiguous"
+        bcm = BCM(preset.model).to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        bare = bare_bct_passes(bcm, batch, channels_last, args.repeats)
+        train = training_throughput(load_preset(args.config), channels_last, args.train_steps)
+        add(f"BCT training (batch {batch})", layout, train, "images/s", "real trainer: data, EMA, log")
+        add("bare BCT network passes (4 fwd, 3 bwd)", layout, batch / bare, "images/s")
+        add("trainer step time / bare passes time", layout, (batch / train) / bare, "x", "target <= 1.25")
+        for bf16 in (False, True):
+            kind = layout + ("+bf16" if bf16 else "")
+            bcm_forward = lambda x, m=bcm: m(x * 2 - 1, 1.0, 0.002)  # noqa: E731
+            add("BCM forward (1 NFE)", kind,
+                forward_throughput(_Call(bcm, bcm_forward), args.eval_batch, channels_last, bf16, args.repeats),
+                "images/s")
+            add("BCMPurifier (2 NFE, t*=80)", kind,
+                forward_throughput(BCMPurifier(bcm, seed=0), args.eval_batch, channels_last, bf16, args.repeats),
+                "images/s")
+            for arch in ARCHS:
+                add(f"classifier forward: {arch} ({args.classifier_preset})", kind,
+                    forward_throughput(build_classifier(arch, args.classifier_preset), args.eval_batch,
+                                       channels_last, bf16, args.repeats), "images/s")
+
+    table = pd.DataFrame(rows)
+    table.insert(0, "threads", args.threads)
+    out = Path(args.out)
+    atomic_write(out / f"perf-{name}.csv", lambda tmp: table.to_csv(tmp, index=False))
+    header = (f"# Throughput, preset `{name}`, {args.threads} thread(s)\n\n"
+              f"CPU: {_cpu_name()}; load average at the end: {os.getloadavg()[0]:.2f}. "
+              f"Command: `python -m bench.perf --config {args.config} --threads {args.threads}`.\n\n")
+    atomic_write(out / f"perf-{name}.md", lambda tmp: Path(tmp).write_text(header + table.to_markdown(index=False) + "\n"))
+    print(f"wrote {out}/perf-{name}.csv and .md")
+
+
+class _Call(torch.nn.Module):
+    """Wrap a function of images in [0, 1] as a module (for the forward-throughput helper)."""
+
+    def __init__(self, owner: torch.nn.Module, fn):
+        super().__init__()
+        self.owner, self.fn = owner, fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+if __name__ == "__main__":
+    main()

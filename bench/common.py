@@ -1,0 +1,239 @@
+"""Pieces every bench command shares: presets, loading models, purifiers and data, the resumable results table."""
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import math
+import os
+from pathlib import Path
+from typing import Iterable
+
+import pandas as pd
+import torch
+from torch import nn
+
+import classifiers
+from attacks import EPS_GRID
+from purify import BCMPurifier
+from purify.checkpoint import atomic_write
+from purify.data import default_data_root, load_cifar10, seeded_subset
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "results"
+# A bench preset names both the classifier preset and the BCM preset it is evaluated with.
+BCM_PRESETS = {"small": "cifar10-small", "paper": "cifar10-paper"}
+PRESETS = tuple(BCM_PRESETS)
+PURIFIERS = ("bcm", "denoise", "none")
+
+# The tidy results schema shared by bench.transfer and bench.tradeoff: one row per evaluated cell.
+KEY = ["preset", "purifier", "t_star", "eps_inv", "n", "seed", "bf16", "source", "eps", "target"]
+COLUMNS = KEY + ["acc_before", "acc_after", "checkpoints"]
+
+
+def default_bcm_path(preset: str) -> Path:
+    return REPO_ROOT / "checkpoints" / "bcm" / f"{BCM_PRESETS[preset]}.pt"
+
+
+def load_bcm_purifier(path: str | os.PathLike, preset: str, device: torch.device) -> BCMPurifier:
+    """The purifier of the BCM checkpoint at ``path`` (its preset's t*/eps_inv as defaults), channels-last."""
+    path = Path(path)
+    if not path.is_file():
+        name = BCM_PRESETS[preset]
+        raise FileNotFoundError(
+            f"no BCM checkpoint at {path}. Train and export one with\n"
+            f"  python -m purify.train --config {name} --out runs/bcm-{preset}\n"
+            f"  python -m purify.export runs/bcm-{preset}/checkpoint.pt checkpoints/bcm/{name}.pt\n"
+            f"or point --bcm at an exported BCM checkpoint.")
+    purifier = BCMPurifier.from_checkpoint(path, device=device)
+    purifier.bcm.to(memory_format=torch.channels_last)
+    return purifier
+
+
+def make_purifier(base: BCMPurifier, mode: str, t_star: float, seed: int) -> BCMPurifier:
+    """A purifier of ``mode`` at strength ``t_star`` sharing ``base``'s BCM, seeded with ``seed``.
+
+    The BCM mode inverts from ``eps_inv`` up to ``t_star``, which needs ``eps_inv < t_star``; for strengths at
+    or below the preset's ``eps_inv`` (e.g. t* = 0.1 < 0.11) the initial noise is lowered to ``t_star / 2``.
+    The effective value is recorded in the results (column ``eps_inv``).
+    """
+    if mode not in ("bcm", "denoise"):
+        raise ValueError(f"a BCM purifier mode is 'bcm' or 'denoise', got {mode!r}")
+    eps_inv = min(base.eps_inv, t_star / 2) if mode == "bcm" else base.eps_inv
+    return BCMPurifier(base.bcm, t_star=t_star, eps_inv=eps_inv, mode=mode, seed=seed)
+
+
+def load_classifiers(names: Iterable[str], preset: str, checkpoint_dir: str | os.PathLike,
+                     device: torch.device) -> dict[str, nn.Module]:
+    """Trained classifiers by short name, eval mode, channels-last (faster convolutions on CPUs)."""
+    return {name: classifiers.load_classifier(name, preset, checkpoint_dir, device)
+            .to(memory_format=torch.channels_last) for name in names}
+
+
+def classifier_path(name: str, preset: str, checkpoint_dir: str | os.PathLike) -> Path:
+    return Path(checkpoint_dir) / f"{name}-{preset}.pt"
+
+
+def load_test_set(data_root: str | os.PathLike | None, n: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` CIFAR-10 test images (uint8) and labels: all 10,000 when ``n`` is None, else a seeded subset."""
+    images, labels = load_cifar10("test", data_root)
+    if n is not None and not 0 < n <= len(images):
+        raise ValueError(f"--n must be in [1, {len(images)}], got {n}")
+    idx = seeded_subset(len(images), n, seed)
+    return images[idx], labels[idx]
+
+
+@functools.lru_cache(maxsize=None)
+def file_id(path: str) -> str:
+    """Short content hash of a checkpoint file, so results can tell which weights produced them."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def combine_ids(*ids: str) -> str:
+    """One short id for the checkpoints behind a result row (empty ids are skipped)."""
+    ids = [i for i in ids if i]
+    return hashlib.sha256("+".join(ids).encode()).hexdigest()[:12] if ids else ""
+
+
+def text(value) -> str:
+    """A cell value as the CSV stores it, so keys compare equal after a round trip through the file."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:.10g}"
+    return str(value)
+
+
+def _sort_key(value: str):
+    """Order for table rows: short model names in ``classifiers.ARCHS`` order, numbers numerically."""
+    if value in classifiers.ARCHS:
+        return (1, classifiers.ARCHS.index(value), "")
+    try:
+        return (2, float(value), "")
+    except ValueError:
+        return (0, 0.0, value)
+
+
+class ResultTable:
+    """A tidy CSV that a long run fills cell by cell and resumes.
+
+    Rows are identified by the ``KEY`` columns. A row counts as done only if its ``checkpoints`` id matches
+    the current one, so results of replaced weights are recomputed (and overwritten) instead of mixed in.
+    Every ``add`` rewrites the file sorted by key, to a temporary file renamed over the old one: an
+    interrupted run never leaves a half-written CSV, and a resumed run ends with the same file as an
+    uninterrupted one.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if self.path.is_file():
+            frame = pd.read_csv(self.path, dtype=str, keep_default_na=False)
+            if list(frame.columns) != COLUMNS:
+                raise ValueError(f"{self.path} has columns {list(frame.columns)}, expected {COLUMNS}; "
+                                 f"write to another --out or move the old file away")
+            rows = frame.to_dict("records")
+        else:
+            rows = []
+        self.rows = {self.key(row): row for row in rows}
+
+    @staticmethod
+    def key(row: dict) -> tuple[str, ...]:
+        return tuple(text(row[column]) for column in KEY)
+
+    def done(self, row: dict) -> bool:
+        """Whether the cell of ``row`` (its KEY columns and ``checkpoints`` id) is already in the table."""
+        old = self.rows.get(self.key(row))
+        return old is not None and old["checkpoints"] == text(row["checkpoints"])
+
+    def add(self, rows: list[dict]) -> None:
+        for row in rows:
+            self.rows[self.key(row)] = {column: text(row[column]) for column in COLUMNS}
+        frame = self.frame()
+        atomic_write(self.path, lambda tmp: frame.to_csv(tmp, index=False))
+
+    def frame(self) -> pd.DataFrame:
+        """All rows, sorted by key, as strings (``numeric(frame)`` converts the numeric columns)."""
+        ordered = [self.rows[k] for k in sorted(self.rows, key=lambda k: [_sort_key(v) for v in k])]
+        return pd.DataFrame(ordered, columns=COLUMNS)
+
+
+def numeric(frame: pd.DataFrame) -> pd.DataFrame:
+    """A results frame with numbers as numbers (``t_star``/``eps_inv`` are NaN for the purifier ``none``)."""
+    frame = frame.copy()
+    for column in ("t_star", "eps_inv", "acc_before", "acc_after"):
+        frame[column] = pd.to_numeric(frame[column].replace("", float("nan")))
+    for column in ("n", "seed", "eps"):
+        frame[column] = frame[column].astype(int)
+    frame["bf16"] = frame["bf16"].map({"true": True, "false": False, True: True, False: False})
+    return frame
+
+
+def write_text(path: str | os.PathLike, content: str) -> None:
+    """Write a text file atomically."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(content)
+    atomic_write(path, write)
+
+
+def eps_list(values: list[str]) -> list[int]:
+    """``--eps`` values: ``all`` or integers k (eps = k/255) from the paper's grid."""
+    if values == ["all"]:
+        return list(EPS_GRID)
+    out = []
+    for value in values:
+        try:
+            k = int(value)
+        except ValueError:
+            k = None
+        if k not in EPS_GRID:
+            raise argparse.ArgumentTypeError(
+                f"invalid eps {value!r}: give 'all' or values k (eps = k/255) from {', '.join(map(str, EPS_GRID))}")
+        if k not in out:
+            out.append(k)
+    return out
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by the bench commands: models, data, hardware."""
+    parser.add_argument("--preset", default="small", choices=PRESETS,
+                        help="classifier preset AND BCM preset: 'small' = classifiers 'small' + BCM cifar10-small "
+                             "(CPU scale, shipped), 'paper' = classifiers 'paper' + BCM cifar10-paper (default: small)")
+    parser.add_argument("--bcm", default=None, metavar="PATH",
+                        help="BCM checkpoint (default: checkpoints/bcm/cifar10-<preset>.pt in the repository)")
+    parser.add_argument("--classifier-dir", default=str(classifiers.registry.DEFAULT_CHECKPOINT_DIR), metavar="DIR",
+                        help="folder of the classifier checkpoints <arch>-<preset>.pt "
+                             "(default: checkpoints/classifiers in the repository)")
+    parser.add_argument("--n", type=int, default=None,
+                        help="number of test images: a seeded subset when smaller than 10,000 (default: all)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the test subset, of PGD's random start and of the purifier's noise (default: 0)")
+    parser.add_argument("--data-root", default=None,
+                        help=f"CIFAR-10 root (default: $BCM_DATA, else the download cache; now {default_data_root()})")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="bfloat16 autocast for crafting the attack and for purifying (accuracies are always "
+                             "measured in float32); default: the classifier preset's own bf16 setting (small: on, "
+                             "fast on CPUs with AMX/AVX-512-BF16; use --no-bf16 on older CPUs)")
+    parser.add_argument("--batch-size", type=int, default=250, help="images per batch (default: 250)")
+    parser.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1'")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def resolve_bf16(args: argparse.Namespace) -> bool:
+    return classifiers.load_preset(args.preset).bf16 if args.bf16 is None else args.bf16
+
+
+def check_names(names: list[str], what: str) -> list[str]:
+    """Deduplicated short model names, or ValueError listing the valid ones."""
+    unknown = [name for name in names if name not in classifiers.ARCHS]
+    if unknown:
+        raise ValueError(f"unknown {what} {', '.join(map(repr, unknown))}; "
+                         f"valid names are {', '.join(classifiers.ARCHS)}")
+    return list(dict.fromkeys(names))

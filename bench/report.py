@@ -1,0 +1,196 @@
+"""Views of the bench CSVs: Table-3-style Markdown and trade-off plots, rebuilt without re-running attacks.
+
+    python -m bench.report                  # every results/transfer/*.csv -> .md, results/tradeoff/*.csv -> .md + .png
+
+Accuracies are on CIFAR-10 (JPEG q75 copy), the offline copy of the test set (see ../shared/data/README.md).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import pandas as pd
+
+import classifiers
+
+from .common import RESULTS_DIR, ResultTable, numeric, write_text
+
+SETTINGS = ["preset", "purifier", "t_star", "eps_inv", "n", "seed", "bf16"]
+DATASET = "CIFAR-10 (JPEG q75 copy)"
+
+
+def _ordered(values) -> list:
+    """Model names in ``classifiers.ARCHS`` order (others after them, sorted)."""
+    values = list(dict.fromkeys(values))
+    known = [a for a in classifiers.ARCHS if a in values]
+    return known + sorted(v for v in values if v not in known)
+
+
+def _pct(acc: float) -> str:
+    return f"{100 * acc:.2f}"
+
+
+def _setting(group: pd.DataFrame) -> str:
+    row = group.iloc[0]
+    if row.purifier == "none":
+        defence = "no purification"
+    elif row.purifier == "bcm":
+        defence = f"BCM purifier (invert {row.eps_inv:g} -> t* = {row.t_star:g}, then one step to 0)"
+    else:
+        defence = f"denoise baseline (x + t* z with t* = {row.t_star:g}, then one step to 0)"
+    precision = "bf16 autocast" if row.bf16 else "float32"
+    return (f"{row.preset} preset, {defence}; {row.n:,} test images (seed {row.seed}) of {DATASET}; "
+            f"PGD and purification in {precision}")
+
+
+def _groups(frame: pd.DataFrame):
+    return frame.groupby(SETTINGS, dropna=False, sort=False)
+
+
+def transfer_markdown(frame: pd.DataFrame) -> str:
+    """One Table-3-style table per setting: rows (source, eps/255), columns targets, cells
+    "before -> after" accuracy in % (just "before" without purification)."""
+    if frame.empty:
+        return "(no results)\n"
+    parts = []
+    for _, group in _groups(frame):
+        targets = _ordered(group.target)
+        after = group.iloc[0].purifier != "none"
+        lines = [f"**{_setting(group)}.** Accuracy (%) of each target under L-inf PGD crafted on the source"
+                 + (", before -> after purification." if after else "."), "",
+                 "| Source | eps/255 | " + " | ".join(targets) + " |",
+                 "|---|---|" + "---|" * len(targets)]
+        for source in _ordered(group.source):
+            rows = group[group.source == source]
+            for i, eps in enumerate(sorted(rows.eps.unique())):
+                cells = rows[rows.eps == eps].set_index("target")
+                values = []
+                for t in targets:
+                    if t not in cells.index:
+                        values.append("")
+                    elif after:
+                        values.append(f"{_pct(cells.acc_before[t])} -> {_pct(cells.acc_after[t])}")
+                    else:
+                        values.append(_pct(cells.acc_before[t]))
+                lines.append(f"| {source if i == 0 else ''} | {eps} | " + " | ".join(values) + " |")
+        parts.append("\n".join(lines) + "\n")
+    return "\n".join(parts)
+
+
+def tradeoff_summary(frame: pd.DataFrame) -> pd.DataFrame:
+    """Mean accuracy over targets after purification: rows (purifier, t*), columns eps/255."""
+    return (frame.groupby(["purifier", "t_star", "eps"])["acc_after"].mean()
+            .unstack("eps").sort_index())
+
+
+def best_t_star(frame: pd.DataFrame, purifier: str = "bcm") -> float:
+    """The t* with the highest accuracy after purification averaged over the evaluated eps (including the
+    clean eps 0) and the targets: the balance of clean and robust accuracy the trade-off curve suggests."""
+    summary = tradeoff_summary(frame[frame.purifier == purifier])
+    if summary.empty:
+        raise ValueError(f"no {purifier!r} rows in the trade-off results")
+    return float(summary.mean(axis=1).idxmax()[1])
+
+
+def tradeoff_markdown(frame: pd.DataFrame) -> str:
+    """Per setting: mean accuracy over the targets after purification for each t* and eps, the undefended
+    accuracy, and the best t*."""
+    parts = []
+    for _, group in frame.groupby(["preset", "n", "seed", "bf16", "source"], sort=False):
+        row = group.iloc[0]
+        summary = tradeoff_summary(group)
+        eps_values = list(summary.columns)
+        lines = [f"**Trade-off, {row.preset} preset, PGD crafted on {row.source}, mean over targets "
+                 f"{', '.join(_ordered(group.target))}; {row.n:,} test images (seed {row.seed}) of {DATASET}.** "
+                 f"Accuracy (%) after purification at strength t*; the column mean is the criterion for the "
+                 f"best t*.", "",
+                 "| purifier | t* | " + " | ".join(f"eps {e}/255" for e in eps_values) + " | mean |",
+                 "|---|---|" + "---|" * (len(eps_values) + 1)]
+        undefended = group.groupby("eps")["acc_before"].mean()
+        lines.append("| none | - | " + " | ".join(_pct(undefended[e]) for e in eps_values)
+                     + f" | {_pct(undefended[eps_values].mean())} |")
+        for (purifier, t_star), values in summary.iterrows():
+            lines.append(f"| {purifier} | {t_star:g} | " + " | ".join(_pct(values[e]) for e in eps_values)
+                         + f" | {_pct(values.mean())} |")
+        for purifier in sorted(group.purifier.unique()):
+            lines.append(f"\nBest t* for {purifier}: **{best_t_star(group, purifier):g}**.")
+        parts.append("\n".join(lines) + "\n")
+    return "\n".join(parts)
+
+
+def tradeoff_plot(frame: pd.DataFrame, path: str | Path) -> None:
+    """Accuracy after purification against t* (log scale), one panel per target, one colour per attack eps
+    (eps 0 = clean accuracy), solid = BCM purifier, dashed = denoise baseline; dotted horizontal lines are the
+    undefended accuracy at the same eps. Reading along x shows where clean and robust accuracy meet."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    targets = _ordered(frame.target)
+    cols = min(2, len(targets))
+    rows = math.ceil(len(targets) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), sharex=True, sharey=True, squeeze=False)
+    eps_values = sorted(frame.eps.unique())
+    colours = plt.get_cmap("viridis")([i / max(1, len(eps_values) - 1) * 0.9 for i in range(len(eps_values))])
+    styles = {"bcm": "-", "denoise": "--"}
+    for ax, target in zip(axes.flat, targets):
+        data = frame[frame.target == target]
+        for colour, eps in zip(colours, eps_values):
+            at_eps = data[data.eps == eps]
+            for purifier, style in styles.items():
+                curve = at_eps[at_eps.purifier == purifier].sort_values("t_star")
+                if len(curve):
+                    ax.plot(curve.t_star, 100 * curve.acc_after, style, marker="o", ms=3, color=colour,
+                            label=f"{'clean' if eps == 0 else f'eps {eps}/255'}, {purifier}")
+            ax.axhline(100 * at_eps.acc_before.mean(), color=colour, ls=":", lw=1)
+        ax.set_xscale("log")
+        ax.set_title(f"target {target}")
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in axes[-1]:
+        ax.set_xlabel("purification strength t* ([-1, 1] scale)")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("accuracy after purification (%)")
+    for ax in list(axes.flat)[len(targets):]:
+        ax.axis("off")
+    row = frame.iloc[0]
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
+    fig.suptitle(f"Clean vs robust accuracy against t* ({row.preset} preset, PGD on {row.source}, "
+                 f"{row.n:,} images, {DATASET}); dotted: no purification", fontsize=10)
+    fig.tight_layout(rect=(0, 0.04 + 0.03 * math.ceil(len(labels) / 4), 1, 0.96))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def load(path: str | Path) -> pd.DataFrame:
+    return numeric(ResultTable(path).frame())
+
+
+def rebuild(results_dir: str | Path = RESULTS_DIR) -> list[Path]:
+    """Regenerate every Markdown table and plot under ``results_dir`` from its CSVs; returns the files written."""
+    results_dir, written = Path(results_dir), []
+    for csv in sorted((results_dir / "transfer").glob("*.csv")):
+        write_text(csv.with_suffix(".md"), transfer_markdown(load(csv)))
+        written.append(csv.with_suffix(".md"))
+    for csv in sorted((results_dir / "tradeoff").glob("*.csv")):
+        frame = load(csv)
+        write_text(csv.with_suffix(".md"), tradeoff_markdown(frame))
+        tradeoff_plot(frame, csv.with_suffix(".png"))
+        written += [csv.with_suffix(".md"), csv.with_suffix(".png")]
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", default=str(RESULTS_DIR),
+                        help="results folder holding transfer/*.csv and tradeoff/*.csv (default: results/)")
+    args = parser.parse_args(argv)
+    for path in rebuild(args.results):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

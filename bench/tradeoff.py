@@ -1,0 +1,82 @@
+"""Clean vs robust accuracy as a function of the purification strength t* (the BCM paper's Figure 13; spec §7).
+
+Small t* keeps more of the image (higher clean accuracy) but removes less of the attack; large t* the reverse.
+PGD examples are crafted once per eps on the source, then purified at every t* and given to every target.
+Writes a tidy CSV (same columns as bench.transfer), a Markdown summary with the best t* and a PNG plot next
+to it; resumes like bench.transfer. t* is on the [-1, 1] data scale, where eps 8/255 is about 0.06.
+
+    python -m bench.tradeoff --source preact --eps 0 8 32 --n 500
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import classifiers
+
+from . import report
+from .common import (RESULTS_DIR, ResultTable, add_common_arguments, check_names, eps_list, make_purifier, numeric,
+                     write_text)
+from .transfer import Defence, grid_from_args, load_bcm, run_cells, setup, this_run
+
+T_STARS = (0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 80.0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.tradeoff", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", default="preact", choices=classifiers.ARCHS,
+                        help="model the PGD examples are crafted on (default: preact)")
+    parser.add_argument("--eps", nargs="+", default=["0", "8", "32"], metavar="K",
+                        help="attack budgets k of eps = k/255 from 0 4 8 12 16 24 32, or 'all'; 0 gives the clean "
+                             "accuracy (default: 0 8 32)")
+    parser.add_argument("--targets", nargs="+", default=list(classifiers.ARCHS), metavar="ARCH",
+                        help=f"models evaluated (default: all four: {' '.join(classifiers.ARCHS)})")
+    parser.add_argument("--t-stars", nargs="+", type=float, default=list(T_STARS), metavar="T",
+                        help=f"purification strengths t* (default: {' '.join(f'{t:g}' for t in T_STARS)})")
+    parser.add_argument("--purifier", nargs="+", default=["bcm"], choices=("bcm", "denoise"),
+                        help="defence(s): 'bcm' = invert then denoise (the paper's), 'denoise' = x + t* z then "
+                             "denoise, the baseline with the same network (default: bcm)")
+    parser.add_argument("--out", default=None,
+                        help="results CSV, resumed if it exists; .md and .png are written next to it "
+                             "(default: results/tradeoff/<preset>-<source>.csv)")
+    add_common_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        args.eps, args.targets = eps_list(args.eps), check_names(args.targets, "target")
+    except (argparse.ArgumentTypeError, ValueError) as err:
+        parser.error(str(err))
+    if any(t <= 0 for t in args.t_stars):
+        parser.error(f"--t-stars must be positive, got {args.t_stars}")
+    try:
+        tradeoff(args)
+    except (FileNotFoundError, ValueError) as err:  # e.g. a missing checkpoint: say what to do, no traceback
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+
+
+def tradeoff(args: argparse.Namespace) -> None:
+    """Run the command on parsed, validated arguments."""
+    started = time.monotonic()
+    device = setup(args)
+    out = Path(args.out) if args.out else RESULTS_DIR / "tradeoff" / f"{args.preset}-{args.source}.csv"
+    base, bcm_id = load_bcm(args, device)
+    defences = [Defence(mode, make_purifier(base, mode, t, args.seed), bcm_id)
+                for mode in args.purifier for t in sorted(set(args.t_stars))]
+    grid, ids, meta = grid_from_args(args, [args.source], args.targets, device)
+    table = ResultTable(out)
+    run_cells(grid, table, [(args.source, e) for e in args.eps], defences, args.targets, meta, ids)
+
+    frame = numeric(table.frame())
+    write_text(out.with_suffix(".md"), report.tradeoff_markdown(frame))
+    report.tradeoff_plot(frame, out.with_suffix(".png"))
+    mine = frame[this_run(frame, args, grid) & frame.purifier.isin(args.purifier)
+                 & frame.t_star.isin([d.t_star for d in defences])]
+    print(report.tradeoff_markdown(mine))
+    print(f"wrote {out}, {out.with_suffix('.md')} and {out.with_suffix('.png')} "
+          f"({time.monotonic() - started:.0f} s)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+import pytest
+import torch
+from PIL import Image
+
+import bench.transfer
+import classifiers
+from attacks import EPS_GRID
+from bench import report
+from bench.common import ResultTable, numeric
+from bench.transfer import Defence, TransferGrid, run_cells
+from classifiers.config import ArchConfig, Archs, TrainConfig
+from purify import BCMPurifier
+from purify.checkpoint import save_checkpoint
+from purify.config import to_dict
+from purify.data import CLASSES
+from conftest import tiny_preset
+from test_attacks import TemplateClassifier, template_data
+
+TINY = TrainConfig(archs=Archs(preact=ArchConfig(width=0.0625), wrn=ArchConfig(width=1, depth=10),
+                               vgg=ArchConfig(width=0.0625), mobilenet=ArchConfig(width=0.1, stage2_stride=2)))
+META = dict(preset="small", n=30, seed=0)
+
+
+def tiny_classifier(arch: str, seed: int):
+    torch.manual_seed(seed)
+    return classifiers.build_classifier(arch, config=TINY).eval()
+
+
+@pytest.fixture
+def models():
+    """``preact`` is a white-box-breakable template classifier, the rest tiny untrained architectures."""
+    out = {arch: tiny_classifier(arch, i) for i, arch in enumerate(classifiers.ARCHS)}
+    out["preact"] = TemplateClassifier().eval()
+    return out
+
+
+@pytest.fixture
+def data(models):
+    return template_data(models["preact"], n=30)
+
+
+@pytest.fixture
+def purifier(tiny_bcm):
+    return BCMPurifier(tiny_bcm, t_star=0.5, seed=0)
+
+
+@pytest.fixture
+def checkpoints(tmp_path, tiny_bcm):
+    """Throwaway classifier checkpoints (all four, tiny), a tiny BCM checkpoint and a 30-image ImageFolder."""
+    for i, arch in enumerate(classifiers.ARCHS):
+        model = tiny_classifier(arch, i)
+        save_checkpoint({"arch": arch, "preset": "small", "config": to_dict(TINY), "model": model.state_dict()},
+                        tmp_path / "cls" / f"{arch}-small.pt")
+    preset = tiny_preset()
+    preset.purifier.t_star = 0.5
+    save_checkpoint({"kind": "bcm", "config": to_dict(preset), "ema": tiny_bcm.state_dict()}, tmp_path / "bcm.pt")
+    g = torch.Generator().manual_seed(0)
+    images = torch.nn.functional.interpolate(torch.rand(30, 3, 8, 8, generator=g), size=32, mode="bilinear")
+    for i, image in enumerate((images * 255).to(torch.uint8)):
+        folder = tmp_path / "data" / "test" / CLASSES[i % 10]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:04d}.png")
+    return ["--classifier-dir", str(tmp_path / "cls"), "--bcm", str(tmp_path / "bcm.pt"),
+            "--data-root", str(tmp_path / "data"), "--no-progress", "--batch-size", "16", "--no-bf16"]
+
+
+def grid_of(models, data, **kwargs) -> TransferGrid:
+    sources = {name: models[name] for name in ("preact", "wrn")}
+    return TransferGrid(sources, models, *data, batch_size=16, progress=False, **kwargs)
+
+
+def test_accuracy_before_purification_at_eps_0_is_the_clean_accuracy(models, data):
+    grid = grid_of(models, data)
+    clean = {t: classifiers.accuracy(m, *data, progress=False) for t, m in models.items()}
+    assert grid.before("preact", 0, list(models)) == clean
+    assert grid.before("wrn", 0, list(models)) == clean
+    assert clean["preact"] == 1.0
+
+
+def test_undefended_source_accuracy_falls_as_eps_grows(models, data):
+    grid = grid_of(models, data)
+    accs = [grid.before("preact", eps, ["preact"])["preact"] for eps in EPS_GRID]
+    assert all(a >= b for a, b in zip(accs, accs[1:])), accs
+    assert accs[0] == 1.0 and accs[-1] == 0.0 and accs[1] > accs[4], accs
+
+
+def test_each_cell_crafts_once_and_clean_work_is_shared(models, data, purifier, monkeypatch, tmp_path):
+    calls = {"craft": 0, "purify": 0}
+
+    def counting(name, func):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return func(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(bench.transfer, "craft", counting("craft", bench.transfer.craft))
+    monkeypatch.setattr(bench.transfer, "purify", counting("purify", bench.transfer.purify))
+    table = ResultTable(tmp_path / "t.csv")
+    cells = [(s, e) for s in ("preact", "wrn") for e in (0, 4)]
+    run_cells(grid_of(models, data), table, cells, [Defence("bcm", purifier)], list(models), META)
+    assert calls == {"craft": 3, "purify": 3}  # eps 0 once for both sources, eps 4 once per source
+    frame = numeric(table.frame())
+    assert len(frame) == 4 * 4
+    clean = frame[frame.eps == 0].set_index(["source", "target"])
+    assert (clean.loc["preact"] == clean.loc["wrn"]).all().all()
+
+
+def test_resumed_grid_gives_the_same_csv(models, data, purifier, monkeypatch, tmp_path):
+    cells = [(s, e) for s in ("preact", "wrn") for e in (0, 4, 8)]
+    defences = [Defence("bcm", purifier), Defence("none")]
+    run_cells(grid_of(models, data), ResultTable(tmp_path / "full.csv"), cells, defences, list(models), META)
+
+    after, calls = TransferGrid.after, []
+
+    def interrupted(self, *args):
+        calls.append(args)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return after(self, *args)
+
+    monkeypatch.setattr(TransferGrid, "after", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_cells(grid_of(models, data), ResultTable(tmp_path / "resumed.csv"), cells, defences, list(models), META)
+    monkeypatch.setattr(TransferGrid, "after", after)
+    assert 0 < len(ResultTable(tmp_path / "resumed.csv").rows) < 2 * 6 * 4
+    run_cells(grid_of(models, data), ResultTable(tmp_path / "resumed.csv"), cells, defences, list(models), META)
+    assert (tmp_path / "resumed.csv").read_text() == (tmp_path / "full.csv").read_text()
+
+
+def test_rows_of_other_checkpoints_are_recomputed(models, data, purifier, tmp_path):
+    table = ResultTable(tmp_path / "t.csv")
+    run_cells(grid_of(models, data), table, [("wrn", 4)], [Defence("bcm", purifier, "old")], ["vgg"], META)
+    old = table.frame()
+    run_cells(grid_of(models, data), table, [("wrn", 4)], [Defence("bcm", purifier, "new")], ["vgg"], META)
+    new = table.frame()
+    assert len(new) == 1 and new.checkpoints[0] != old.checkpoints[0]
+
+
+def test_transfer_cli_end_to_end_and_resume(checkpoints, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "res" / "transfer" / "small-bcm.csv"
+    bench.transfer.main(["--source", "wrn", "--eps", "0", "4", "--n", "20", "--out", str(out), *checkpoints])
+    printed = capsys.readouterr().out
+    frame = numeric(ResultTable(out).frame())
+    assert len(frame) == 2 * 4 and set(frame.target) == set(classifiers.ARCHS)
+    assert (frame.t_star == 0.5).all() and (frame.n == 20).all() and (frame.purifier == "bcm").all()
+    assert "| Source | eps/255 | preact | wrn | vgg | mobilenet |" in printed and " -> " in printed
+    assert out.with_suffix(".md").read_text().strip() == printed.strip()
+    # eps 0 before purification is each target's clean accuracy on the same 20 images
+    images, labels = bench.common.load_test_set(tmp_path / "data", 20, 0)
+    vgg = classifiers.load_classifier("vgg", "small", tmp_path / "cls")
+    assert frame[(frame.eps == 0) & (frame.target == "vgg")].acc_before.item() == \
+        classifiers.accuracy(vgg, images, labels, progress=False)
+
+    monkeypatch.setattr(bench.transfer, "craft", lambda *a, **k: pytest.fail("finished cells were recomputed"))
+    before = out.read_text()
+    bench.transfer.main(["--source", "wrn", "--eps", "4", "0", "--n", "20", "--out", str(out), *checkpoints])
+    assert out.read_text() == before
+
+    monkeypatch.undo()
+    for mode in ("denoise", "none"):
+        bench.transfer.main(["--source", "wrn", "--eps", "4", "--n", "20", "--purifier", mode, "--t-star", "2",
+                             "--targets", "vgg", "--out", str(tmp_path / f"{mode}.csv"), *checkpoints])
+        row = numeric(ResultTable(tmp_path / f"{mode}.csv").frame()).iloc[0]
+        assert row.purifier == mode and (row.acc_after == row.acc_before if mode == "none" else row.t_star == 2)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--source", "resnet"], "unknown source 'resnet'; valid names are preact, wrn, vgg, mobilenet"),
+    (["--targets", "wrn", "vit"], "unknown target 'vit'"),
+    (["--eps", "5"], "invalid eps '5'"),
+    (["--eps", "eight"], "invalid eps 'eight'"),
+    (["--purifier", "diffpure"], "invalid choice: 'diffpure'"),
+])
+def test_cli_rejects_unknown_names_and_eps(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.transfer.main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_missing_bcm_checkpoint_names_the_commands_that_make_it(checkpoints, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench.transfer.main([*checkpoints, "--bcm", str(tmp_path / "nope.pt"), "--n", "4"])
+    err = capsys.readouterr().err
+    assert "python -m purify.train --config cifar10-small" in err and "python -m purify.export" in err
+
+
+def test_tradeoff_cli_and_report_rebuild(checkpoints, tmp_path, capsys):
+    from bench import tradeoff
+
+    out = tmp_path / "res" / "tradeoff" / "small-preact.csv"
+    tradeoff.main(["--source", "preact", "--eps", "0", "4", "--targets", "preact", "vgg", "--t-stars", "0.1", "2",
+                   "--purifier", "bcm", "denoise", "--n", "12", "--out", str(out), *checkpoints])
+    frame = numeric(ResultTable(out).frame())
+    assert len(frame) == 2 * 2 * 2 * 2
+    assert frame[(frame.purifier == "bcm") & (frame.t_star == 0.1)].eps_inv.eq(0.05).all()  # below eps_inv 0.11
+    assert frame[frame.t_star == 2].eps_inv.dropna().eq(0.11).all()
+    assert "Best t* for bcm" in capsys.readouterr().out
+    md, png = out.with_suffix(".md").read_text(), out.with_suffix(".png")
+    assert png.stat().st_size > 10_000
+    bench.transfer.main(["--source", "wrn", "--eps", "4", "--n", "12", "--targets", "vgg",
+                         "--out", str(tmp_path / "res" / "transfer" / "small-bcm.csv"), *checkpoints])
+    transfer_md = (tmp_path / "res" / "transfer" / "small-bcm.md").read_text()
+    for path in (out.with_suffix(".md"), png, tmp_path / "res" / "transfer" / "small-bcm.md"):
+        path.unlink()
+    report.main(["--results", str(tmp_path / "res")])
+    assert out.with_suffix(".md").read_text() == md and png.is_file()
+    assert (tmp_path / "res" / "transfer" / "small-bcm.md").read_text() == transfer_md

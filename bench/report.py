@@ -126,39 +126,48 @@ def tradeoff_plot(frame: pd.DataFrame, path: str | Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     targets = _ordered(frame.target)
     cols = min(2, len(targets))
     rows = math.ceil(len(targets) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), sharex=True, sharey=True, squeeze=False)
+    height = 3.6 * rows + 1.0
+    fig, axes = plt.subplots(rows, cols, figsize=(max(7.0, 5.5 * cols), height), sharex=True, sharey=True,
+                             squeeze=False)
     eps_values = sorted(frame.eps.unique())
-    colours = plt.get_cmap("viridis")([i / max(1, len(eps_values) - 1) * 0.9 for i in range(len(eps_values))])
+    attacked = [e for e in eps_values if e != 0]
+    palette = plt.get_cmap("plasma")([0.15 + 0.7 * i / max(1, len(attacked) - 1) for i in range(len(attacked))])
+    colours = {0: "black", **dict(zip(attacked, palette))}
     styles = {"bcm": "-", "denoise": "--"}
     for ax, target in zip(axes.flat, targets):
         data = frame[frame.target == target]
-        for colour, eps in zip(colours, eps_values):
+        for eps in eps_values:
             at_eps = data[data.eps == eps]
             for purifier, style in styles.items():
                 curve = at_eps[at_eps.purifier == purifier].sort_values("t_star")
                 if len(curve):
-                    ax.plot(curve.t_star, 100 * curve.acc_after, style, marker="o", ms=3, color=colour,
-                            label=f"{'clean' if eps == 0 else f'eps {eps}/255'}, {purifier}")
-            ax.axhline(100 * at_eps.acc_before.mean(), color=colour, ls=":", lw=1)
+                    ax.plot(curve.t_star, 100 * curve.acc_after, style, marker="o", ms=3, color=colours[eps])
+            ax.axhline(100 * at_eps.acc_before.mean(), color=colours[eps], ls=":", lw=1)
         ax.set_xscale("log")
-        ax.set_title(f"target {target}")
+        ax.set_title(f"target {target}", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
     for ax in axes[-1]:
         ax.set_xlabel("purification strength t* ([-1, 1] scale)")
     for ax in axes[:, 0]:
-        ax.set_ylabel("accuracy after purification (%)")
+        ax.set_ylabel("accuracy (%)")
     for ax in list(axes.flat)[len(targets):]:
         ax.axis("off")
+    handles = [Line2D([], [], color=colours[e], lw=2, label="clean" if e == 0 else f"PGD eps {e}/255")
+               for e in eps_values]
+    handles += [Line2D([], [], color="gray", ls=style, label=f"after {purifier}")
+                for purifier, style in styles.items() if purifier in set(frame.purifier)]
+    handles.append(Line2D([], [], color="gray", ls=":", lw=1, label="no purification"))
+    ncol = min(len(handles), 3 * cols)
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     row = frame.iloc[0]
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
-    fig.suptitle(f"Clean vs robust accuracy against t* ({row.preset} preset, PGD on {row.source}, "
-                 f"{row.n:,} images, {DATASET}); dotted: no purification", fontsize=10)
-    fig.tight_layout(rect=(0, 0.04 + 0.03 * math.ceil(len(labels) / 4), 1, 0.96))
+    fig.suptitle(f"Clean vs robust accuracy against purification strength t*\n{row.preset} preset, PGD crafted "
+                 f"on {row.source}, {row.n:,} test images of {DATASET}", fontsize=10)
+    fig.tight_layout(rect=(0, (0.15 + 0.22 * math.ceil(len(handles) / ncol)) / height, 1, 1))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)

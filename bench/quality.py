@@ -1,0 +1,321 @@
+"""Quality of a trained BCM: ``python -m bench.quality --bcm checkpoints/bcm/cifar10-small.pt``.
+
+Three measurements on a fixed seeded subset of the CIFAR-10 test set (``--n``, ``--seed``), each a part that
+can be skipped and rerun on its own:
+
+- reconstruction (Section 4.2, spec §5): per-dimension MSE on the [0, 1] scale of inverting a test image with
+  the paper's schedules for NFE 1-4 (Algorithm 5) and generating it back in one step, next to the paper's
+  numbers and to the trivial baseline that predicts every image as the per-pixel mean image of the 50,000
+  training images -> ``reconstruction.csv`` / ``.md``, and a grid of originals above their reconstructions
+  at NFE 1 and 4 -> ``reconstruction.png``;
+- samples (Section 3.3, spec §4): one-step (NFE 1), ancestral (2), zigzag (3) and combined (4) generation
+  from the same seeded initial noise, with the Appendix A.2 settings -> ``samples_nfe{1,2,3,4}.png``;
+- purified clean accuracy (Section 4.3.4, spec §7): each classifier's accuracy on clean test images purified
+  by the BCM purifier (invert to t*, then denoise) and by the add-noise-then-denoise baseline
+  (``x + t* z``, then ``f(., t*, 0)``) for every t*, next to its unpurified accuracy
+  -> ``purified_clean.csv`` / ``.md`` / ``.png``. Each batch is purified once per (mode, t*) and the same
+  purified images go to every classifier.
+
+All noise is seeded, so a rerun with the same options gives the same numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+import classifiers
+from purify import BCM, BCMPurifier
+from purify.checkpoint import atomic_write, load_checkpoint
+from purify.data import load_cifar10, seeded_subset, to_float
+from purify.presets import REPO_ROOT, preset_from_dict
+from purify.runtime import pick_device
+from purify.sampling import (ANCESTRAL_2, COMBINED_4, INVERSION_SCHEDULES, ZIGZAG_3, initial_noise, invert,
+                             reconstruction_mse, sample_ancestral, sample_combined, sample_onestep, sample_zigzag)
+
+DATASET = "CIFAR-10 (JPEG q75 copy)"
+DEFAULT_BCM = REPO_ROOT / "checkpoints" / "bcm" / "cifar10-small.pt"
+EXPORT_COMMAND = "python -m purify.export runs/<run>/checkpoint.pt checkpoints/bcm/cifar10-small.pt"
+# Section 4.2 / spec §5: per-dimension MSE on the [0, 1] scale, CIFAR-10 test, inversion NFE 1-4.
+PAPER_MSE = {1: 0.00526, 2: 0.00451, 3: 0.00377, 4: 0.00362}
+T_STARS = (0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 80.0)
+MODES = ("bcm", "denoise")
+MODE_LABELS = {"bcm": "BCM purifier (invert to t*, denoise)", "denoise": "baseline (x + t* z, denoise)",
+               "none": "unpurified"}
+
+
+# --------------------------------------------------------------------------------------------- measurements
+
+def reconstruct(bcm: BCM, x0: torch.Tensor, times: Sequence[float], generator: torch.Generator) -> torch.Tensor:
+    """Invert ``x0`` along ``times`` (Algorithm 5), then generate back in one step ``f(x_T, T, 0)``."""
+    return bcm(invert(bcm, x0, times, generator=generator), float(times[-1]), bcm.config.eps).clamp(-1, 1)
+
+
+def pixel_mean(images: torch.Tensor, chunk: int = 5000) -> torch.Tensor:
+    """The per-pixel mean image in [0, 1] of uint8 ``images``, summed in chunks to keep memory small."""
+    total = sum(images[i:i + chunk].sum(0, dtype=torch.float64) for i in range(0, len(images), chunk))
+    return (total / (255.0 * len(images))).float()
+
+
+def reconstruction_table(bcm: BCM, images: torch.Tensor, mean_image: torch.Tensor, seed: int,
+                         batch_size: int, device: torch.device) -> pd.DataFrame:
+    """MSE per NFE (mean and standard error over images) next to the paper and the mean-image baseline.
+
+    The inversion noise restarts from ``seed`` for every NFE, so each image starts from the same noise.
+    """
+    x_all = to_float(images) * 2 - 1
+    baseline = ((to_float(images) - mean_image) ** 2).flatten(1).mean(1).mean().item()
+    rows = []
+    for nfe, times in INVERSION_SCHEDULES.items():
+        generator = torch.Generator().manual_seed(seed)
+        mse = torch.cat([reconstruction_mse(bcm, x_all[i:i + batch_size].to(device), times, bcm.config.eps,
+                                            generator).cpu()
+                         for i in tqdm(range(0, len(x_all), batch_size), desc=f"reconstruction NFE {nfe}",
+                                       leave=False)])
+        rows.append({"nfe": nfe, "inversion_times": " -> ".join(f"{t:g}" for t in times),
+                     "mse": mse.mean().item(), "mse_sem": (mse.std() / math.sqrt(len(mse))).item(),
+                     "paper_mse": PAPER_MSE[nfe], "mean_image_mse": baseline})
+    return pd.DataFrame(rows)
+
+
+def reconstruction_grid(bcm: BCM, images: torch.Tensor, seed: int, device: torch.device) -> torch.Tensor:
+    """Rows: originals, their reconstructions at inversion NFE 1, at NFE 4 (in [0, 1])."""
+    x0 = (to_float(images) * 2 - 1).to(device)
+    rows = [x0] + [reconstruct(bcm, x0, INVERSION_SCHEDULES[nfe], torch.Generator().manual_seed(seed))
+                   for nfe in (1, 4)]
+    return (torch.cat(rows).cpu() + 1) / 2
+
+
+def sample_grids(bcm: BCM, count: int, seed: int, device: torch.device) -> dict[int, torch.Tensor]:
+    """Samples in [0, 1] by NFE: one-step, ancestral, zigzag, combined, all from the same initial noise."""
+    eps, T = bcm.config.eps, bcm.config.T
+    net = bcm.config.network
+    x_T = initial_noise((count, net.image_channels, net.resolution, net.resolution), T,
+                        torch.Generator().manual_seed(seed), device)
+    samplers: dict[int, Callable[[torch.Generator], torch.Tensor]] = {
+        1: lambda g: sample_onestep(bcm, x_T, T, eps),
+        2: lambda g: sample_ancestral(bcm, x_T, **ANCESTRAL_2, eps=eps),
+        3: lambda g: sample_zigzag(bcm, x_T, **ZIGZAG_3, eps=eps, generator=g),
+        4: lambda g: sample_combined(bcm, x_T, **COMBINED_4, eps=eps, generator=g),
+    }
+    # The zigzag steps draw fresh noise; a separate seeded stream keeps it independent of x_T.
+    return {nfe: ((sample(torch.Generator().manual_seed(seed + 1)).clamp(-1, 1).cpu() + 1) / 2)
+            for nfe, sample in tqdm(samplers.items(), desc="samples", leave=False)}
+
+
+def purified_clean_table(bcm: BCM, eps_inv: float, models: dict[str, nn.Module], images: torch.Tensor,
+                         labels: torch.Tensor, t_stars: Sequence[float], seed: int, batch_size: int,
+                         device: torch.device) -> pd.DataFrame:
+    """Accuracy of every classifier on unpurified images and on images purified per (mode, t*).
+
+    Every (mode, t*) purifier starts its noise stream from ``seed``; each batch is purified once and the
+    purified images are shared by all classifiers. ``eps_inv`` is the BCM mode's initial inversion noise,
+    capped at ``t*/2`` by the purifier (recorded per row).
+    """
+    rows = [{"arch": arch, "purifier": "none", "t_star": math.nan, "eps_inv": math.nan,
+             "accuracy": classifiers.accuracy(model, images, labels, batch_size, device, progress=False)}
+            for arch, model in models.items()]
+    settings = [(mode, t_star) for mode in MODES for t_star in t_stars]
+    for mode, t_star in tqdm(settings, desc="purified clean accuracy"):
+        purifier = BCMPurifier(bcm, t_star=t_star, eps_inv=eps_inv, mode=mode, seed=seed)
+        purified = torch.cat([purifier(to_float(images[i:i + batch_size]).to(device)).cpu()
+                              for i in range(0, len(images), batch_size)])
+        for arch, model in models.items():
+            rows.append({"arch": arch, "purifier": mode, "t_star": t_star,
+                         "eps_inv": purifier.eps_inv if mode == "bcm" else math.nan,
+                         "accuracy": classifiers.accuracy(model, purified, labels, batch_size, device,
+                                                          progress=False)})
+    return pd.DataFrame(rows)
+
+
+# -------------------------------------------------------------------------------------------------- views
+
+def purified_clean_markdown(table: pd.DataFrame) -> str:
+    """Accuracy in % with one row per (purifier, t*) and one column per classifier, plus their mean."""
+    view = table.assign(t_star=table["t_star"].map(lambda t: "-" if math.isnan(t) else f"{t:g}"),
+                        accuracy=table["accuracy"] * 100)
+    # sort=False keeps the table's order: unpurified first, then each mode by t*
+    wide = view.pivot_table(index=["purifier", "t_star"], columns="arch", values="accuracy", sort=False)
+    wide = wide[list(table["arch"].unique())]
+    wide["mean"] = wide.mean(axis=1)
+    return wide.reset_index().to_markdown(index=False, floatfmt=".1f")
+
+
+def plot_purified_clean(table: pd.DataFrame, path: Path, title: str) -> None:
+    """One panel per classifier: accuracy against t* (log scale) per purifier mode, unpurified as a line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    archs = list(table["arch"].unique())
+    fig, axes = plt.subplots(1, len(archs), figsize=(3.2 * len(archs), 3.4), sharey=True, squeeze=False)
+    for ax, arch in zip(axes[0], archs):
+        rows = table[table["arch"] == arch]
+        for mode, style in zip(MODES, ("-o", "--s")):
+            curve = rows[rows["purifier"] == mode].sort_values("t_star")
+            ax.plot(curve["t_star"], curve["accuracy"], style, ms=3.5, label=MODE_LABELS[mode])
+        for acc in rows.loc[rows["purifier"] == "none", "accuracy"]:
+            ax.axhline(acc, color="k", ls=":", lw=1, label=MODE_LABELS["none"])
+        ax.axhline(0.1, color="grey", lw=0.6, alpha=0.6)  # chance level, 10 classes
+        ax.set_xscale("log")
+        ax.set_title(arch)
+        ax.set_xlabel("t* (purification strength)")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel("clean accuracy")
+    axes[0][0].set_ylim(0, 1)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+def write_png(images: torch.Tensor, path: Path, nrow: int) -> None:
+    from torchvision.utils import save_image
+
+    atomic_write(path, lambda tmp: save_image(images, tmp, nrow=nrow, padding=2, format="png"))
+
+
+def write_text(text: str, path: Path) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_csv(table: pd.DataFrame, path: Path) -> None:
+    atomic_write(path, lambda tmp: table.to_csv(tmp, index=False))
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+def load_models(names: Sequence[str], preset: str, checkpoint_dir: str | None, device: torch.device,
+                allow_missing: bool) -> dict[str, nn.Module]:
+    """Trained classifiers by short name; with ``allow_missing``, a missing checkpoint is skipped with a warning."""
+    models = {}
+    for arch in names:
+        try:
+            models[arch] = classifiers.load_classifier(arch, preset, checkpoint_dir, device).to(
+                memory_format=torch.channels_last)
+        except FileNotFoundError as err:
+            if not allow_missing:
+                raise
+            print(f"warning: skipping {arch}: {err}", file=sys.stderr)
+    return models
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bcm", default=str(DEFAULT_BCM),
+                        help="BCM checkpoint: an exported release file or a training checkpoint (EMA weights "
+                             "are used); default checkpoints/bcm/cifar10-small.pt")
+    parser.add_argument("--n", type=int, default=1000, help="number of test images (seeded subset)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the test subset and of all noise")
+    parser.add_argument("--t-stars", type=float, nargs="+", default=list(T_STARS),
+                        help="purification strengths t* of the clean-accuracy part")
+    parser.add_argument("--grid", type=int, default=64, help="samples per sample grid (a square number reads best)")
+    parser.add_argument("--batch-size", type=int, default=250, help="images per batch")
+    parser.add_argument("--classifier-preset", default="small", help="classifier preset (small or paper)")
+    parser.add_argument("--classifier-dir", help="folder of {arch}-{preset}.pt classifier checkpoints "
+                                                 "(default: the repository's checkpoints/classifiers)")
+    parser.add_argument("--allow-missing-classifiers", action="store_true",
+                        help="skip classifiers whose checkpoint is missing, with a warning, instead of failing")
+    parser.add_argument("--skip-samples", action="store_true", help="do not write the sample grids")
+    parser.add_argument("--skip-reconstruction", action="store_true", help="do not measure reconstruction")
+    parser.add_argument("--skip-classifiers", action="store_true", help="do not measure purified clean accuracy")
+    parser.add_argument("--out", default=str(REPO_ROOT / "results" / "quality"), help="output folder")
+    parser.add_argument("--data-root", help="CIFAR-10 root (default: $BCM_DATA or the download cache)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    command = shlex.join(["python", "-m", "bench.quality", *(sys.argv[1:] if argv is None else argv)])
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not Path(args.bcm).is_file():
+        parser.error(f"no BCM checkpoint at {args.bcm}. Export one from a training run with\n"
+                     f"  {EXPORT_COMMAND}\nor point --bcm at an exported or training BCM checkpoint.")
+    if args.n <= 0 or args.batch_size <= 0 or args.grid <= 0:
+        parser.error("--n, --batch-size and --grid must be positive")
+    device = pick_device(args.device)
+    bcm = BCMPurifier.from_checkpoint(args.bcm, device=device).bcm.to(memory_format=torch.channels_last)
+    state = load_checkpoint(args.bcm)
+    step, eps_inv = state.get("step"), preset_from_dict(state["config"]).purifier.eps_inv
+    eps, T = bcm.config.eps, bcm.config.T
+    bad = [t for t in args.t_stars if not eps < t <= T]
+    if bad:
+        parser.error(f"--t-stars must lie in ({eps}, {T}], got {bad}")
+    models = {}
+    if not args.skip_classifiers:
+        models = load_models(classifiers.ARCHS, args.classifier_preset, args.classifier_dir, device,
+                             args.allow_missing_classifiers)
+        if not models:
+            print("warning: no classifier checkpoint found; skipping purified clean accuracy", file=sys.stderr)
+
+    out = Path(args.out)
+    images, labels = load_cifar10("test", args.data_root)
+    index = seeded_subset(len(images), args.n, args.seed)
+    images, labels = images[index], labels[index]
+    n = len(images)
+    about = (f"{DATASET}, {n} test images (seeded subset, seed {args.seed}); BCM checkpoint `{args.bcm}` "
+             f"(step {step}). Command: `{command}`.")
+    meta = {"n": n, "seed": args.seed, "checkpoint_step": step}
+    timings = {}
+
+    with torch.inference_mode():
+        if not args.skip_samples:
+            started = time.perf_counter()
+            nrow = max(1, round(math.sqrt(args.grid)))
+            for nfe, grid in sample_grids(bcm, args.grid, args.seed, device).items():
+                write_png(grid, out / f"samples_nfe{nfe}.png", nrow)
+            timings["samples"] = time.perf_counter() - started
+
+        if not args.skip_reconstruction:
+            started = time.perf_counter()
+            train_images = load_cifar10("train", args.data_root)[0]
+            mean_image = pixel_mean(train_images)
+            table = reconstruction_table(bcm, images, mean_image, args.seed, args.batch_size, device)
+            table = table.assign(**meta)
+            write_csv(table, out / "reconstruction.csv")
+            write_text(f"# Reconstruction MSE (inversion, then one-step generation)\n\n{about}\n\n"
+                       f"Per-dimension MSE on the [0, 1] scale, mean over images (`mse_sem`: its standard error); "
+                       f"`paper_mse`: the paper's CIFAR-10 test numbers (official binary release); "
+                       f"`mean_image_mse`: the trivial baseline that predicts every image as the per-pixel mean "
+                       f"image of the {len(train_images):,} training images.\n\n"
+                       f"{table.to_markdown(index=False, floatfmt='.5f')}\n", out / "reconstruction.md")
+            columns = min(8, n)
+            write_png(reconstruction_grid(bcm, images[:columns], args.seed, device), out / "reconstruction.png",
+                      columns)
+            timings["reconstruction"] = time.perf_counter() - started
+            print(table[["nfe", "mse", "paper_mse", "mean_image_mse"]].to_string(index=False))
+
+        if models:
+            started = time.perf_counter()
+            table = purified_clean_table(bcm, eps_inv, models, images, labels, args.t_stars, args.seed,
+                                         args.batch_size, device)
+            table = table.assign(**meta)
+            write_csv(table, out / "purified_clean.csv")
+            write_text(f"# Clean accuracy after purification (%)\n\n{about}\n\n"
+                       f"`bcm`: invert from eps_inv (capped at t*/2) to t* in one step, then denoise in one step; "
+                       f"`denoise`: add noise `t* z`, then denoise in one step; `none`: unpurified. "
+                       f"Classifiers: `{args.classifier_preset}` preset.\n\n"
+                       f"{purified_clean_markdown(table)}\n", out / "purified_clean.md")
+            plot_purified_clean(table, out / "purified_clean.png",
+                                f"Clean accuracy after purification, {DATASET}, n={n}, BCM step {step}")
+            timings["classifiers"] = time.perf_counter() - started
+            print(purified_clean_markdown(table))
+
+    print("wall time: " + ", ".join(f"{part} {seconds:.0f} s" for part, seconds in timings.items())
+          + f"; results in {out}")
+
+
+if __name__ == "__main__":
+    main()

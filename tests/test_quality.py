@@ -1,0 +1,130 @@
+"""bench.quality and bench.losscurve end to end on a tiny BCM, tiny classifiers and 20 ImageFolder images."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import bench.losscurve
+import bench.quality
+import classifiers
+from classifiers.config import ArchConfig, Archs, TrainConfig
+from purify.checkpoint import save_checkpoint
+from purify.config import to_dict
+from purify.data import CLASSES, load_cifar10
+from conftest import tiny_preset
+
+torch.set_num_threads(1)
+
+TINY = TrainConfig(archs=Archs(preact=ArchConfig(width=0.0625), wrn=ArchConfig(width=1, depth=10),
+                               vgg=ArchConfig(width=0.0625), mobilenet=ArchConfig(width=0.1, stage2_stride=2)))
+T_STARS = ["0.1", "2", "80"]
+
+
+# Every class once, then classes 0, 3, 8, 9 more often: an untrained classifier tends to predict one class for
+# everything, and unequal class sizes give the four classifiers different accuracies to tell apart.
+UNBALANCED = list(range(10)) + [0, 3, 3, 8, 8, 8, 9, 9, 9, 9]
+
+
+def _write_images(folder, labels: list[int], seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    small = torch.rand(len(labels), 3, 8, 8, generator=g)
+    images = torch.nn.functional.interpolate(small, size=32, mode="bilinear")
+    for i, (image, label) in enumerate(zip((images * 255).to(torch.uint8), labels)):
+        path = folder / CLASSES[label] / f"{i:04d}.png"  # PNG: lossless, so the test compares exact pixels
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
+
+
+@pytest.fixture
+def setup(tmp_path, tiny_bcm):
+    """A tiny BCM release file (with a step), tiny untrained classifiers, a 20+10-image ImageFolder."""
+    for i, arch in enumerate(classifiers.ARCHS):
+        torch.manual_seed(i)
+        model = classifiers.build_classifier(arch, config=TINY)
+        save_checkpoint({"arch": arch, "preset": "small", "config": to_dict(TINY), "model": model.state_dict()},
+                        tmp_path / "cls" / f"{arch}-small.pt")
+    save_checkpoint({"kind": "bcm", "config": to_dict(tiny_preset()), "ema": tiny_bcm.state_dict(), "step": 7},
+                    tmp_path / "bcm.pt")
+    _write_images(tmp_path / "data" / "test", UNBALANCED, seed=0)
+    _write_images(tmp_path / "data" / "train", list(range(10)), seed=1)
+    return tmp_path
+
+
+def _run(root, *extra):
+    bench.quality.main(["--bcm", str(root / "bcm.pt"), "--n", "20", "--seed", "0", "--grid", "4",
+                        "--batch-size", "8", "--t-stars", *T_STARS, "--data-root", str(root / "data"),
+                        "--classifier-dir", str(root / "cls"), "--out", str(root / "out"), "--threads", "1",
+                        *extra])
+
+
+def test_quality_writes_every_result_with_sane_values(setup):
+    _run(setup)
+    out = setup / "out"
+    for name in ["samples_nfe1.png", "samples_nfe2.png", "samples_nfe3.png", "samples_nfe4.png",
+                 "reconstruction.png", "reconstruction.csv", "reconstruction.md",
+                 "purified_clean.csv", "purified_clean.md", "purified_clean.png"]:
+        assert (out / name).stat().st_size > 0, name
+    assert Image.open(out / "reconstruction.png").size == (8 * 34 + 2, 3 * 34 + 2)  # 8 columns x 3 rows
+
+    recon = pd.read_csv(out / "reconstruction.csv")
+    assert recon["nfe"].tolist() == [1, 2, 3, 4]
+    assert (recon["mse"] >= 0).all() and (recon["mean_image_mse"] > 0).all()
+    assert recon["paper_mse"].tolist() == [0.00526, 0.00451, 0.00377, 0.00362]
+    assert (recon[["n", "seed", "checkpoint_step"]] == [20, 0, 7]).all().all()
+
+    clean = pd.read_csv(out / "purified_clean.csv")
+    assert set(clean["arch"]) == set(classifiers.ARCHS)
+    assert clean["accuracy"].between(0, 1).all()
+    assert len(clean) == len(classifiers.ARCHS) * (1 + 2 * len(T_STARS))
+    purified = clean[clean["purifier"] != "none"]
+    assert sorted(set(purified["t_star"])) == [float(t) for t in T_STARS]
+    assert set(purified["purifier"]) == {"bcm", "denoise"}
+    # the BCM mode inverts upwards from eps_inv, capped at t*/2 for small strengths
+    assert clean.loc[(clean["purifier"] == "bcm") & (clean["t_star"] == 0.1), "eps_inv"].eq(0.05).all()
+
+    images, labels = load_cifar10("test", setup / "data")
+    for arch in classifiers.ARCHS:
+        model = classifiers.load_classifier(arch, "small", setup / "cls")
+        row = clean[(clean["arch"] == arch) & (clean["purifier"] == "none")]
+        assert row["accuracy"].item() == classifiers.accuracy(model, images, labels, progress=False)
+
+
+def test_quality_is_reproducible_and_parts_can_be_skipped(setup):
+    _run(setup, "--skip-samples", "--skip-reconstruction")
+    first = pd.read_csv(setup / "out" / "purified_clean.csv")
+    assert not (setup / "out" / "reconstruction.csv").exists()
+    assert not (setup / "out" / "samples_nfe1.png").exists()
+    _run(setup, "--skip-samples", "--skip-reconstruction")
+    pd.testing.assert_frame_equal(first, pd.read_csv(setup / "out" / "purified_clean.csv"))
+
+
+def test_missing_checkpoints_give_clear_errors_or_are_skipped(setup, capsys):
+    with pytest.raises(SystemExit):
+        bench.quality.main(["--bcm", str(setup / "missing.pt")])
+    assert "python -m purify.export runs/<run>/checkpoint.pt checkpoints/bcm/cifar10-small.pt" in \
+        capsys.readouterr().err
+
+    (setup / "cls" / "wrn-small.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="python -m classifiers.train --arch wrn"):
+        _run(setup, "--skip-samples", "--skip-reconstruction")
+    _run(setup, "--skip-samples", "--skip-reconstruction", "--allow-missing-classifiers")
+    assert "skipping wrn" in capsys.readouterr().err
+    clean = pd.read_csv(setup / "out" / "purified_clean.csv")
+    assert set(clean["arch"]) == set(classifiers.ARCHS) - {"wrn"}
+
+
+def test_losscurve_plots_and_summarises_a_denoise_and_a_bct_log(tmp_path, capsys):
+    header = "step,N,loss,ct,soft,lr,images_per_s,elapsed_min\n"
+    denoise = tmp_path / "denoise-small" / "log.csv"
+    bct = tmp_path / "bcm-small" / "log.csv"
+    denoise.parent.mkdir()
+    bct.parent.mkdir()
+    denoise.write_text(header + "".join(f"{s},0,{1 / s},0.0,0.0,0.0003,50,{s / 100}\n" for s in range(20, 420, 20)))
+    bct.write_text(header + "".join(f"{s},{11 + s // 200},{30 - s / 100},{25 - s / 100},5.0,0.0002,10,{s / 10}\n"
+                                    for s in range(20, 620, 20)) + "620,12,29.5")  # last row cut off mid-write
+    bench.losscurve.main([str(denoise), str(bct), "--out", str(tmp_path / "loss.png")])
+    assert Image.open(tmp_path / "loss.png").format == "PNG"
+    printed = capsys.readouterr().out
+    assert "denoise-small" in printed and "bcm-small" in printed and "ct" in printed

@@ -80,7 +80,6 @@ def train(arch: str, preset: str = "small", *, config: TrainConfig | None = None
     config = config if config is not None else load_preset(preset)
     if threads:
         torch.set_num_threads(threads)
-    device = pick_device(device)
     seed_everything(seed)
     out_path = checkpoint_path(arch, preset, out_dir)
     state_path = Path(run_dir) / f"{arch}-{preset}-state.pt"
@@ -90,6 +89,8 @@ def train(arch: str, preset: str = "small", *, config: TrainConfig | None = None
     train_idx, val_idx = train_val_split(len(images), config.n_val, seed=SPLIT_SEED)
     train_idx = train_idx[seeded_subset(len(train_idx), train_subset, seed)]
     train_x, train_y, val_x, val_y = images[train_idx], labels[train_idx], images[val_idx], labels[val_idx]
+    device = pick_device(device)
+    train_x, train_y = train_x.to(device), train_y.to(device)  # uint8 on the device; batches augmented there
 
     model = build_classifier(arch, config=config).to(device)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
@@ -146,8 +147,8 @@ def train(arch: str, preset: str = "small", *, config: TrainConfig | None = None
                        disable=not progress, mininterval=1.0 if sys.stderr.isatty() else 30.0)
             for i in bar:
                 idx = order[i * batch_size:(i + 1) * batch_size]
-                x = augment(to_float(train_x[idx]), generator).to(device, memory_format=memory_format)
-                y = train_y[idx].to(device)
+                x = augment(to_float(train_x[idx]), generator).contiguous(memory_format=memory_format)
+                y = train_y[idx]
                 with _autocast(device, config.bf16):
                     logits = model(x)
                 loss = criterion(logits.float(), y)
@@ -225,7 +226,8 @@ def _record_result(path: Path, summary: dict) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m classifiers.train", description=__doc__.split("\n\n")[0],
+        prog="python -m classifiers.train", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Example (CPU, one core): python -m classifiers.train --arch preact --preset small --threads 1 "
                "--max-minutes 30. Paper scale on a GPU: --preset paper --device cuda.")
     parser.add_argument("--arch", required=True, choices=ARCHS, help="architecture short name")

@@ -35,8 +35,10 @@ def default_bcm_path(preset: str) -> Path:
     return REPO_ROOT / "checkpoints" / "bcm" / f"{BCM_PRESETS[preset]}.pt"
 
 
-def load_bcm_purifier(path: str | os.PathLike, preset: str, device: torch.device) -> BCMPurifier:
-    """The purifier of the BCM checkpoint at ``path`` (its preset's t*/eps_inv as defaults), channels-last."""
+def load_purifier(path: str | os.PathLike, preset: str, device: torch.device, mode: str = "bcm",
+                  t_star: float | None = None, seed: int | None = 0) -> BCMPurifier:
+    """The ``mode`` purifier of the BCM checkpoint at ``path`` at strength ``t_star`` (default: the value its
+    preset records), seeded, channels-last. A missing file names the commands that make it."""
     path = Path(path)
     if not path.is_file():
         name = BCM_PRESETS[preset]
@@ -45,22 +47,10 @@ def load_bcm_purifier(path: str | os.PathLike, preset: str, device: torch.device
             f"  python -m purify.train --config {name} --out runs/bcm-{preset}\n"
             f"  python -m purify.export runs/bcm-{preset}/checkpoint.pt checkpoints/bcm/{name}.pt\n"
             f"or point --bcm at an exported BCM checkpoint.")
-    purifier = BCMPurifier.from_checkpoint(path, device=device)
+    strength = {} if t_star is None else {"t_star": t_star}
+    purifier = BCMPurifier.from_checkpoint(path, device=device, mode=mode, seed=seed, **strength)
     purifier.bcm.to(memory_format=torch.channels_last)
     return purifier
-
-
-def make_purifier(base: BCMPurifier, mode: str, t_star: float, seed: int) -> BCMPurifier:
-    """A purifier of ``mode`` at strength ``t_star`` sharing ``base``'s BCM, seeded with ``seed``.
-
-    The BCM mode inverts from ``eps_inv`` up to ``t_star``, which needs ``eps_inv < t_star``; for strengths at
-    or below the preset's ``eps_inv`` (e.g. t* = 0.1 < 0.11) the initial noise is lowered to ``t_star / 2``.
-    The effective value is recorded in the results (column ``eps_inv``).
-    """
-    if mode not in ("bcm", "denoise"):
-        raise ValueError(f"a BCM purifier mode is 'bcm' or 'denoise', got {mode!r}")
-    eps_inv = min(base.eps_inv, t_star / 2) if mode == "bcm" else base.eps_inv
-    return BCMPurifier(base.bcm, t_star=t_star, eps_inv=eps_inv, mode=mode, seed=seed)
 
 
 def load_classifiers(names: Iterable[str], preset: str, checkpoint_dir: str | os.PathLike,

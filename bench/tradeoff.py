@@ -17,9 +17,8 @@ from pathlib import Path
 import classifiers
 
 from . import report
-from .common import (RESULTS_DIR, ResultTable, add_common_arguments, check_names, eps_list, make_purifier, numeric,
-                     write_text)
-from .transfer import Defence, grid_from_args, load_bcm, run_cells, setup, this_run
+from .common import RESULTS_DIR, ResultTable, add_common_arguments, check_names, eps_list, numeric, write_text
+from .transfer import grid_from_args, load_defence, run_cells, setup, this_run
 
 T_STARS = (0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 80.0)
 
@@ -61,9 +60,7 @@ def tradeoff(args: argparse.Namespace) -> None:
     started = time.monotonic()
     device = setup(args)
     out = Path(args.out) if args.out else RESULTS_DIR / "tradeoff" / f"{args.preset}-{args.source}.csv"
-    base, bcm_id = load_bcm(args, device)
-    defences = [Defence(mode, make_purifier(base, mode, t, args.seed), bcm_id)
-                for mode in args.purifier for t in sorted(set(args.t_stars))]
+    defences = [load_defence(args, mode, t, device) for mode in args.purifier for t in sorted(set(args.t_stars))]
     grid, ids, meta = grid_from_args(args, [args.source], args.targets, device)
     table = ResultTable(out)
     run_cells(grid, table, [(args.source, e) for e in args.eps], defences, args.targets, meta, ids)

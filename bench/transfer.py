@@ -28,8 +28,8 @@ from purify.runtime import pick_device
 
 from . import report
 from .common import (PURIFIERS, RESULTS_DIR, ResultTable, add_common_arguments, check_names, classifier_path,
-                     combine_ids, default_bcm_path, eps_list, file_id, load_bcm_purifier, load_classifiers,
-                     load_test_set, make_purifier, numeric, resolve_bf16, write_text)
+                     combine_ids, default_bcm_path, eps_list, file_id, load_classifiers, load_purifier,
+                     load_test_set, numeric, resolve_bf16, write_text)
 
 
 @dataclass(frozen=True)
@@ -188,11 +188,7 @@ def transfer(args: argparse.Namespace) -> None:
     started = time.monotonic()
     device = setup(args)
     out = Path(args.out) if args.out else RESULTS_DIR / "transfer" / f"{args.preset}-{args.purifier}.csv"
-    defence = Defence("none")
-    if args.purifier != "none":
-        base, bcm_id = load_bcm(args, device)
-        t_star = args.t_star if args.t_star is not None else base.t_star
-        defence = Defence(args.purifier, make_purifier(base, args.purifier, t_star, args.seed), bcm_id)
+    defence = Defence("none") if args.purifier == "none" else load_defence(args, args.purifier, args.t_star, device)
     grid, ids, meta = grid_from_args(args, args.source, args.targets, device)
     table = ResultTable(out)
     run_cells(grid, table, [(s, e) for s in args.source for e in args.eps], [defence], args.targets, meta, ids)
@@ -212,10 +208,11 @@ def setup(args: argparse.Namespace) -> torch.device:
     return pick_device(args.device)
 
 
-def load_bcm(args: argparse.Namespace, device: torch.device) -> tuple[BCMPurifier, str]:
-    """The purifier of ``--bcm`` (default: the preset's shipped checkpoint) and the id of its weights."""
+def load_defence(args: argparse.Namespace, mode: str, t_star: float | None, device: torch.device) -> Defence:
+    """The ``mode`` purifier of ``--bcm`` (default: the preset's shipped BCM) at ``t_star`` (default: the
+    preset's), seeded with ``--seed``, with the id of its weights."""
     path = Path(args.bcm) if args.bcm else default_bcm_path(args.preset)
-    return load_bcm_purifier(path, args.preset, device), file_id(str(path))
+    return Defence(mode, load_purifier(path, args.preset, device, mode, t_star, args.seed), file_id(str(path)))
 
 
 def grid_from_args(args: argparse.Namespace, sources: list[str], targets: list[str],

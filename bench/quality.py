@@ -6,8 +6,8 @@ can be skipped and rerun on its own:
 - reconstruction (Section 4.2, spec §5): per-dimension MSE on the [0, 1] scale of inverting a test image with
   the paper's schedules for NFE 1-4 (Algorithm 5) and generating it back in one step, next to the paper's
   numbers and to the trivial baseline that predicts every image as the per-pixel mean image of the 50,000
-  training images -> ``reconstruction.csv`` / ``.md``, and a grid of originals above their reconstructions
-  at NFE 1 and 4 -> ``reconstruction.png``;
+  training images -> ``reconstruction.csv`` / ``.md``, and a grid of originals (one per class) above their
+  reconstructions at NFE 1 and 4 -> ``reconstruction.png``;
 - samples (Section 3.3, spec §4): one-step (NFE 1), ancestral (2), zigzag (3) and combined (4) generation
   from the same seeded initial noise, with the Appendix A.2 settings -> ``samples_nfe{1,2,3,4}.png``;
 - purified clean accuracy (Section 4.3.4, spec §7): each classifier's accuracy on clean test images purified
@@ -26,7 +26,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import pandas as pd
 import torch
@@ -101,15 +101,15 @@ def sample_grids(bcm: BCM, count: int, seed: int, device: torch.device) -> dict[
     net = bcm.config.network
     x_T = initial_noise((count, net.image_channels, net.resolution, net.resolution), T,
                         torch.Generator().manual_seed(seed), device)
-    samplers: dict[int, Callable[[torch.Generator], torch.Tensor]] = {
-        1: lambda g: sample_onestep(bcm, x_T, T, eps),
-        2: lambda g: sample_ancestral(bcm, x_T, **ANCESTRAL_2, eps=eps),
-        3: lambda g: sample_zigzag(bcm, x_T, **ZIGZAG_3, eps=eps, generator=g),
-        4: lambda g: sample_combined(bcm, x_T, **COMBINED_4, eps=eps, generator=g),
-    }
-    # The zigzag steps draw fresh noise; a separate seeded stream keeps it independent of x_T.
-    return {nfe: ((sample(torch.Generator().manual_seed(seed + 1)).clamp(-1, 1).cpu() + 1) / 2)
-            for nfe, sample in tqdm(samplers.items(), desc="samples", leave=False)}
+    # The zigzag steps draw fresh noise: each sampler gets the same separate seeded stream for it.
+    def fresh() -> torch.Generator:
+        return torch.Generator().manual_seed(seed + 1)
+
+    samples = {1: sample_onestep(bcm, x_T, T, eps),
+               2: sample_ancestral(bcm, x_T, **ANCESTRAL_2, eps=eps),
+               3: sample_zigzag(bcm, x_T, **ZIGZAG_3, eps=eps, generator=fresh()),
+               4: sample_combined(bcm, x_T, **COMBINED_4, eps=eps, generator=fresh())}
+    return {nfe: (x.clamp(-1, 1).cpu() + 1) / 2 for nfe, x in samples.items()}
 
 
 def purified_clean_table(bcm: BCM, eps_inv: float, models: dict[str, nn.Module], images: torch.Tensor,
@@ -157,7 +157,8 @@ def plot_purified_clean(table: pd.DataFrame, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     archs = list(table["arch"].unique())
-    fig, axes = plt.subplots(1, len(archs), figsize=(3.2 * len(archs), 3.4), sharey=True, squeeze=False)
+    # at least 8 inches wide, so that the title and the legend fit above and below a single panel
+    fig, axes = plt.subplots(1, len(archs), figsize=(max(8.0, 3.2 * len(archs)), 3.6), sharey=True, squeeze=False)
     for ax, arch in zip(axes[0], archs):
         rows = table[table["arch"] == arch]
         for mode, style in zip(MODES, ("-o", "--s")):
@@ -291,9 +292,10 @@ def main(argv: list[str] | None = None) -> None:
                        f"`mean_image_mse`: the trivial baseline that predicts every image as the per-pixel mean "
                        f"image of the {len(train_images):,} training images.\n\n"
                        f"{table.to_markdown(index=False, floatfmt='.5f')}\n", out / "reconstruction.md")
-            columns = min(8, n)
-            write_png(reconstruction_grid(bcm, images[:columns], args.seed, device), out / "reconstruction.png",
-                      columns)
+            # one column per class (the first image of each), since the subset is sorted by class
+            columns = torch.tensor([(labels == c).nonzero()[0].item() for c in labels.unique().tolist()])
+            write_png(reconstruction_grid(bcm, images[columns], args.seed, device), out / "reconstruction.png",
+                      len(columns))
             timings["reconstruction"] = time.perf_counter() - started
             print(table[["nfe", "mse", "paper_mse", "mean_image_mse"]].to_string(index=False))
 

@@ -66,7 +66,7 @@ def test_quality_writes_every_result_with_sane_values(setup):
                  "reconstruction.png", "reconstruction.csv", "reconstruction.md",
                  "purified_clean.csv", "purified_clean.md", "purified_clean.png"]:
         assert (out / name).stat().st_size > 0, name
-    assert Image.open(out / "reconstruction.png").size == (8 * 34 + 2, 3 * 34 + 2)  # 8 columns x 3 rows
+    assert Image.open(out / "reconstruction.png").size == (10 * 34 + 2, 3 * 34 + 2)  # a class per column, 3 rows
 
     recon = pd.read_csv(out / "reconstruction.csv")
     assert recon["nfe"].tolist() == [1, 2, 3, 4]

@@ -52,8 +52,8 @@ def smooth(values: pd.Series, window: int) -> pd.Series:
 
 
 def default_window(rows: int) -> int:
-    """About 1/20 of the log, so a curve keeps its shape but loses the batch-to-batch noise."""
-    return max(1, round(rows / 20))
+    """About 1/20 of the log (at least 3 rows), so a curve keeps its shape but loses the batch-to-batch noise."""
+    return max(3, round(rows / 20))
 
 
 def wants_log_scale(values: pd.Series) -> bool:
@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("logs", nargs="+", help="training logs (RUN/log.csv), e.g. the warm start, then BCT")
     parser.add_argument("--out", default=str(REPO_ROOT / "results" / "quality" / "loss_curve.png"),
                         help="PNG to write (default: results/quality/loss_curve.png)")
-    parser.add_argument("--window", type=int, help="rolling-mean window in log rows (default: 1/20 of each log)")
+    parser.add_argument("--window", type=int,
+                        help="rolling-mean window in log rows (default: 1/20 of each log, at least 3)")
     parser.add_argument("--yscale", choices=("auto", "log", "linear"), default="auto",
                         help="y-axis scale; auto: log when a panel's values span more than a factor of 10")
     args = parser.parse_args(argv)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from purify.checkpoint import load_checkpoint, save_checkpoint
 from purify.config import from_dict, to_dict
-from purify.data import augment, load_cifar10, seeded_subset, to_float, train_val_split
+from purify.data import augment, default_data_root, load_cifar10, seeded_subset, to_float, train_val_split
 from purify.runtime import Budget, CSVLog, pick_device, rng_state, seed_everything, set_rng_state
 
 from .architectures import ARCHS, count_parameters
@@ -200,7 +200,8 @@ def train(arch: str, preset: str = "small", *, config: TrainConfig | None = None
               images_per_s="")
     if train_subset is None and test_subset is None:
         _record_result(Path(results_dir) / f"{preset}.csv", summary)
-    print(f"{arch}/{preset}: test accuracy {summary['test_acc']:.4f} on {len(keep)} CIFAR-10 test images, "
+    print(f"{arch}/{preset}: test accuracy {summary['test_acc']:.4f} on {len(keep)} CIFAR-10 test images "
+          f"(from {data_root or default_data_root()}), "
           f"best val {best_val:.4f}, {summary['train_minutes']:.1f} min", file=sys.stderr)
     return summary
 

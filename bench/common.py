@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import functools
 import hashlib
 import math
@@ -53,11 +54,28 @@ def load_purifier(path: str | os.PathLike, preset: str, device: torch.device, mo
     return purifier
 
 
-def load_classifiers(names: Iterable[str], preset: str, checkpoint_dir: str | os.PathLike,
-                     device: torch.device) -> dict[str, nn.Module]:
-    """Trained classifiers by short name, eval mode, channels-last (faster convolutions on CPUs)."""
-    return {name: classifiers.load_classifier(name, preset, checkpoint_dir, device)
-            .to(memory_format=torch.channels_last) for name in names}
+def load_classifiers(names: Iterable[str], preset: str, checkpoint_dir: str | os.PathLike | None,
+                     device: torch.device, allow_missing: bool = False) -> dict[str, nn.Module]:
+    """Trained classifiers by short name, eval mode, channels-last (faster convolutions on CPUs); with
+    ``allow_missing``, a missing checkpoint is skipped with a warning instead of stopping."""
+    models = {}
+    for name in names:
+        try:
+            models[name] = classifiers.load_classifier(name, preset, checkpoint_dir, device).to(
+                memory_format=torch.channels_last)
+        except FileNotFoundError as err:
+            if not allow_missing:
+                raise
+            print(f"warning: skipping {name}: {err}", file=sys.stderr)
+    return models
+
+
+def run_command(parser: argparse.ArgumentParser, command, args: argparse.Namespace) -> None:
+    """Run ``command(args)``; a missing checkpoint or a bad value ends with a one-line error, no traceback."""
+    try:
+        command(args)
+    except (FileNotFoundError, ValueError) as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
 
 
 def classifier_path(name: str, preset: str, checkpoint_dir: str | os.PathLike) -> Path:

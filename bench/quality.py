@@ -42,6 +42,8 @@ from purify.runtime import pick_device
 from purify.sampling import (ANCESTRAL_2, COMBINED_4, INVERSION_SCHEDULES, ZIGZAG_3, initial_noise, invert,
                              reconstruction_mse, sample_ancestral, sample_combined, sample_onestep, sample_zigzag)
 
+from .common import load_classifiers, write_text
+
 DATASET = "CIFAR-10 (JPEG q75 copy)"
 DEFAULT_BCM = REPO_ROOT / "checkpoints" / "bcm" / "cifar10-small.pt"
 EXPORT_COMMAND = "python -m purify.export runs/<run>/checkpoint.pt checkpoints/bcm/cifar10-small.pt"
@@ -187,30 +189,11 @@ def write_png(images: torch.Tensor, path: Path, nrow: int) -> None:
     atomic_write(path, lambda tmp: save_image(images, tmp, nrow=nrow, padding=2, format="png"))
 
 
-def write_text(text: str, path: Path) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
 def write_csv(table: pd.DataFrame, path: Path) -> None:
     atomic_write(path, lambda tmp: table.to_csv(tmp, index=False))
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
-
-def load_models(names: Sequence[str], preset: str, checkpoint_dir: str | None, device: torch.device,
-                allow_missing: bool) -> dict[str, nn.Module]:
-    """Trained classifiers by short name; with ``allow_missing``, a missing checkpoint is skipped with a warning."""
-    models = {}
-    for arch in names:
-        try:
-            models[arch] = classifiers.load_classifier(arch, preset, checkpoint_dir, device).to(
-                memory_format=torch.channels_last)
-        except FileNotFoundError as err:
-            if not allow_missing:
-                raise
-            print(f"warning: skipping {arch}: {err}", file=sys.stderr)
-    return models
-
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__,
@@ -256,8 +239,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--t-stars must lie in ({eps}, {T}], got {bad}")
     models = {}
     if not args.skip_classifiers:
-        models = load_models(classifiers.ARCHS, args.classifier_preset, args.classifier_dir, device,
-                             args.allow_missing_classifiers)
+        models = load_classifiers(classifiers.ARCHS, args.classifier_preset, args.classifier_dir, device,
+                                  allow_missing=args.allow_missing_classifiers)
         if not models:
             print("warning: no classifier checkpoint found; skipping purified clean accuracy", file=sys.stderr)
 
@@ -286,12 +269,13 @@ def main(argv: list[str] | None = None) -> None:
             table = reconstruction_table(bcm, images, mean_image, args.seed, args.batch_size, device)
             table = table.assign(**meta)
             write_csv(table, out / "reconstruction.csv")
-            write_text(f"# Reconstruction MSE (inversion, then one-step generation)\n\n{about}\n\n"
+            write_text(out / "reconstruction.md",
+                       f"# Reconstruction MSE (inversion, then one-step generation)\n\n{about}\n\n"
                        f"Per-dimension MSE on the [0, 1] scale, mean over images (`mse_sem`: its standard error); "
                        f"`paper_mse`: the paper's CIFAR-10 test numbers (official binary release); "
                        f"`mean_image_mse`: the trivial baseline that predicts every image as the per-pixel mean "
                        f"image of the {len(train_images):,} training images.\n\n"
-                       f"{table.to_markdown(index=False, floatfmt='.5f')}\n", out / "reconstruction.md")
+                       f"{table.to_markdown(index=False, floatfmt='.5f')}\n")
             # one column per class (the first image of each), since the subset is sorted by class
             columns = torch.tensor([(labels == c).nonzero()[0].item() for c in labels.unique().tolist()])
             write_png(reconstruction_grid(bcm, images[columns], args.seed, device), out / "reconstruction.png",
@@ -305,11 +289,12 @@ def main(argv: list[str] | None = None) -> None:
                                          args.batch_size, device)
             table = table.assign(**meta)
             write_csv(table, out / "purified_clean.csv")
-            write_text(f"# Clean accuracy after purification (%)\n\n{about}\n\n"
+            write_text(out / "purified_clean.md",
+                       f"# Clean accuracy after purification (%)\n\n{about}\n\n"
                        f"`bcm`: invert from eps_inv (capped at t*/2) to t* in one step, then denoise in one step; "
                        f"`denoise`: add noise `t* z`, then denoise in one step; `none`: unpurified. "
                        f"Classifiers: `{args.classifier_preset}` preset.\n\n"
-                       f"{purified_clean_markdown(table)}\n", out / "purified_clean.md")
+                       f"{purified_clean_markdown(table)}\n")
             plot_purified_clean(table, out / "purified_clean.png",
                                 f"Clean accuracy after purification, {DATASET}, n={n}, BCM step {step}")
             timings["classifiers"] = time.perf_counter() - started

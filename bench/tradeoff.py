@@ -17,7 +17,8 @@ from pathlib import Path
 import classifiers
 
 from . import report
-from .common import RESULTS_DIR, ResultTable, add_common_arguments, check_names, eps_list, numeric, write_text
+from .common import (RESULTS_DIR, ResultTable, add_common_arguments, check_names, eps_list, numeric, run_command,
+                     write_text)
 from .transfer import grid_from_args, load_defence, run_cells, setup, this_run
 
 T_STARS = (0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 80.0)
@@ -49,10 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(err))
     if any(t <= 0 for t in args.t_stars):
         parser.error(f"--t-stars must be positive, got {args.t_stars}")
-    try:
-        tradeoff(args)
-    except (FileNotFoundError, ValueError) as err:  # e.g. a missing checkpoint: say what to do, no traceback
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    run_command(parser, tradeoff, args)
 
 
 def tradeoff(args: argparse.Namespace) -> None:

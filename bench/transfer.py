@@ -29,7 +29,7 @@ from purify.runtime import pick_device
 from . import report
 from .common import (PURIFIERS, RESULTS_DIR, ResultTable, add_common_arguments, check_names, classifier_path,
                      combine_ids, default_bcm_path, eps_list, file_id, load_classifiers, load_purifier,
-                     load_test_set, numeric, resolve_bf16, write_text)
+                     load_test_set, numeric, resolve_bf16, run_command, write_text)
 
 
 @dataclass(frozen=True)
@@ -177,10 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         args.source, args.targets = check_names(args.source, "source"), check_names(args.targets, "target")
     except (argparse.ArgumentTypeError, ValueError) as err:
         parser.error(str(err))
-    try:
-        transfer(args)
-    except (FileNotFoundError, ValueError) as err:  # e.g. a missing checkpoint: say what to do, no traceback
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    run_command(parser, transfer, args)
 
 
 def transfer(args: argparse.Namespace) -> None:

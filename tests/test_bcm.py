@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from purify.bcm import BCM, BCMConfig, c_in, c_out, c_skip, c_skip_ct, parameter_count
+from purify.bcm import BCM, c_in, c_out, c_skip, c_skip_ct, parameter_count
 from purify.presets import load_preset
 
 TIMES = torch.tensor([0.002, 0.01, 0.11, 0.5, 1.0, 6.0, 80.0], dtype=torch.float64)

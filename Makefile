@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(PY) -m bench.transfer --source wrn --eps 8
+	$(PY) -m bench.transfer --source wrn --eps 8 --out runs/demo/transfer-wrn-eps8.csv
 
 test: setup
 	$(PY) -m pytest -q

@@ -2,7 +2,8 @@
 
 robustbench 1.1.1 imports the module ``autoattack``, but its dependency ``pyautoattack`` installs the same
 code as ``pyautoattack``; alias it before robustbench is imported. robustbench also imports ``pkg_resources``
-(pinned through ``setuptools<81`` in pyproject.toml), whose deprecation warning we silence here.
+(pinned through ``setuptools<81`` in pyproject.toml) and old timm module paths, whose deprecation warnings
+we silence here.
 """
 from __future__ import annotations
 
@@ -18,5 +19,9 @@ def import_robustbench():
         sys.modules["autoattack"] = pyautoattack
         sys.modules["autoattack.state"] = importlib.import_module("pyautoattack.state")
     with warnings.catch_warnings():
+        # Deprecation notices of robustbench's own imports (pkg_resources; timm's old module paths, which use
+        # torch.jit.interface); nothing a user of this toolkit can act on.
         warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="timm")
+        warnings.filterwarnings("ignore", message=".*torch.jit.interface", category=FutureWarning)
         return importlib.import_module("robustbench")

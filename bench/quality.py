@@ -39,7 +39,7 @@ from purify.checkpoint import atomic_write, load_checkpoint
 from purify.data import load_cifar10, seeded_subset, to_float
 from purify.presets import REPO_ROOT, preset_from_dict
 from purify.runtime import pick_device
-from purify.sampling import (ANCESTRAL_2, COMBINED_4, INVERSION_SCHEDULES, ZIGZAG_3, initial_noise, invert,
+from purify.sampling import (ANCESTRAL_2, COMBINED_4, INVERSION_SCHEDULES, ZIGZAG_3, initial_noise, reconstruct,
                              reconstruction_mse, sample_ancestral, sample_combined, sample_onestep, sample_zigzag)
 
 from .common import load_classifiers, write_text
@@ -56,11 +56,6 @@ MODE_LABELS = {"bcm": "BCM purifier (invert to t*, denoise)", "denoise": "baseli
 
 
 # --------------------------------------------------------------------------------------------- measurements
-
-def reconstruct(bcm: BCM, x0: torch.Tensor, times: Sequence[float], generator: torch.Generator) -> torch.Tensor:
-    """Invert ``x0`` along ``times`` (Algorithm 5), then generate back in one step ``f(x_T, T, 0)``."""
-    return bcm(invert(bcm, x0, times, generator=generator), float(times[-1]), bcm.config.eps).clamp(-1, 1)
-
 
 def pixel_mean(images: torch.Tensor, chunk: int = 5000) -> torch.Tensor:
     """The per-pixel mean image in [0, 1] of uint8 ``images``, summed in chunks to keep memory small."""
@@ -92,8 +87,8 @@ def reconstruction_table(bcm: BCM, images: torch.Tensor, mean_image: torch.Tenso
 def reconstruction_grid(bcm: BCM, images: torch.Tensor, seed: int, device: torch.device) -> torch.Tensor:
     """Rows: originals, their reconstructions at inversion NFE 1, at NFE 4 (in [0, 1])."""
     x0 = (to_float(images) * 2 - 1).to(device)
-    rows = [x0] + [reconstruct(bcm, x0, INVERSION_SCHEDULES[nfe], torch.Generator().manual_seed(seed))
-                   for nfe in (1, 4)]
+    rows = [x0] + [reconstruct(bcm, x0, INVERSION_SCHEDULES[nfe], bcm.config.eps,
+                               torch.Generator().manual_seed(seed)) for nfe in (1, 4)]
     return (torch.cat(rows).cpu() + 1) / 2
 
 

@@ -106,9 +106,14 @@ def invert(model: Model, x0: torch.Tensor, times: Sequence[float],
     return x
 
 
+def reconstruct(model: Model, x0: torch.Tensor, times: Sequence[float], eps: float = EPS,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Invert ``x0`` along ``times`` (Algorithm 5), then generate back in one step ``f(x_T, T, 0)``."""
+    x_T = invert(model, x0, times, generator=generator)
+    return model(x_T, float(times[-1]), eps).clamp(-1, 1)
+
+
 def reconstruction_mse(model: Model, x0: torch.Tensor, times: Sequence[float], eps: float = EPS,
                        generator: torch.Generator | None = None) -> torch.Tensor:
     """Per-image MSE per dimension on the [0, 1] scale of invert-then-one-step-generate (Section 4.2)."""
-    x_T = invert(model, x0, times, generator=generator)
-    recon = model(x_T, float(times[-1]), eps)
-    return ((recon.clamp(-1, 1) - x0) / 2).pow(2).flatten(1).mean(1)
+    return ((reconstruct(model, x0, times, eps, generator) - x0) / 2).pow(2).flatten(1).mean(1)

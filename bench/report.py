@@ -114,9 +114,32 @@ def tradeoff_markdown(frame: pd.DataFrame) -> str:
             lines.append(f"| {purifier} | {t_star:g} | " + " | ".join(_pct(values[e]) for e in eps_values)
                          + f" | {_pct(values.mean())} |")
         for purifier in sorted(group.purifier.unique()):
-            lines.append(f"\nBest t* for {purifier}: **{best_t_star(group, purifier):g}**.")
+            best = best_t_star(group, purifier)
+            lines.append(f"\nBest t* for {purifier}: **{best:g}**.")
+            ratios = transfer_ratio(group[group.purifier == purifier], best)
+            if not ratios.empty:
+                lines.append(f"Transfer only (targets other than {row.source}) at t* = {best:g}: "
+                             + "; ".join(f"eps {eps}/255 {_pct(r.after)} after purification, {r.ratio:.2f} x "
+                                         f"their clean accuracy before ({_pct(r.clean)})"
+                                         for eps, r in ratios.iterrows()) + ".")
         parts.append("\n".join(lines) + "\n")
     return "\n".join(parts)
+
+
+def transfer_ratio(frame: pd.DataFrame, t_star: float) -> pd.DataFrame:
+    """For one source and purifier at strength ``t_star``: rows eps/255 > 0; columns ``after`` (mean accuracy
+    after purification on the targets other than the source, i.e. a transfer attack), ``clean`` (their mean clean
+    accuracy before purification, from eps 0) and ``ratio = after / clean``. Empty without eps 0 or such
+    targets."""
+    transfer = frame[frame.target != frame.source]
+    clean = transfer[transfer.eps == 0]
+    if clean.empty:
+        return pd.DataFrame(columns=["after", "clean", "ratio"])
+    attacked = transfer[(transfer.eps != 0) & (transfer.t_star == t_star)]
+    result = attacked.groupby("eps")["acc_after"].mean().to_frame("after")
+    result["clean"] = clean.groupby("target")["acc_before"].first().mean()
+    result["ratio"] = result.after / result.clean
+    return result
 
 
 def tradeoff_plot(frame: pd.DataFrame, path: str | Path) -> None:

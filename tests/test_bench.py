@@ -196,6 +196,12 @@ def test_tradeoff_cli_and_report_rebuild(checkpoints, tmp_path, capsys):
     assert bcm[bcm.t_star == 0.1].eps_inv.eq(0.05).all() and bcm[bcm.t_star == 2].eps_inv.eq(0.11).all()
     assert frame[frame.purifier == "denoise"].eps_inv.isna().all()  # the effective eps_inv is recorded
     assert "Best t* for bcm" in capsys.readouterr().out
+    best = report.best_t_star(frame, "bcm")
+    vgg = bcm[(bcm.target == "vgg") & (bcm.t_star == best)].set_index("eps")
+    ratio = report.transfer_ratio(bcm, best)  # preact is the source: only vgg is a transfer target
+    assert list(ratio.index) == [4] and ratio.after[4] == vgg.acc_after[4] and ratio.clean[4] == vgg.acc_before[0]
+    assert ratio.ratio[4] == pytest.approx(vgg.acc_after[4] / vgg.acc_before[0])
+    assert report.transfer_ratio(bcm[bcm.eps != 0], best).empty
     md, png = out.with_suffix(".md").read_text(), out.with_suffix(".png")
     assert png.stat().st_size > 10_000
     bench.transfer.main(["--source", "wrn", "--eps", "4", "--n", "12", "--targets", "vgg",

@@ -3,8 +3,12 @@
     python -m purify.export runs/bcm-small/checkpoint.pt checkpoints/bcm/cifar10-small.pt --t-star 0.3
 
 Keeps the EMA weights (the ones used for sampling, inversion and purification), the config and the step;
-drops the online weights, the optimizer and the RNG state. ``--t-star``/``--eps-inv`` record the purifier
-defaults of the preset (e.g. the best value of its trade-off curve).
+drops the online weights, the optimizer and the RNG state. ``--weights online`` ships the online weights
+instead: after a short run whose curriculum has just doubled N, the EMA still averages over the previous
+discretisation and can be the worse model (measure both with ``bench.quality``). The release always stores
+the shipped weights under ``ema``, the key ``BCMPurifier.from_checkpoint`` reads, and names their origin under
+``weights``. ``--t-star``/``--eps-inv`` record the purifier defaults of the preset (e.g. the best value of its
+trade-off curve).
 """
 from __future__ import annotations
 
@@ -14,8 +18,11 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .presets import preset_from_dict
 
 
-def export(source: str, target: str, t_star: float | None = None, eps_inv: float | None = None) -> dict:
-    state = load_checkpoint(source, ("kind", "config", "ema", "step"))
+def export(source: str, target: str, t_star: float | None = None, eps_inv: float | None = None,
+           weights: str = "ema") -> dict:
+    if weights not in ("ema", "online"):
+        raise ValueError(f"weights must be 'ema' or 'online', got {weights!r}")
+    state = load_checkpoint(source, ("kind", "config", "ema", "model", "step"))
     if state["kind"] != "bcm":
         raise ValueError(f"{source} is a {state['kind']!r} checkpoint, not a BCM")
     config = state["config"]
@@ -24,7 +31,8 @@ def export(source: str, target: str, t_star: float | None = None, eps_inv: float
         config["purifier"]["t_star"] = float(t_star)
     if eps_inv is not None:
         config["purifier"]["eps_inv"] = float(eps_inv)
-    release = {"kind": "bcm", "config": config, "ema": state["ema"], "step": state["step"]}
+    release = {"kind": "bcm", "config": config, "ema": state["ema" if weights == "ema" else "model"],
+               "weights": weights, "step": state["step"]}
     save_checkpoint(release, target)
     return release
 
@@ -36,9 +44,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("target", help="where to write the release file")
     parser.add_argument("--t-star", type=float, help="record this purification strength as the preset default")
     parser.add_argument("--eps-inv", type=float, help="record this initial inversion noise as the preset default")
+    parser.add_argument("--weights", choices=("ema", "online"), default="ema",
+                        help="ship the EMA (default) or the online weights")
     args = parser.parse_args(argv)
-    release = export(args.source, args.target, args.t_star, args.eps_inv)
-    print(f"wrote {args.target}: step {release['step']}, purifier {release['config']['purifier']}")
+    release = export(args.source, args.target, args.t_star, args.eps_inv, args.weights)
+    print(f"wrote {args.target}: {args.weights} weights of step {release['step']}, "
+          f"purifier {release['config']['purifier']}")
 
 
 if __name__ == "__main__":

@@ -110,12 +110,18 @@ def test_export_keeps_ema_and_records_the_purifier_default(tmp_path, tiny_images
     from purify.train import Trainer
 
     trainer = Trainer(tiny_preset(), tmp_path / "run", images=tiny_images)
-    trainer.run(max_steps=1, progress=False)
+    trainer.run(max_steps=2, progress=False)  # the EMA copies the first step's weights, then lags
     export(str(tmp_path / "run" / "checkpoint.pt"), str(tmp_path / "release.pt"), t_star=0.3)
     purifier = BCMPurifier.from_checkpoint(tmp_path / "release.pt")
     assert purifier.t_star == 0.3
     for a, b in zip(trainer.ema.module.state_dict().values(), purifier.bcm.state_dict().values()):
         assert torch.equal(a, b)
+    export(str(tmp_path / "run" / "checkpoint.pt"), str(tmp_path / "online.pt"), weights="online")
+    online = BCMPurifier.from_checkpoint(tmp_path / "online.pt").bcm.state_dict()
+    assert all(torch.equal(a, online[k]) for k, a in trainer.bcm.state_dict().items())
+    assert not all(torch.equal(a, b) for a, b in zip(online.values(), purifier.bcm.state_dict().values()))
+    with pytest.raises(ValueError, match="weights must be"):
+        export(str(tmp_path / "run" / "checkpoint.pt"), str(tmp_path / "x.pt"), weights="swa")
 
 
 def test_small_strengths_cap_the_initial_noise(tiny_bcm):

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import functools
 import hashlib
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Iterable
 

@@ -18,11 +18,16 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .presets import preset_from_dict
 
 
+# the checkpoint entry each ``--weights`` choice ships (a release file holds only ``ema``)
+WEIGHT_ENTRIES = {"ema": "ema", "online": "model"}
+
+
 def export(source: str, target: str, t_star: float | None = None, eps_inv: float | None = None,
            weights: str = "ema") -> dict:
-    if weights not in ("ema", "online"):
+    if weights not in WEIGHT_ENTRIES:
         raise ValueError(f"weights must be 'ema' or 'online', got {weights!r}")
-    state = load_checkpoint(source, ("kind", "config", "ema", "model", "step"))
+    entry = WEIGHT_ENTRIES[weights]
+    state = load_checkpoint(source, ("kind", "config", entry, "step"))
     if state["kind"] != "bcm":
         raise ValueError(f"{source} is a {state['kind']!r} checkpoint, not a BCM")
     config = state["config"]
@@ -31,8 +36,9 @@ def export(source: str, target: str, t_star: float | None = None, eps_inv: float
         config["purifier"]["t_star"] = float(t_star)
     if eps_inv is not None:
         config["purifier"]["eps_inv"] = float(eps_inv)
-    release = {"kind": "bcm", "config": config, "ema": state["ema" if weights == "ema" else "model"],
-               "weights": weights, "step": state["step"]}
+    # re-exporting a release (e.g. to record another t*) keeps the origin it names
+    release = {"kind": "bcm", "config": config, "ema": state[entry], "weights": state.get("weights", weights),
+               "step": state["step"]}
     save_checkpoint(release, target)
     return release
 
@@ -44,11 +50,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("target", help="where to write the release file")
     parser.add_argument("--t-star", type=float, help="record this purification strength as the preset default")
     parser.add_argument("--eps-inv", type=float, help="record this initial inversion noise as the preset default")
-    parser.add_argument("--weights", choices=("ema", "online"), default="ema",
+    parser.add_argument("--weights", choices=tuple(WEIGHT_ENTRIES), default="ema",
                         help="ship the EMA (default) or the online weights")
     args = parser.parse_args(argv)
-    release = export(args.source, args.target, args.t_star, args.eps_inv, args.weights)
-    print(f"wrote {args.target}: {args.weights} weights of step {release['step']}, "
+    try:
+        release = export(args.source, args.target, args.t_star, args.eps_inv, args.weights)
+    except (FileNotFoundError, ValueError) as err:  # missing, corrupt or mismatched checkpoint: no traceback
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    print(f"wrote {args.target}: {release['weights']} weights of step {release['step']}, "
           f"purifier {release['config']['purifier']}")
 
 

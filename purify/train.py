@@ -45,7 +45,8 @@ class Trainer:
     """One training run in ``out_dir``; ``run()`` trains until ``total_steps`` or the budget is spent."""
 
     def __init__(self, preset: Preset, out_dir: str | os.PathLike, data_root=None, device: str = "auto",
-                 resume: bool = False, init_from: str | None = None, images: torch.Tensor | None = None):
+                 resume: bool = False, init_from: str | None = None, start_step: int = 0,
+                 images: torch.Tensor | None = None):
         self.distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
         if self.distributed:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -81,7 +82,12 @@ class Trainer:
         self.loss = make_loss(preset.loss, tc.total_steps, preset.model.sigma_data, preset.model.eps, preset.model.T)
         module = LossModule(self.bcm, self.loss)
         self.module = nn.parallel.DistributedDataParallel(module) if self.distributed else module
-        self.step = 0
+        if not 0 <= start_step < tc.total_steps:
+            raise ValueError(f"start_step must be in [0, {tc.total_steps}), got {start_step}")
+        if start_step and init_from is None:
+            raise ValueError("start_step needs init_from: it continues the curriculum of the weights it loads")
+        # Continuing a released model's curriculum: the weights of step ``start_step`` with a fresh optimizer.
+        self.step = start_step
         if start is not None:
             load_state_dict_strict(self.bcm, start["model"], str(self.checkpoint_path))
             self.ema.module.load_state_dict(start["ema"])
@@ -181,6 +187,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="continue from OUT/checkpoint.pt (its stored config wins over --config)")
     parser.add_argument("--init-from", metavar="CKPT",
                         help="fine-tune: start from this checkpoint's EMA weights, e.g. a CT-only run (spec §3)")
+    parser.add_argument("--start-step", type=int, default=0, metavar="K",
+                        help="with --init-from: continue the curriculum from step K (e.g. a release file's step) "
+                             "with a fresh optimizer, when the run folder that trained the weights is gone")
     parser.add_argument("--max-minutes", type=float, help="stop cleanly with a checkpoint after this wall time")
     parser.add_argument("--max-steps", type=int, help="stop after this many more steps (curriculum K unchanged)")
     parser.add_argument("--data-root", help="CIFAR-10 root (default: $BCM_DATA or the download cache)")
@@ -195,9 +204,14 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"{out}/checkpoint.pt exists: pass --resume to continue it, or choose another --out")
     if args.resume and not (out / "checkpoint.pt").exists():
         parser.error(f"--resume given but {out}/checkpoint.pt does not exist")
-    preset = load_preset(args.config)
-    trainer = Trainer(preset, out, data_root=args.data_root, device=args.device, resume=args.resume,
-                      init_from=args.init_from)
+    if args.start_step and not args.init_from:
+        parser.error("--start-step needs --init-from")
+    try:  # unknown preset, bad YAML key, corrupt or mismatched checkpoint: one line, no traceback
+        preset = load_preset(args.config)
+        trainer = Trainer(preset, out, data_root=args.data_root, device=args.device, resume=args.resume,
+                          init_from=args.init_from, start_step=args.start_step)
+    except (FileNotFoundError, ValueError) as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     if trainer.rank == 0:
         import yaml
 

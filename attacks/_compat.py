@@ -1,4 +1,4 @@
-"""Import RobustBench despite its packaging trap; the only place that knows about it.
+"""Import RobustBench and AutoAttack despite its packaging trap; the only place that knows about it.
 
 robustbench 1.1.1 imports the module ``autoattack``, but its dependency ``pyautoattack`` installs the same
 code as ``pyautoattack``; alias it before robustbench is imported. robustbench also imports ``pkg_resources``
@@ -12,12 +12,18 @@ import sys
 import warnings
 
 
-def import_robustbench():
-    """Return the ``robustbench`` module, with ``autoattack`` resolving to ``pyautoattack``."""
+def import_autoattack():
+    """Return the AutoAttack module (installed by pyautoattack), also importable as ``autoattack``."""
     if "autoattack" not in sys.modules:
         pyautoattack = importlib.import_module("pyautoattack")
         sys.modules["autoattack"] = pyautoattack
         sys.modules["autoattack.state"] = importlib.import_module("pyautoattack.state")
+    return sys.modules["autoattack"]
+
+
+def import_robustbench():
+    """Return the ``robustbench`` module, with ``autoattack`` resolving to ``pyautoattack``."""
+    import_autoattack()
     with warnings.catch_warnings():
         # Deprecation notices of robustbench's own imports (pkg_resources; timm's old module paths, which use
         # torch.jit.interface); nothing a user of this toolkit can act on.

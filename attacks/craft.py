@@ -15,26 +15,31 @@ def autocast(device: torch.device, enabled: bool):
 
 
 def craft(attack, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 250, seed: int | None = 0,
-          bf16: bool = False, progress: bool = True, desc: str = "attack") -> torch.Tensor:
+          bf16: bool = False, progress: bool = True, desc: str = "attack", ids: torch.Tensor | None = None,
+          noise=None) -> torch.Tensor:
     """Adversarial versions of ``images`` (uint8 or float in [0, 1]) as float32 in [0, 1], on the CPU.
 
     ``attack`` is any torchattacks-style ``attack(images, labels)``; batches go to its model's device.
     With ``seed``, the attack's randomness (e.g. PGD's random start, drawn from torch's global RNG) is
     seeded and the caller's RNG state is restored afterwards, so a result does not depend on what ran before.
     ``bf16`` runs the model's forward and backward passes under bfloat16 autocast; the perturbation itself
-    is accumulated in float32.
+    is accumulated in float32. ``noise(ids_of_batch, 0)``, when given, is a context entered around each batch's
+    attack (e.g. to freeze a purifier's noise per image for the fixed-randomness ablation); ``ids`` are the
+    images' dataset indices (default: their positions).
     """
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
     device = getattr(attack, "device", None) or torch.device("cpu")
     out = torch.empty(images.shape, dtype=torch.float32)
+    ids = torch.arange(len(images)) if ids is None else ids
+    noise = noise or (lambda batch_ids, draw: contextlib.nullcontext())
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         if seed is not None:
             torch.manual_seed(seed)
         for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
             x = images[start:start + batch_size]
             x = (x.float() / 255 if x.dtype == torch.uint8 else x.float()).to(device)
-            with autocast(device, bf16):
+            with noise(ids[start:start + batch_size], 0), autocast(device, bf16):
                 adv = attack(x, labels[start:start + batch_size].to(device))
             out[start:start + len(x)] = adv.float().cpu()
     return out

@@ -18,7 +18,7 @@ import classifiers
 from attacks import EPS_GRID
 from purify import BCMPurifier
 from purify.checkpoint import atomic_write
-from purify.data import default_data_root, load_cifar10, seeded_subset
+from purify.data import default_data_root, load_cifar10, seeded_subset, train_val_split
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "results"
@@ -91,6 +91,30 @@ def load_test_set(data_root: str | os.PathLike | None, n: int | None, seed: int)
     return images[idx], labels[idx]
 
 
+SPLITS = ("test", "val")
+
+
+def load_split(split: str, preset: str, data_root: str | os.PathLike | None, n: int | None,
+               seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``n`` images (uint8), labels and their indices in the split (a seeded subset; all when ``n`` is None).
+
+    ``test`` is the CIFAR-10 test set the published tables use; ``val`` is the classifier preset's validation
+    split: the training images held out from classifier training (``classifiers.train``), on which any
+    setting chosen by looking at accuracy (t*, eps_inv, which weights ship) is chosen."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid splits are {', '.join(SPLITS)}")
+    if split == "test":
+        images, labels = load_cifar10("test", data_root)
+        pool = torch.arange(len(images))
+    else:
+        images, labels = load_cifar10("train", data_root)
+        _, pool = train_val_split(len(images), classifiers.load_preset(preset).n_val, seed=classifiers.SPLIT_SEED)
+    if n is not None and not 0 < n <= len(pool):
+        raise ValueError(f"--n must be in [1, {len(pool)}] for the {split} split, got {n}")
+    ids = pool[seeded_subset(len(pool), n, seed)]
+    return images[ids], labels[ids], ids
+
+
 @functools.lru_cache(maxsize=None)
 def file_id(path: str) -> str:
     """Short content hash of a checkpoint file, so results can tell which weights produced them."""
@@ -131,28 +155,28 @@ def _sort_key(value: str):
 class ResultTable:
     """A tidy CSV that a long run fills cell by cell and resumes.
 
-    Rows are identified by the ``KEY`` columns. A row counts as done only if its ``checkpoints`` id matches
-    the current one, so results of replaced weights are recomputed (and overwritten) instead of mixed in.
+    Rows are identified by the ``key`` columns (default: ``KEY``, the transfer/trade-off schema). A row counts
+    as done only if its ``checkpoints`` id matches the current one, so results of replaced weights are
+    recomputed (and overwritten) instead of mixed in.
     Every ``add`` rewrites the file sorted by key, to a temporary file renamed over the old one: an
     interrupted run never leaves a half-written CSV, and a resumed run ends with the same file as an
     uninterrupted one.
     """
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike, key: list[str] = KEY, columns: list[str] = COLUMNS):
+        self.path, self.key_columns, self.columns = Path(path), list(key), list(columns)
         if self.path.is_file():
             frame = pd.read_csv(self.path, dtype=str, keep_default_na=False)
-            if list(frame.columns) != COLUMNS:
-                raise ValueError(f"{self.path} has columns {list(frame.columns)}, expected {COLUMNS}; "
+            if list(frame.columns) != self.columns:
+                raise ValueError(f"{self.path} has columns {list(frame.columns)}, expected {self.columns}; "
                                  f"write to another --out or move the old file away")
             rows = frame.to_dict("records")
         else:
             rows = []
         self.rows = {self.key(row): row for row in rows}
 
-    @staticmethod
-    def key(row: dict) -> tuple[str, ...]:
-        return tuple(text(row[column]) for column in KEY)
+    def key(self, row: dict) -> tuple[str, ...]:
+        return tuple(text(row[column]) for column in self.key_columns)
 
     def done(self, row: dict) -> bool:
         """Whether the cell of ``row`` (its KEY columns and ``checkpoints`` id) is already in the table."""
@@ -161,14 +185,14 @@ class ResultTable:
 
     def add(self, rows: list[dict]) -> None:
         for row in rows:
-            self.rows[self.key(row)] = {column: text(row[column]) for column in COLUMNS}
+            self.rows[self.key(row)] = {column: text(row[column]) for column in self.columns}
         frame = self.frame()
         atomic_write(self.path, lambda tmp: frame.to_csv(tmp, index=False))
 
     def frame(self) -> pd.DataFrame:
         """All rows, sorted by key, as strings (``numeric(frame)`` converts the numeric columns)."""
         ordered = [self.rows[k] for k in sorted(self.rows, key=lambda k: [_sort_key(v) for v in k])]
-        return pd.DataFrame(ordered, columns=COLUMNS)
+        return pd.DataFrame(ordered, columns=self.columns)
 
 
 def numeric(frame: pd.DataFrame) -> pd.DataFrame:

@@ -4,9 +4,9 @@ Short names ``preact``, ``wrn``, ``vgg``, ``mobilenet``; presets ``paper`` (publ
 and ``small`` (trains on one CPU core in about 30 minutes). Models take images in [0, 1].
 """
 from .architectures import ARCHS, count_parameters
-from .config import PRESETS, TrainConfig, load_preset
+from .config import PRESETS, SPLIT_SEED, TrainConfig, load_preset
 from .evaluate import accuracy
 from .registry import build_classifier, load_classifier
 
-__all__ = ["ARCHS", "PRESETS", "TrainConfig", "accuracy", "build_classifier", "count_parameters",
+__all__ = ["ARCHS", "PRESETS", "SPLIT_SEED", "TrainConfig", "accuracy", "build_classifier", "count_parameters",
            "load_classifier", "load_preset"]

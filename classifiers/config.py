@@ -9,6 +9,7 @@ from purify.config import load_yaml
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs" / "classifiers"
 PRESETS = ("paper", "small")
+SPLIT_SEED = 0  # the validation split (n_val held-out training images) is the same for every seed and architecture
 
 
 @dataclasses.dataclass

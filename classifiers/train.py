@@ -28,13 +28,12 @@ from purify.data import augment, default_data_root, load_cifar10, seeded_subset,
 from purify.runtime import Budget, CSVLog, pick_device, rng_state, seed_everything, set_rng_state
 
 from .architectures import ARCHS, count_parameters
-from .config import PRESETS, REPO_ROOT, TrainConfig, load_preset
+from .config import PRESETS, REPO_ROOT, SPLIT_SEED, TrainConfig, load_preset
 from .evaluate import accuracy
 from .registry import build_classifier, checkpoint_path, load_classifier
 
 LOG_FIELDS = ["step", "epoch", "lr", "train_loss", "train_acc", "val_acc", "best_val_acc", "test_acc",
               "minutes", "images_per_s"]
-SPLIT_SEED = 0  # the validation split is the same for every seed and architecture
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, epochs: int, steps_per_epoch: int):

@@ -9,8 +9,10 @@ classifier that takes [0, 1] inputs (torchattacks, RobustBench)::
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -35,7 +37,8 @@ class BCMPurifier(nn.Module):
         denoise_times: optional intermediate times between 0 and ``t_star`` (ancestral multi-step denoising).
         mode: ``"bcm"`` (invert, then denoise) or ``"denoise"`` (the baseline: ``x + t* z``, then denoise).
         seed: when given, noise comes from a generator seeded with it (``reseed()`` restarts the stream), so
-            an evaluation is reproducible; otherwise from torch's global RNG.
+            an evaluation is reproducible; otherwise from torch's global RNG. ``with purifier.fixed_noise(z)``
+            uses the given noise instead (e.g. ``image_noise``: drawn per image, independent of batching).
     """
 
     def __init__(self, bcm: BCM, t_star: float = 80.0, eps_inv: float = 0.11,
@@ -55,6 +58,7 @@ class BCMPurifier(nn.Module):
         self.inversion_times = [self.eps_inv, *map(float, inversion_times), self.t_star]
         self.denoise_times = [*map(float, denoise_times), self.t_star]
         self.generator: torch.Generator | None = None
+        self._fixed_noise: torch.Tensor | None = None
         self.reseed()
 
     @classmethod
@@ -81,7 +85,23 @@ class BCMPurifier(nn.Module):
         self.bcm.eval()  # the purifier never trains its BCM: no dropout, whatever the wrapper's mode
         return self
 
+    @contextlib.contextmanager
+    def fixed_noise(self, noise: torch.Tensor) -> Iterator["BCMPurifier"]:
+        """Within the block, every forward pass uses ``noise`` (the shape of the image batch, standard normal)
+        as its initial noise instead of drawing it: per-image noise independent of batching, or noise frozen
+        per image for the fixed-randomness ablation of an adaptive attack."""
+        previous, self._fixed_noise = self._fixed_noise, noise
+        try:
+            yield self
+        finally:
+            self._fixed_noise = previous
+
     def _noise(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fixed_noise is not None:
+            if self._fixed_noise.shape != x.shape:
+                raise ValueError(f"fixed noise of shape {tuple(self._fixed_noise.shape)} does not match the "
+                                 f"image batch {tuple(x.shape)}")
+            return self._fixed_noise.to(device=x.device, dtype=x.dtype)
         return torch.randn(x.shape, generator=self.generator, dtype=x.dtype,
                            device="cpu" if self.generator is not None else x.device).to(x.device)
 
@@ -102,6 +122,19 @@ class BCMPurifier(nn.Module):
     def extra_repr(self) -> str:
         return (f"mode={self.mode}, t_star={self.t_star}, eps_inv={self.eps_inv}, "
                 f"inversion_times={self.inversion_times}, denoise_times={self.denoise_times}, seed={self.seed}")
+
+
+def image_noise(indices: torch.Tensor, shape: Sequence[int], seed: int, draw: int = 0) -> torch.Tensor:
+    """Standard normal noise of ``shape`` (C, H, W) for each image index: image ``i``'s noise depends only on
+    ``(seed, draw, i)``, so results do not depend on batch size, batch order or device. ``draw`` numbers
+    independent evaluations of the same image."""
+    out = torch.empty(len(indices), *shape)
+    for row, index in enumerate(indices.tolist()):
+        # a stable digest (Python's hash of a tuple may change between versions)
+        key = hashlib.blake2b(f"{int(seed)}:{int(draw)}:{int(index)}".encode(), digest_size=8).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1)
+        out[row] = torch.randn(tuple(shape), generator=generator)
+    return out
 
 
 def check_images(images: torch.Tensor, channels: int = 3) -> None:

@@ -1,0 +1,435 @@
+"""White-box (adaptive) evaluation of the BCM purifier: the attacker knows the purifier and attacks through it.
+
+For each target classifier, purification strength t* (and eps_inv) and eps, the purified classifier is
+evaluated under these threat models (column ``threat``):
+
+  clean      no attack
+  transfer   black box: the paper's PGD (round(5k/4) steps of 2/255) crafted on the undefended target itself,
+             then purified (Table 3's threat model with source = target)
+  pgd-eot    white box: L-inf PGD through purifier + classifier, exact gradients through both BCM passes,
+             each step averaging the gradient over the protocol's EOT draws of the purifier's noise
+  aa-rand    white box: AutoAttack's randomized version (APGD-CE + APGD-DLR with EOT; pyautoattack)
+  worst      per image the worse of pgd-eot and aa-rand
+  pgd-fixed  ablation: the purifier's noise frozen per image while attacking and evaluating (PGD against a
+             deterministic purifier; the protocol's PGD steps, no EOT needed)
+
+Each threat's examples are evaluated N times with fresh purifier noise, drawn per image from the evaluation
+seed (independent of the attack's seed and of batching), and scored three ways (column ``scoring``):
+``single`` = mean accuracy of one evaluation, ``worst`` = an image counts only if all N evaluations are
+correct, ``vote`` = majority vote of the N predicted labels.
+
+Protocols: ``cpu`` (PGD-EOT 20 steps of eps/4 x 4 draws, AutoAttack-rand 20 iterations x 4 draws, N = 10;
+about 30 minutes per setting of 200 images on 2 CPU cores with the small preset) and ``paper`` (200 steps of
+0.007 x 20 draws, AutoAttack-rand 100 iterations x 20 draws, N = 10; for GPUs).
+
+Writes a tidy CSV (one row per setting, threat and scoring, with the attack's parameters, seeds, checkpoint
+ids, wall time and seconds per image), per-image predictions next to it (``<out>-predictions/``), a
+Markdown table and a PNG (accuracy against t*). Reruns resume: finished (setting, threat) units are skipped.
+
+    python -m bench.adaptive --target preact --t-stars 0.5 1 2 5 --n 200 --protocol cpu
+    python -m bench.adaptive --split val --t-stars 0.5 1 2 5 --n 200          # choose settings here, not on test
+    python -m bench.adaptive --sanity --n 50                                   # Carlini et al.'s sanity checks
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+import classifiers
+from attacks import (PROTOCOLS, autoattack_rand, autocast, correct_by_scoring, craft, eot_pgd, get_protocol,
+                     paper_pgd, pgd_steps, predict_draws, run_autoattack)
+from attacks.pgd import PGD_STEP_SIZE
+from purify import BCMPurifier, image_noise
+from purify.checkpoint import atomic_write
+from purify.runtime import pick_device
+
+from .common import (RESULTS_DIR, SPLITS, ResultTable, add_common_arguments, check_names, classifier_path,
+                     combine_ids, default_bcm_path, file_id, load_classifiers, load_purifier, load_split,
+                     resolve_bf16, run_command, write_text)
+
+THREATS = ("clean", "transfer", "pgd-eot", "aa-rand", "worst", "pgd-fixed")
+KEY = ["preset", "defence", "t_star", "eps_inv", "target", "split", "n", "data_seed", "eps", "protocol", "threat",
+       "scoring"]
+COLUMNS = KEY + ["attack", "steps", "step_size", "eot", "evals", "attack_seed", "eval_seed", "bf16", "accuracy",
+                 "wall_s", "s_per_image", "purify_s_per_image", "step_s_per_image", "checkpoints"]
+DATASET = "CIFAR-10 (JPEG q75 copy)"
+
+
+class Setting:
+    """One (target, t*, eps_inv, eps) evaluation: the defended model, its noise control and its images."""
+
+    def __init__(self, args, target: str, classifier, purifier: BCMPurifier, eps: int, images, labels, ids,
+                 checkpoint_id: str):
+        self.args, self.target, self.classifier, self.purifier, self.eps = args, target, classifier, purifier, eps
+        self.images, self.labels, self.ids = images, labels, ids
+        self.defended = purifier.wrap(classifier)
+        self.protocol = get_protocol(args.protocol)
+        self.checkpoint_id = checkpoint_id
+        self.shape = tuple(images.shape[1:])
+
+    def eval_noise(self, ids: torch.Tensor, draw: int):
+        """Fresh purifier noise per image and evaluation, from the evaluation seed."""
+        return self.purifier.fixed_noise(image_noise(ids, self.shape, self.args.eval_seed, draw))
+
+    def frozen_noise(self, ids: torch.Tensor, draw: int):
+        """The fixed-randomness ablation: one noise per image (whatever the draw), for attack and evaluation."""
+        return self.purifier.fixed_noise(image_noise(ids, self.shape, self.args.eval_seed, 0))
+
+    def row(self, threat: str) -> dict:
+        """The columns shared by every scoring of ``threat``."""
+        eps, protocol = self.eps / 255, self.protocol
+        attack = {"clean": ("none", 0, 0.0, 0),
+                  "transfer": (f"PGD on the undefended {self.target}", pgd_steps(self.eps), PGD_STEP_SIZE, 1),
+                  "pgd-eot": ("EOTPGD", protocol.pgd_steps, protocol.step_size(eps), protocol.eot),
+                  "aa-rand": ("AutoAttack-rand", protocol.apgd_iters, 0.0, protocol.eot),
+                  "worst": ("worst of EOTPGD and AutoAttack-rand", protocol.pgd_steps, protocol.step_size(eps),
+                            protocol.eot),
+                  "pgd-fixed": ("PGD, noise frozen per image", protocol.pgd_steps, protocol.step_size(eps), 1)}
+        name, steps, step_size, eot = attack[threat]
+        return dict(preset=self.args.preset, defence=self.purifier.mode, t_star=self.purifier.t_star,
+                    eps_inv=self.purifier.eps_inv, target=self.target, split=self.args.split, n=len(self.images),
+                    data_seed=self.args.seed, eps=0 if threat == "clean" else self.eps, protocol=protocol.name,
+                    threat=threat, attack=name, steps=steps, step_size=step_size, eot=eot, evals=protocol.evals,
+                    attack_seed=self.args.attack_seed, eval_seed=self.args.eval_seed, bf16=self.args.bf16_on,
+                    checkpoints=self.checkpoint_id)
+
+    # -- the threats: each returns adversarial images (float in [0, 1]) ------------------------------------
+    def adversarial(self, threat: str) -> torch.Tensor:
+        args, eps, protocol = self.args, self.eps / 255, self.protocol
+        common = dict(batch_size=args.batch_size, seed=args.attack_seed, bf16=args.bf16_on,
+                      progress=not args.no_progress, ids=self.ids)
+        if threat == "clean":
+            return self.images.float() / 255
+        if threat == "transfer":
+            return craft(paper_pgd(self.classifier, self.eps), self.images, self.labels, desc="transfer PGD",
+                         **common)
+        if threat == "pgd-eot":
+            attack = eot_pgd(self.defended, eps, protocol.pgd_steps, protocol.step_size(eps), protocol.eot)
+            return craft(attack, self.images, self.labels, desc="PGD-EOT", **common)
+        if threat == "pgd-fixed":
+            attack = eot_pgd(self.defended, eps, protocol.pgd_steps, protocol.step_size(eps), eot=1)
+            return craft(attack, self.images, self.labels, desc="PGD, frozen noise", noise=self.frozen_noise,
+                         **common)
+        if threat == "aa-rand":
+            device = next(self.classifier.parameters()).device
+            adversary = autoattack_rand(self.defended, eps, protocol.apgd_iters, protocol.eot, args.attack_seed,
+                                        device)
+            return run_autoattack(adversary, self.images, self.labels, args.batch_size, args.bf16_on)
+        raise ValueError(f"unknown threat {threat!r}")
+
+    def predictions(self, threat: str, images: torch.Tensor) -> torch.Tensor:
+        noise = self.frozen_noise if threat == "pgd-fixed" else self.eval_noise
+        return predict_draws(self.defended, images, self.ids, self.protocol.evals, noise, self.args.batch_size,
+                             self.args.bf16_on)
+
+
+def unit_id(row: dict) -> str:
+    """A file name for one (setting, threat) unit's per-image predictions."""
+    key = json.dumps({k: str(row[k]) for k in KEY if k != "scoring"} | {"checkpoints": row["checkpoints"]},
+                     sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def run_setting(setting: Setting, table: ResultTable, cache_dir: Path, costs: dict) -> None:
+    """Every threat of ``setting`` not yet in ``table``; each unit's rows are written as soon as it is done."""
+    correct: dict[str, dict[str, torch.Tensor]] = {}
+    for threat in THREATS:
+        base = setting.row(threat)
+        path = cache_dir / f"{unit_id(base)}.pt"
+        rows = [dict(base, scoring=s) for s in ("single", "worst", "vote")]
+        if threat == "worst":
+            if "pgd-eot" not in correct or "aa-rand" not in correct:
+                continue
+            per_image = {s: torch.minimum(correct["pgd-eot"][s], correct["aa-rand"][s]) for s in correct["pgd-eot"]}
+            wall = sum(float(table.rows[table.key(dict(setting.row(t), scoring="single"))]["wall_s"])
+                       for t in ("pgd-eot", "aa-rand"))
+        elif path.is_file() and all(table.done(r) for r in rows):
+            stored = torch.load(path, weights_only=True)
+            correct[threat] = correct_by_scoring(stored["predictions"].long(), setting.labels)
+            continue
+        else:
+            if threat == "clean" and setting.eps != setting.args.eps[0]:
+                continue  # clean rows do not depend on eps: computed once, with the first eps
+            started = time.monotonic()
+            predictions = setting.predictions(threat, setting.adversarial(threat))
+            wall = time.monotonic() - started
+            atomic_write(path, lambda tmp: torch.save({"predictions": predictions.to(torch.int8),
+                                                        "ids": setting.ids, "row": base}, tmp))
+            per_image = correct_by_scoring(predictions.long(), setting.labels)
+        correct[threat] = per_image
+        n = len(setting.images)
+        table.add([dict(r, accuracy=per_image[r["scoring"]].mean().item(), wall_s=wall, s_per_image=wall / n,
+                        **costs) for r in rows])
+
+
+def measure_costs(defended, images: torch.Tensor, batch_size: int, bf16: bool) -> dict:
+    """Seconds per image of one purify+classify forward pass and of one attack step (forward + backward)."""
+    device = next(defended.parameters()).device
+    x = (images[:batch_size].float() / 255).to(device).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), autocast(device, bf16):
+        defended(x[:2])  # warm-up
+        started = time.perf_counter()
+        defended(x)
+        forward = (time.perf_counter() - started) / len(x)
+    x.requires_grad_(True)
+    started = time.perf_counter()
+    with autocast(device, bf16):
+        loss = defended(x).float().logsumexp(1).sum()
+    torch.autograd.grad(loss, x)
+    step = (time.perf_counter() - started) / len(x)
+    return {"purify_s_per_image": forward, "step_s_per_image": step}
+
+
+# -- views --------------------------------------------------------------------------------------------------
+def markdown(frame: pd.DataFrame) -> str:
+    """One table per (target, eps, protocol, split): rows t* (eps_inv), columns threats, cells
+    "single / worst-of-N / vote" accuracy in %."""
+    if frame.empty:
+        return "(no results)\n"
+    parts = []
+    settings = ["preset", "defence", "target", "split", "n", "data_seed", "protocol", "bf16"]
+    for keys, group in frame.groupby(settings, sort=False):
+        preset, defence, target, split, n, data_seed, protocol, bf16 = keys
+        clean = group[group.threat == "clean"]
+        for eps, eps_group in group[group.threat != "clean"].groupby("eps"):
+            rows = pd.concat([clean, eps_group])
+            first = eps_group.iloc[0]
+            proto = PROTOCOLS[protocol]
+            images = "test images" if split == "test" else "validation images (held-out training images)"
+            parts.append(
+                f"**{preset} preset, {defence} purifier before the {target} classifier; {n:,} {images} "
+                f"(seed {data_seed}) of {DATASET}; L-inf eps = {eps}/255; `{protocol}` protocol: "
+                f"{proto.describe(eps / 255)}; attack seed {first.attack_seed}, evaluation seed {first.eval_seed}; "
+                f"{'bf16 autocast' if bf16 else 'float32'}.** Accuracy (%) as single / worst-of-{proto.evals} / "
+                f"majority-vote-of-{proto.evals}. `transfer` = PGD crafted on the undefended {target}; `worst` = per "
+                f"image the worse of PGD-EOT and AutoAttack-rand; `pgd-fixed` = purifier noise frozen per image.\n")
+            threats = [t for t in THREATS if t in set(rows.threat)]
+            lines = ["| t* | eps_inv | " + " | ".join(threats) + " | attack s/image |",
+                     "|---|---|" + "---|" * len(threats) + "---|"]
+            for (t_star, eps_inv), cells in rows.groupby(["t_star", "eps_inv"]):
+                values = []
+                for threat in threats:
+                    acc = {r.scoring: 100 * r.accuracy for r in cells[cells.threat == threat].itertuples()}
+                    values.append(" / ".join(f"{acc[s]:.1f}" for s in ("single", "worst", "vote"))
+                                  if len(acc) == 3 else "-")
+                wall = cells[(cells.threat.isin(["pgd-eot", "aa-rand"])) & (cells.scoring == "single")].s_per_image
+                values.append(f"{wall.sum():.2f}" if len(wall) else "-")
+                lines.append(f"| {t_star:g} | {eps_inv:g} | " + " | ".join(values) + " |")
+            costs = eps_group.iloc[0]
+            lines.append(f"\nCost on the machine that ran it: purify + classify {1000 * costs.purify_s_per_image:.1f} "
+                         f"ms/image; one attack step (forward + backward through purifier and classifier) "
+                         f"{1000 * costs.step_s_per_image:.1f} ms/image per EOT draw.\n")
+            parts.append("\n".join(lines))
+    return "\n".join(parts)
+
+
+def plot(frame: pd.DataFrame, path: Path) -> None:
+    """Accuracy against t*, one panel per scoring: clean, transfer and white-box lines (the white-box
+    counterpart of the trade-off figure)."""
+    import matplotlib  # noqa: PLC0415 (plotting only when writing figures)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    scorings = ("single", "worst", "vote")
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
+    styles = {"clean": "k-", "transfer": "C0--", "pgd-eot": "C3-", "aa-rand": "C1-", "worst": "C4:",
+              "pgd-fixed": "C2-."}
+    for ax, scoring in zip(axes, scorings):
+        sub = frame[frame.scoring == scoring]
+        for (target, eps), group in sub.groupby(["target", "eps"]):
+            for threat, line in group.groupby("threat"):
+                line = line.groupby("t_star").accuracy.mean()
+                label = f"{target}: clean" if threat == "clean" else f"{target}: {threat}, eps {eps}/255"
+                ax.plot(line.index, 100 * line.values, styles.get(threat, "-"), marker="o", ms=3, label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("t* (purification strength)")
+        ax.set_title(f"scoring: {scoring}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (%)")
+    axes[-1].legend(fontsize=7, loc="best")
+    first = frame.iloc[0]
+    fig.suptitle(f"BCM purifier, {first.preset} preset, {first.split} split, n = {first.n}, `{first.protocol}` "
+                 f"protocol ({DATASET})", fontsize=10)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+
+
+# -- command line -------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.adaptive", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", nargs="+", default=["preact"], metavar="ARCH",
+                        help=f"classifier(s) behind the purifier, from {', '.join(classifiers.ARCHS)} (default: preact)")
+    parser.add_argument("--t-stars", nargs="+", type=float, default=None, metavar="T",
+                        help="purification strengths t* (default: the BCM checkpoint's preset value)")
+    parser.add_argument("--eps-inv", nargs="+", type=float, default=None, metavar="E",
+                        help="initial inversion noise(s) (default: the checkpoint's preset value; capped at t*/2)")
+    parser.add_argument("--eps", nargs="+", type=int, default=[8], metavar="K",
+                        help="L-inf budgets k of eps = k/255, e.g. 4 8 16 (default: 8)")
+    parser.add_argument("--protocol", default="cpu", choices=tuple(PROTOCOLS),
+                        help="'cpu': PGD-EOT 20x4, AutoAttack-rand 20x4, N = 10 (about 30 min per 200-image setting on "
+                             "2 CPU cores); 'paper': PGD-EOT 200x20, AutoAttack-rand 100x20, N = 10 (GPUs) (default: cpu)")
+    parser.add_argument("--split", default="test", choices=SPLITS,
+                        help="'test': the CIFAR-10 test set of the published tables; 'val': the 1,000 training images "
+                             "held out from the classifiers, where settings are chosen (default: test)")
+    parser.add_argument("--purifier", default="bcm", choices=("bcm", "denoise"),
+                        help="'bcm' (invert, then one step back) or the 'denoise' baseline (default: bcm)")
+    parser.add_argument("--attack-seed", type=int, default=0, help="seed of the attacks' randomness (default: 0)")
+    parser.add_argument("--eval-seed", type=int, default=1,
+                        help="seed of the purifier's noise at evaluation, drawn per image and evaluation (default: 1)")
+    parser.add_argument("--sanity", action="store_true",
+                        help="run the sanity checks of Carlini et al. on the first target, t* and eps instead of the grid "
+                             "and write sanity.md next to --out; exit status 1 if a check fails")
+    parser.add_argument("--out", default=None,
+                        help="results CSV, resumed if it exists (default: results/adaptive/<preset>-<split>.csv); "
+                             "Markdown, PNG and per-image predictions go next to it")
+    add_common_arguments(parser)
+    parser.set_defaults(n=200, batch_size=100)
+    args = parser.parse_args(argv)
+    try:
+        args.target = check_names(args.target, "target")
+        for k in args.eps:
+            if not 0 < k <= 255:
+                raise ValueError(f"--eps values are k in eps = k/255 with 0 < k <= 255, got {k}")
+    except ValueError as err:
+        parser.error(str(err))
+    run_command(parser, sanity if args.sanity else adaptive, args)
+
+
+def build(args, device):
+    """Classifiers, purifiers per (t*, eps_inv), images, and checkpoint ids from the arguments."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.bf16_on = resolve_bf16(args)
+    models = load_classifiers(args.target, args.preset, args.classifier_dir, device)
+    bcm_path = Path(args.bcm) if args.bcm else default_bcm_path(args.preset)
+    purifiers = []
+    for t_star in args.t_stars or [None]:
+        for eps_inv in args.eps_inv or [None]:
+            purifier = load_purifier(bcm_path, args.preset, device, args.purifier, t_star, seed=None)
+            if eps_inv is not None:
+                purifier = BCMPurifier(purifier.bcm, t_star=purifier.t_star, eps_inv=eps_inv, mode=args.purifier)
+            purifiers.append(purifier)
+    images, labels, ids = load_split(args.split, args.preset, args.data_root, args.n, args.seed)
+    ids_of = {name: combine_ids(file_id(str(bcm_path)),
+                                file_id(str(classifier_path(name, args.preset, args.classifier_dir))))
+              for name in args.target}
+    return models, purifiers, images, labels, ids, ids_of
+
+
+def adaptive(args: argparse.Namespace) -> None:
+    started = time.monotonic()
+    device = pick_device(args.device)
+    models, purifiers, images, labels, ids, ids_of = build(args, device)
+    out = Path(args.out) if args.out else RESULTS_DIR / "adaptive" / f"{args.preset}-{args.split}.csv"
+    table = ResultTable(out, KEY, COLUMNS)
+    cache_dir = out.with_name(out.stem + "-predictions")
+    costs = measure_costs(purifiers[0].wrap(models[args.target[0]]), images, args.batch_size, args.bf16_on)
+    for target in args.target:
+        for purifier in purifiers:
+            for eps in args.eps:
+                setting = Setting(args, target, models[target], purifier, eps, images, labels, ids, ids_of[target])
+                print(f"{target}, t* = {purifier.t_star:g}, eps_inv = {purifier.eps_inv:g}, eps = {eps}/255",
+                      file=sys.stderr)
+                run_setting(setting, table, cache_dir, costs)
+    frame = numeric_adaptive(table.frame())
+    write_text(out.with_suffix(".md"), markdown(frame))
+    plot(frame, out.with_suffix(".png"))
+    print(markdown(frame[frame.checkpoints.isin(set(ids_of.values()))]))
+    print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')} ({time.monotonic() - started:.0f} s)",
+          file=sys.stderr)
+
+
+def numeric_adaptive(frame: pd.DataFrame) -> pd.DataFrame:
+    frame = frame.copy()
+    for column in ("t_star", "eps_inv", "step_size", "accuracy", "wall_s", "s_per_image", "purify_s_per_image",
+                   "step_s_per_image"):
+        frame[column] = pd.to_numeric(frame[column])
+    for column in ("n", "data_seed", "eps", "steps", "eot", "evals", "attack_seed", "eval_seed"):
+        frame[column] = frame[column].astype(int)
+    frame["bf16"] = frame["bf16"] == "true"
+    return frame
+
+
+# -- sanity checks (Carlini et al. 2019, "On Evaluating Adversarial Robustness") ------------------------------
+def sanity(args: argparse.Namespace) -> None:
+    device = pick_device(args.device)
+    models, purifiers, images, labels, ids, _ = build(args, device)
+    target, purifier, eps = args.target[0], purifiers[0], args.eps[0]
+    checks = sanity_checks(models[target], purifier, images, labels, ids, eps, args)
+    lines = [f"# Sanity checks of the adaptive evaluation\n",
+             f"{args.preset} preset, {purifier.mode} purifier (t* = {purifier.t_star:g}, eps_inv = "
+             f"{purifier.eps_inv:g}) before {target}; {len(images)} {args.split} images of {DATASET}; "
+             f"eps = {eps}/255; accuracies are single-evaluation means over {args.sanity_evals} evaluations "
+             f"(evaluation seed {args.eval_seed}, attack seed {args.attack_seed}).\n",
+             "| check | result | measured |", "|---|---|---|"]
+    lines += [f"| {name} | {'PASS' if ok else 'FAIL'} | {detail} |" for name, ok, detail in checks]
+    out = Path(args.out) if args.out else RESULTS_DIR / "adaptive" / f"{args.preset}-{args.split}.csv"
+    write_text(out.with_name("sanity.md"), "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    if not all(ok for _, ok, _ in checks):
+        sys.exit(1)
+
+
+def sanity_checks(classifier, purifier: BCMPurifier, images, labels, ids, eps: int, args) -> list[tuple]:
+    """(name, passed, measured) for each check; accuracies are single-evaluation means."""
+    args.sanity_evals = 4
+    defended = purifier.wrap(classifier)
+    shape = tuple(images.shape[1:])
+    common = dict(batch_size=args.batch_size, seed=args.attack_seed, bf16=args.bf16_on, progress=False)
+
+    def accuracy(model, x, noisy=True) -> float:
+        noise = ((lambda i, d: purifier.fixed_noise(image_noise(i, shape, args.eval_seed, d))) if noisy
+                 else (lambda i, d: contextlib.nullcontext()))
+        predictions = predict_draws(model, x, ids, args.sanity_evals if noisy else 1, noise, args.batch_size,
+                                    args.bf16_on)
+        return (predictions == labels[None]).float().mean().item()
+
+    def pgd_eot(k: int, steps: int, eot: int) -> torch.Tensor:
+        e = k / 255
+        return craft(eot_pgd(defended, e, steps, e / 4, eot), images, labels, **common)
+
+    checks = []
+    undefended = accuracy(classifier, craft(paper_pgd(classifier, eps), images, labels, **common), noisy=False)
+    checks.append(("undefended classifier under PGD goes to ~0", undefended <= 0.05,
+                   f"{100 * undefended:.1f}% (paper PGD, {pgd_steps(eps)} steps)"))
+    budgets = [(5, 1), (10, 2), (20, 4)]
+    curve = [accuracy(defended, pgd_eot(eps, s, m)) for s, m in budgets]
+    slack = 0.03  # sampling noise of a few evaluations on a small subset
+    monotone = all(b <= a + slack for a, b in zip(curve, curve[1:]))
+    checks.append(("accuracy falls as PGD steps and EOT draws grow", monotone,
+                   ", ".join(f"{s}x{m}: {100 * a:.1f}%" for (s, m), a in zip(budgets, curve))))
+    checks.append(("... and saturates (last two within 5 points)", abs(curve[-1] - curve[-2]) <= 0.05,
+                   f"{100 * abs(curve[-1] - curve[-2]):.1f} points"))
+    huge = accuracy(defended, pgd_eot(128, 20, 1))
+    checks.append(("a huge eps (128/255) drives accuracy to ~0", huge <= 0.10, f"{100 * huge:.1f}%"))
+    transfer = accuracy(defended, craft(paper_pgd(classifier, eps), images, labels, **common))
+    checks.append(("white-box is not above transfer from the same model", curve[-1] <= transfer + slack,
+                   f"white-box {100 * curve[-1]:.1f}% vs transfer {100 * transfer:.1f}%"))
+    x = (images[: args.batch_size].float() / 255).requires_grad_(True)
+    loss = torch.nn.functional.cross_entropy(defended(x), labels[: args.batch_size])
+    grad, = torch.autograd.grad(loss, x)
+    nonzero = (grad.flatten(1).abs().sum(1) > 0).float().mean().item()
+    checks.append(("gradients through the purifier are finite and non-zero",
+                   bool(torch.isfinite(grad).all()) and nonzero == 1.0,
+                   f"finite: {bool(torch.isfinite(grad).all())}, non-zero for {100 * nonzero:.0f}% of images"))
+    frozen = lambda i, d: purifier.fixed_noise(image_noise(i, shape, args.eval_seed, 0))  # noqa: E731
+    fixed_adv = craft(eot_pgd(defended, eps / 255, 20, eps / 255 / 4, 1), images, labels, ids=ids, noise=frozen,
+                      **common)
+    fixed = (predict_draws(defended, fixed_adv, ids, 1, frozen, args.batch_size, args.bf16_on)
+             == labels[None]).float().mean().item()
+    checks.append(("fixed-randomness result reported beside the randomized one", True,
+                   f"frozen noise {100 * fixed:.1f}% vs fresh noise {100 * curve[-1]:.1f}% (20 steps)"))
+    return checks
+
+
+if __name__ == "__main__":
+    main()

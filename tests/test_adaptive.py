@@ -1,0 +1,174 @@
+"""The adaptive (white-box) harness: scorings, per-image noise, EOT, BPDA, AutoAttack-rand, bench.adaptive."""
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import bench.adaptive
+from attacks import BPDA, autoattack_rand, correct_by_scoring, eot_pgd, predict_draws, run_autoattack, score
+from purify import BCMPurifier, image_noise
+from test_attacks import TemplateClassifier, template_data
+from test_bench import checkpoints  # noqa: F401 (fixture)
+
+
+def test_scorings_match_a_hand_computation():
+    predictions = torch.tensor([[0, 1, 2, 3],
+                                [0, 1, 0, 3],
+                                [0, 2, 0, 1]])  # N = 3 evaluations of 4 images
+    labels = torch.tensor([0, 1, 2, 3])
+    # image 0: 3/3 correct; image 1: 2/3 (vote right); image 2: 1/3 (vote 0: wrong); image 3: 2/3 (vote right)
+    assert score(predictions, labels) == pytest.approx({"single": (1 + 2 / 3 + 1 / 3 + 2 / 3) / 4,
+                                                        "worst": 1 / 4, "vote": 3 / 4})
+    per_image = correct_by_scoring(predictions, labels)
+    assert per_image["worst"].tolist() == [1, 0, 0, 0] and per_image["vote"].tolist() == [1, 1, 0, 1]
+
+
+def test_image_noise_depends_only_on_seed_draw_and_index():
+    everything = image_noise(torch.arange(10), (3, 4, 4), seed=5)
+    assert torch.equal(image_noise(torch.tensor([7, 3]), (3, 4, 4), seed=5), everything[[7, 3]])
+    assert not torch.equal(image_noise(torch.arange(10), (3, 4, 4), seed=5, draw=1), everything)
+    assert not torch.equal(image_noise(torch.arange(10), (3, 4, 4), seed=6), everything)
+
+
+def test_fixed_noise_replaces_the_purifiers_draws(tiny_bcm):
+    purifier = BCMPurifier(tiny_bcm, t_star=0.5)
+    x = torch.rand(4, 3, 32, 32)
+    z = image_noise(torch.arange(4), (3, 32, 32), seed=0)
+    with torch.no_grad():
+        with purifier.fixed_noise(z):
+            first, second = purifier(x), purifier(x)
+        with purifier.fixed_noise(-z):
+            other = purifier(x)
+        fresh_1, fresh_2 = purifier(x), purifier(x)
+    assert torch.equal(first, second) and not torch.allclose(first, other)
+    assert not torch.allclose(fresh_1, fresh_2)  # outside the block the noise is drawn again
+    with pytest.raises(ValueError, match="does not match"), purifier.fixed_noise(z[:2]):
+        purifier(x)
+
+
+def test_predictions_do_not_depend_on_batch_size(tiny_bcm):
+    purifier = BCMPurifier(tiny_bcm, t_star=0.5)
+    model = purifier.wrap(TemplateClassifier().eval())
+    images, _ = template_data(model[1], n=10)
+    ids = torch.arange(100, 110)
+
+    def noise(batch_ids, draw):
+        return purifier.fixed_noise(image_noise(batch_ids, (3, 32, 32), seed=1, draw=draw))
+
+    by_3 = predict_draws(model, images, ids, evals=3, noise=noise, batch_size=3)
+    by_7 = predict_draws(model, images, ids, evals=3, noise=noise, batch_size=7)
+    assert by_3.shape == (3, 10) and torch.equal(by_3, by_7)
+
+
+def test_bpda_runs_the_transform_forward_and_the_approximation_backward():
+    quantize = lambda x: torch.round(x * 4) / 4  # noqa: E731 (zero gradient almost everywhere)
+    x = torch.rand(2, 3, 4, 4, requires_grad=True)
+    weights = torch.randn(2, 3, 4, 4)
+    out = BPDA(quantize)(x)
+    assert torch.equal(out, quantize(x.detach()))
+    grad, = torch.autograd.grad((out * weights).sum(), x)
+    assert torch.allclose(grad, weights)  # identity backward
+    grad, = torch.autograd.grad((BPDA(quantize, lambda v: 2 * v)(x) * weights).sum(), x)
+    assert torch.allclose(grad, 2 * weights)
+
+
+class CountingModel(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.model(x)
+
+
+def test_eot_pgd_averages_every_step_over_the_draws_and_stays_in_the_ball():
+    model = CountingModel(TemplateClassifier().eval())
+    images, labels = template_data(model.model, n=20)
+    adversarial = eot_pgd(model, eps=4 / 255, steps=3, step_size=1 / 255, eot=5)(images, labels)
+    assert model.calls == 3 * 5
+    assert (adversarial - images).abs().max() <= 4 / 255 + 1e-6
+    assert adversarial.min() >= 0 and adversarial.max() <= 1
+    with pytest.raises(ValueError, match="eot >= 1"):
+        eot_pgd(model, eps=4 / 255, steps=3, step_size=1 / 255, eot=0)
+
+
+def test_white_box_attacks_break_an_undefended_linear_classifier():
+    model = TemplateClassifier().eval()
+    images, labels = template_data(model, n=20)
+    pgd = eot_pgd(model, eps=32 / 255, steps=20, step_size=4 / 255, eot=1)(images, labels)
+    adversary = autoattack_rand(model, eps=32 / 255, iters=10, eot=1)
+    assert adversary.apgd.n_iter == 10 and adversary.apgd.eot_iter == 1
+    assert adversary.attacks_to_run == ["apgd-ce", "apgd-dlr"]
+    auto = run_autoattack(adversary, images, labels, batch_size=20)
+    for adversarial in (pgd, auto):
+        assert (adversarial - images).abs().max() <= 32 / 255 + 1e-5
+        assert (model(adversarial).argmax(1) == labels).float().mean() == 0
+
+
+def adaptive_args(checkpoints, out, *extra):  # noqa: F811
+    return [*checkpoints, "--n", "6", "--batch-size", "6", "--t-stars", "0.5", "1", "--out", str(out), *extra]
+
+
+def test_bench_adaptive_grid_scores_and_resumes(checkpoints, tmp_path, monkeypatch, capsys):  # noqa: F811
+    out = tmp_path / "adaptive.csv"
+    bench.adaptive.main(adaptive_args(checkpoints, out))
+    frame = pd.read_csv(out)
+    assert len(frame) == 2 * len(bench.adaptive.THREATS) * 3  # 2 t*, every threat, 3 scorings
+    wide = frame.pivot_table(index=["t_star", "threat"], columns="scoring", values="accuracy")
+    assert (wide["worst"] <= wide["single"] + 1e-9).all() and (wide["single"] <= 1).all()
+    for t_star in (0.5, 1.0):
+        cell = wide.loc[t_star]
+        assert (cell.loc["worst"] <= cell.loc[["pgd-eot", "aa-rand"]].min() + 1e-9).all()
+    assert set(frame.protocol) == {"cpu"} and set(frame.evals) == {10}
+    assert frame.loc[frame.threat == "pgd-eot", "eot"].eq(4).all()
+    assert out.with_suffix(".md").is_file() and out.with_suffix(".png").is_file()
+
+    def no_attack(self, threat):
+        raise AssertionError(f"resumed run recomputed {threat}")
+
+    monkeypatch.setattr(bench.adaptive.Setting, "adversarial", no_attack)
+    before = out.read_text()
+    bench.adaptive.main(adaptive_args(checkpoints, out))
+    assert out.read_text().splitlines()[0] == before.splitlines()[0]
+    after = pd.read_csv(out).drop(columns=["wall_s", "s_per_image", "purify_s_per_image", "step_s_per_image"])
+    assert after.equals(frame.drop(columns=["wall_s", "s_per_image", "purify_s_per_image", "step_s_per_image"]))
+
+
+def test_bench_adaptive_rejects_bad_input(checkpoints, tmp_path, capsys):  # noqa: F811
+    for bad in (["--eps", "0"], ["--target", "resnet"], ["--protocol", "gpu"], ["--split", "train"]):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.adaptive.main(adaptive_args(checkpoints, tmp_path / "x.csv", *bad))
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.strip()
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_sanity_check_fails_without_gradients(tiny_bcm):
+    """A defence that hides its gradient (a hard quantizer without BPDA) must fail the gradient check."""
+
+    class Args:
+        batch_size, attack_seed, eval_seed, bf16_on = 10, 0, 1, False
+
+    classifier = TemplateClassifier().eval()
+    images, labels = template_data(classifier, n=10)
+    purifier = BCMPurifier(tiny_bcm, t_star=0.5)
+    masked = nn.Sequential(BPDA(lambda x: x, lambda x: torch.round(x * 4) / 4), classifier)
+    checks = dict((name, ok) for name, ok, _ in bench.adaptive.sanity_checks(
+        masked, purifier, (images * 255).to(torch.uint8), labels, torch.arange(10), 8, Args()))
+    assert checks["gradients through the purifier are finite and non-zero"] is False
+
+
+def test_validation_split_is_the_classifiers_held_out_training_images(monkeypatch):
+    import bench.common
+    from purify.data import train_val_split
+
+    images = torch.arange(50_000).view(-1, 1, 1, 1)
+    monkeypatch.setattr(bench.common, "load_cifar10", lambda split, root: (images, images.flatten() % 10))
+    x, y, ids = bench.common.load_split("val", "small", None, n=200, seed=3)
+    train, held_out = train_val_split(50_000, 1000, seed=0)
+    assert len(ids) == 200 and set(ids.tolist()) <= set(held_out.tolist())
+    assert torch.equal(x.flatten(), ids) and torch.equal(y, ids % 10)
+    with pytest.raises(ValueError, match="--n must be in"):
+        bench.common.load_split("val", "small", None, n=1001, seed=3)

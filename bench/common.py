@@ -19,6 +19,7 @@ from attacks import EPS_GRID
 from purify import BCMPurifier
 from purify.checkpoint import atomic_write
 from purify.data import default_data_root, load_cifar10, seeded_subset, train_val_split
+from purify.runtime import pick_device
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "results"
@@ -250,8 +251,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"CIFAR-10 root (default: $BCM_DATA, else the download cache; now {default_data_root()})")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                         help="bfloat16 autocast for crafting the attack and for purifying (accuracies are always "
-                             "measured in float32); default: the classifier preset's own bf16 setting (small: on, "
-                             "fast on CPUs with AMX/AVX-512-BF16; use --no-bf16 on older CPUs)")
+                             "measured in float32); default: the classifier preset's bf16 setting, which for the "
+                             "small preset means on only where the device runs bf16 natively (CUDA with bf16, CPUs "
+                             "with AMX/AVX-512-BF16; elsewhere bf16 is emulated and about 3x slower)")
     parser.add_argument("--batch-size", type=int, default=250, help="images per batch (default: 250)")
     parser.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1'")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -259,7 +261,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_bf16(args: argparse.Namespace) -> bool:
-    return classifiers.load_preset(args.preset).bf16 if args.bf16 is None else args.bf16
+    """``--bf16``/``--no-bf16`` when given, else the classifier preset's setting on ``--device``."""
+    if args.bf16 is not None:
+        return args.bf16
+    return classifiers.load_preset(args.preset).use_bf16(pick_device(args.device))
 
 
 def check_names(names: list[str], what: str) -> list[str]:

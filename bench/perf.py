@@ -7,7 +7,8 @@ Measures, for a BCM preset (untrained weights: speed does not depend on them):
 - BCM forward throughput, purifier throughput (2 network evaluations) and each classifier's forward
   throughput, all without gradient;
 - the same with ``channels_last`` off and on, and with bf16 autocast on the CPU.
-Writes ``results/perf/perf-<config>.csv`` and ``.md`` and prints the table.
+Records the CPU and the capability torch detects on it (e.g. ``AVX2, native bf16 no``: there bf16 autocast is
+emulated and slower than float32, and the bench commands default to float32). Writes ``results/perf/perf-<config>.csv`` and ``.md`` and prints the table.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from classifiers import ARCHS, build_classifier
 from purify import BCM, BCMPurifier, load_preset
 from purify.checkpoint import atomic_write
 from purify.presets import REPO_ROOT
+from purify.runtime import cpu_capability
 from purify.train import Trainer
 
 
@@ -131,10 +133,11 @@ def main(argv: list[str] | None = None) -> None:
 
     table = pd.DataFrame(rows)
     table.insert(0, "threads", args.threads)
+    table.insert(1, "cpu_capability", cpu_capability())
     out = Path(args.out)
     atomic_write(out / f"perf-{name}.csv", lambda tmp: table.to_csv(tmp, index=False))
     header = (f"# Throughput, preset `{name}`, {args.threads} thread(s)\n\n"
-              f"CPU: {_cpu_name()}; load average at the end: {os.getloadavg()[0]:.2f}. "
+              f"CPU: {_cpu_name()} ({cpu_capability()}); load average at the end: {os.getloadavg()[0]:.2f}. "
               f"Command: `python -m bench.perf --config {args.config} --threads {args.threads}`.\n\n")
     atomic_write(out / f"perf-{name}.md", lambda tmp: Path(tmp).write_text(header + table.to_markdown(index=False) + "\n"))
     print(f"wrote {out}/perf-{name}.csv and .md")

@@ -67,8 +67,12 @@ def train(arch: str, preset: str = "small", *, config: TrainConfig | None = None
           out_dir=REPO_ROOT / "checkpoints" / "classifiers", run_dir=REPO_ROOT / "runs" / "classifiers",
           results_dir=REPO_ROOT / "results" / "classifiers", device: str = "auto", seed: int = 0,
           threads: int | None = None, max_minutes: float | None = None, resume: bool = False,
-          train_subset: int | None = None, test_subset: int | None = None, progress: bool = True) -> dict:
+          train_subset: int | None = None, test_subset: int | None = None, progress: bool = True,
+          bf16: bool | None = None) -> dict:
     """Train ``arch`` with ``preset`` (or an explicit ``config``); return a summary dict.
+
+    ``bf16`` forces bfloat16 autocast on or off; by default the preset decides (``small``: on only where the
+    device runs bf16 natively).
 
     Stops early (saving a resumable state) when ``max_minutes`` runs out or on KeyboardInterrupt.
     ``train_subset``/``test_subset`` use seeded subsets of the data (smoke tests); the validation split
@@ -89,6 +93,7 @@ def train(arch: str, preset: str = "small", *, config: TrainConfig | None = None
     train_idx = train_idx[seeded_subset(len(train_idx), train_subset, seed)]
     train_x, train_y, val_x, val_y = images[train_idx], labels[train_idx], images[val_idx], labels[val_idx]
     device = pick_device(device)
+    bf16 = config.use_bf16(device) if bf16 is None else bf16
     train_x, train_y = train_x.to(device), train_y.to(device)  # uint8 on the device; batches augmented there
 
     model = build_classifier(arch, config=config).to(device)
@@ -133,7 +138,7 @@ def train(arch: str, preset: str = "small", *, config: TrainConfig | None = None
 
     print(f"{arch}/{preset}: {count_parameters(model):,} parameters, {len(train_x)} train / {len(val_x)} val "
           f"images, {epochs} epochs x {steps_per_epoch} steps, device {device}, "
-          f"{torch.get_num_threads()} threads", file=sys.stderr)
+          f"{torch.get_num_threads()} threads, {'bf16 autocast' if bf16 else 'float32'}", file=sys.stderr)
     stopped = None
     model.train()
     try:
@@ -148,7 +153,7 @@ def train(arch: str, preset: str = "small", *, config: TrainConfig | None = None
                 idx = order[i * batch_size:(i + 1) * batch_size]
                 x = augment(to_float(train_x[idx]), generator).contiguous(memory_format=memory_format)
                 y = train_y[idx]
-                with _autocast(device, config.bf16):
+                with _autocast(device, bf16):
                     logits = model(x)
                 loss = criterion(logits.float(), y)
                 optimizer.zero_grad(set_to_none=True)
@@ -249,12 +254,16 @@ def main(argv=None) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from {run-dir}/{arch}-{preset}-state.pt")
     parser.add_argument("--train-subset", type=int, default=None,
                         help="train on a seeded subset of this many images (smoke runs)")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="force bfloat16 autocast on or off (default: the preset's setting; small: on only "
+                             "where the device runs bf16 natively, i.e. CUDA with bf16 or a CPU with "
+                             "AMX/AVX-512-BF16, since emulated bf16 is about 3x slower than float32)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     train(args.arch, args.preset, data_root=args.data_root, out_dir=args.out_dir, run_dir=args.run_dir,
           results_dir=args.results_dir, device=args.device, seed=args.seed, threads=args.threads,
           max_minutes=args.max_minutes, resume=args.resume, train_subset=args.train_subset,
-          progress=not args.no_progress)
+          progress=not args.no_progress, bf16=args.bf16)
 
 
 if __name__ == "__main__":

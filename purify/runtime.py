@@ -1,4 +1,4 @@
-"""Small pieces every trainer and benchmark shares: devices, seeding, RNG state, CSV logs, time budgets."""
+"""Small pieces every trainer and benchmark shares: devices, precision, seeding, RNG state, CSV logs, time budgets."""
 from __future__ import annotations
 
 import csv
@@ -16,6 +16,25 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` runs bfloat16 natively, the one place that decides bf16 autocast's default.
+
+    CUDA: a GPU with bf16 support. CPU: oneDNN's bf16 kernels, which need AVX-512-BF16 or AMX; elsewhere (e.g.
+    AVX2-only CPUs) torch emulates bf16 and autocast runs about 3x slower than float32.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def cpu_capability() -> str:
+    """The CPU's capability as torch reports it (e.g. ``AVX2``, ``AVX512``) and whether bf16 is native."""
+    return f"{torch.backends.cpu.get_cpu_capability()}, native bf16 {'yes' if native_bf16('cpu') else 'no'}"
 
 
 def seed_everything(seed: int) -> None:

@@ -2,7 +2,7 @@
 
 RAdam on the online weights, an EMA of them for sampling, periodic atomic checkpoints holding everything
 needed to resume (model, EMA, optimizer, step, RNG state, config), a CSV log of the loss terms, a wall-clock
-budget, bf16 autocast on CUDA, and DDP when started by ``torchrun --nproc_per_node=N``.
+budget, bf16 autocast on GPUs that run it natively, and DDP when started by ``torchrun --nproc_per_node=N``.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from .checkpoint import load_checkpoint, load_state_dict_strict, save_checkpoint
 from .config import to_dict
 from .data import load_cifar10
 from .presets import Preset, load_preset, preset_from_dict
-from .runtime import Budget, CSVLog, pick_device, rng_state, seed_everything, set_rng_state
+from .runtime import Budget, CSVLog, native_bf16, pick_device, rng_state, seed_everything, set_rng_state
 
 LOG_FIELDS = ["step", "N", "loss", "ct", "soft", "lr", "images_per_s", "elapsed_min"]
 CHECKPOINT_KEYS = ("kind", "config", "model", "ema", "optimizer", "step", "rng")
@@ -116,8 +116,10 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         self.bcm.train()
         x = self.batch()
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
-                    else contextlib.nullcontext())
+        # bf16 only on GPUs that run it natively; on CPUs BCT stays in float32 (its loss compares outputs that
+        # differ by tiny amounts at small t)
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                    if self.device.type == "cuda" and native_bf16(self.device) else contextlib.nullcontext())
         with autocast:
             terms = self.module(x, self.step)
         loss = terms["loss"].mean()

@@ -50,13 +50,25 @@ class BCMPurifier(nn.Module):
         eps, T = bcm.config.eps, bcm.config.T
         if not eps < t_star <= T:
             raise ValueError(f"t_star must be in ({eps}, {T}], got {t_star}")
-        if not eps < eps_inv:
-            raise ValueError(f"eps_inv must be larger than the model's eps={eps}, got {eps_inv}")
         self.bcm = bcm.eval().requires_grad_(False)
         self.t_star, self.mode, self.seed = float(t_star), mode, seed
         self.eps_inv = min(float(eps_inv), self.t_star / 2)
         self.inversion_times = [self.eps_inv, *map(float, inversion_times), self.t_star]
         self.denoise_times = [*map(float, denoise_times), self.t_star]
+        # Validate the schedule the network will actually see (eps_inv after its cap), so that no setting
+        # evaluates the BCM outside the times it was trained on, [eps, T] (t_star <= T is checked above).
+        if mode == "bcm" and not eps <= self.eps_inv:
+            raise ValueError(f"the first inversion time min(eps_inv, t_star/2) = {self.eps_inv:g} is below the "
+                             f"model's eps={eps} (eps_inv={eps_inv}, t_star={t_star}): eps_inv and t_star/2 must "
+                             f"both be at least {eps}")
+        times = self.inversion_times
+        if mode == "bcm" and any(not a < b for a, b in zip(times, times[1:])):
+            raise ValueError(f"inversion times [eps_inv, *inversion_times, t_star] must increase strictly within "
+                             f"[{eps}, {T}], got {times}")
+        times = self.denoise_times
+        if any(not a < b for a, b in zip([eps, *times], times)):
+            raise ValueError(f"denoise_times must increase strictly within ({eps}, t_star={t_star:g}), "
+                             f"got {list(times[:-1])}")
         self.generator: torch.Generator | None = None
         self._fixed_noise: torch.Tensor | None = None
         self.reseed()

@@ -128,3 +128,25 @@ def test_small_strengths_cap_the_initial_noise(tiny_bcm):
     purifier = BCMPurifier(tiny_bcm, t_star=0.1)
     assert purifier.inversion_times == [0.05, 0.1]
     assert BCMPurifier(tiny_bcm, t_star=80.0).inversion_times == [0.11, 80.0]
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(t_star=0.003), "below the model's eps"),                        # eps_inv capped at 0.0015 < eps
+    (dict(t_star=1.0, eps_inv=0.001), "below the model's eps"),
+    (dict(t_star=1.0, eps_inv=float("nan")), "below the model's eps"),
+    (dict(t_star=1.0, eps_inv=0.3, inversion_times=[0.2]), "inversion times"),   # below eps_inv
+    (dict(t_star=1.0, inversion_times=[1.5]), "inversion times"),                # above t*
+    (dict(t_star=1.0, inversion_times=[0.4, 0.4]), "inversion times"),           # not strictly increasing
+    (dict(t_star=1.0, denoise_times=[0.001]), "denoise_times"),                  # below eps
+    (dict(t_star=1.0, denoise_times=[1.0]), "denoise_times"),                    # not below t*
+    (dict(t_star=1.0, denoise_times=[0.5, 0.2]), "denoise_times"),
+    (dict(t_star=float("inf")), "t_star"),
+])
+def test_the_effective_schedule_is_validated_at_construction(tiny_bcm, settings, message):
+    """Every time the network would be evaluated at lies in [eps, T]: eps_inv is checked after its cap."""
+    with pytest.raises(ValueError, match=message):
+        BCMPurifier(tiny_bcm, **settings)
+
+
+def test_the_denoise_baseline_needs_no_inversion_schedule(tiny_bcm):
+    assert BCMPurifier(tiny_bcm, t_star=0.003, mode="denoise").denoise_times == [0.003]

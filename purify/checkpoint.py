@@ -47,6 +47,22 @@ def load_checkpoint(path: str | os.PathLike, required: tuple[str, ...] = ()) -> 
     return state
 
 
+def bcm_weights(state: dict, path: str | os.PathLike) -> tuple[dict, str]:
+    """The weights a BCM checkpoint is used with, and where they come from (``"ema"`` or ``"online"``).
+
+    A release file (``purify.export``) holds them under ``weights`` and their origin under ``weights_from``;
+    release files written before that held them under ``ema`` (with the origin under ``weights``); a training
+    checkpoint holds the online weights under ``model`` and their EMA, the ones used after training, under ``ema``.
+    """
+    if isinstance(state.get("weights"), dict):
+        return state["weights"], state.get("weights_from", "ema")
+    if isinstance(state.get("ema"), dict):
+        origin = state.get("weights")
+        return state["ema"], origin if isinstance(origin, str) else "ema"
+    raise ValueError(f"checkpoint {path} holds no BCM weights (no 'weights' or 'ema' entry); "
+                     f"give a release file (purify.export) or a training checkpoint (purify.train)")
+
+
 def load_state_dict_strict(module: torch.nn.Module, state_dict: dict, source: str) -> None:
     """``load_state_dict(strict=True)`` with an error that names the checkpoint and the mismatch."""
     try:

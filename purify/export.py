@@ -2,42 +2,63 @@
 
     python -m purify.export runs/bcm-small/checkpoint.pt checkpoints/bcm/cifar10-small.pt --t-star 0.3
 
-Keeps the EMA weights (the ones used for sampling, inversion and purification), the config and the step;
-drops the online weights, the optimizer and the RNG state. ``--weights online`` ships the online weights
-instead: after a short run whose curriculum has just doubled N, the EMA still averages over the previous
-discretisation and can be the worse model (measure both with ``bench.quality``). The release always stores
-the shipped weights under ``ema``, the key ``BCMPurifier.from_checkpoint`` reads, and names their origin under
-``weights``. ``--t-star``/``--eps-inv`` record the purifier defaults of the preset (e.g. the best value of its
-trade-off curve).
+Keeps one set of weights (by default the EMA, the one used for sampling, inversion and purification), the
+config and the step; drops the other weights, the optimizer and the RNG state. ``--weights online`` ships the
+online weights instead: after a short run whose curriculum has just doubled N, the EMA still averages over the
+previous discretisation and can be the worse model (measure both with ``bench.quality``). The release stores
+the shipped weights under ``weights`` and their origin (``ema`` or ``online``) under ``weights_from``; files
+written before held them under ``ema`` and still load. A release file can be re-exported (e.g. to record
+another t*): it keeps its weights and their origin. ``--t-star``/``--eps-inv`` record the purifier defaults
+of the preset (e.g. the best value of its trade-off curve).
 """
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .bcm import BCM
+from .checkpoint import bcm_weights, load_checkpoint, load_state_dict_strict, save_checkpoint
+from .config import to_dict
 from .presets import preset_from_dict
+from .purifier import BCMPurifier
 
 
-# the checkpoint entry each ``--weights`` choice ships (a release file holds only ``ema``)
+# the training-checkpoint entry each ``--weights`` choice ships
 WEIGHT_ENTRIES = {"ema": "ema", "online": "model"}
 
 
 def export(source: str, target: str, t_star: float | None = None, eps_inv: float | None = None,
-           weights: str = "ema") -> dict:
-    if weights not in WEIGHT_ENTRIES:
+           weights: str | None = None) -> dict:
+    """Write the release file ``target`` from the training checkpoint or release file ``source``; ``weights``
+    (``"ema"``, the default, or ``"online"``) picks a training checkpoint's weights."""
+    if weights is not None and weights not in WEIGHT_ENTRIES:
         raise ValueError(f"weights must be 'ema' or 'online', got {weights!r}")
-    entry = WEIGHT_ENTRIES[weights]
-    state = load_checkpoint(source, ("kind", "config", entry, "step"))
+    state = load_checkpoint(source, ("kind", "config", "step"))
     if state["kind"] != "bcm":
         raise ValueError(f"{source} is a {state['kind']!r} checkpoint, not a BCM")
-    config = state["config"]
-    preset_from_dict(config, f"{source} config")  # validate before writing anything
+    if "model" in state:  # a training checkpoint: online weights under ``model``, their EMA under ``ema``
+        origin = weights or "ema"
+        if WEIGHT_ENTRIES[origin] not in state:
+            raise ValueError(f"checkpoint {source} lacks the entry {WEIGHT_ENTRIES[origin]!r} ({origin} weights)")
+        shipped = state[WEIGHT_ENTRIES[origin]]
+    else:  # a release file ships the weights it holds, keeping the origin it names
+        shipped, origin = bcm_weights(state, source)
+        if weights not in (None, origin):
+            raise ValueError(f"{source} is a release file holding {origin} weights only; --weights {weights} "
+                             f"needs the training checkpoint")
+    if Path(target).is_dir():
+        raise ValueError(f"target {target} is a directory; give the release file's path, e.g. {Path(target) / 'bcm.pt'}")
+    preset = preset_from_dict(state["config"], f"{source} config")
     if t_star is not None:
-        config["purifier"]["t_star"] = float(t_star)
+        preset.purifier.t_star = float(t_star)
     if eps_inv is not None:
-        config["purifier"]["eps_inv"] = float(eps_inv)
-    # re-exporting a release (e.g. to record another t*) keeps the origin it names
-    release = {"kind": "bcm", "config": config, "ema": state[entry], "weights": state.get("weights", weights),
+        preset.purifier.eps_inv = float(eps_inv)
+    # validate everything before writing anything: the weights fit the preset's network, the purifier defaults
+    # give a valid schedule
+    bcm = BCM(preset.model)
+    load_state_dict_strict(bcm, shipped, str(source))
+    BCMPurifier(bcm, preset.purifier.t_star, preset.purifier.eps_inv)
+    release = {"kind": "bcm", "config": to_dict(preset), "weights": shipped, "weights_from": origin,
                "step": state["step"]}
     save_checkpoint(release, target)
     return release
@@ -46,18 +67,19 @@ def export(source: str, target: str, t_star: float | None = None, eps_inv: float
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m purify.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", help="a training checkpoint (RUN/checkpoint.pt)")
+    parser.add_argument("source", help="a training checkpoint (RUN/checkpoint.pt) or a release file")
     parser.add_argument("target", help="where to write the release file")
     parser.add_argument("--t-star", type=float, help="record this purification strength as the preset default")
     parser.add_argument("--eps-inv", type=float, help="record this initial inversion noise as the preset default")
-    parser.add_argument("--weights", choices=tuple(WEIGHT_ENTRIES), default="ema",
-                        help="ship the EMA (default) or the online weights")
+    parser.add_argument("--weights", choices=tuple(WEIGHT_ENTRIES), default=None,
+                        help="ship a training checkpoint's EMA (default) or online weights; a release file keeps "
+                             "the weights it holds")
     args = parser.parse_args(argv)
     try:
         release = export(args.source, args.target, args.t_star, args.eps_inv, args.weights)
-    except (FileNotFoundError, ValueError) as err:  # missing, corrupt or mismatched checkpoint: no traceback
+    except (OSError, ValueError) as err:  # missing, corrupt or mismatched checkpoint, unwritable target: one line
         parser.exit(2, f"{parser.prog}: error: {err}\n")
-    print(f"wrote {args.target}: {release['weights']} weights of step {release['step']}, "
+    print(f"wrote {args.target}: {release['weights_from']} weights of step {release['step']}, "
           f"purifier {release['config']['purifier']}")
 
 

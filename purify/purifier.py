@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .bcm import BCM
-from .checkpoint import load_checkpoint, load_state_dict_strict
+from .checkpoint import bcm_weights, load_checkpoint, load_state_dict_strict
 from .presets import preset_from_dict
 from .sampling import invert, sample_ancestral
 
@@ -75,14 +75,14 @@ class BCMPurifier(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu", **kwargs) -> "BCMPurifier":
-        """Build from a training or shipped checkpoint (EMA weights); ``t_star``/``eps_inv`` default to the
-        preset's ``purifier`` section, any keyword overrides them."""
-        state = load_checkpoint(path, ("kind", "config", "ema"))
+        """Build from a release file (the weights it ships) or a training checkpoint (its EMA weights);
+        ``t_star``/``eps_inv`` default to the preset's ``purifier`` section, any keyword overrides them."""
+        state = load_checkpoint(path, ("kind", "config"))
         if state["kind"] != "bcm":
             raise ValueError(f"{path} is a {state['kind']!r} checkpoint, not a BCM")
         preset = preset_from_dict(state["config"], f"{path} config")
         bcm = BCM(preset.model)
-        load_state_dict_strict(bcm, state["ema"], str(path))
+        load_state_dict_strict(bcm, bcm_weights(state, path)[0], str(path))
         kwargs.setdefault("t_star", preset.purifier.t_star)
         kwargs.setdefault("eps_inv", preset.purifier.eps_inv)
         return cls(bcm.to(device), **kwargs)

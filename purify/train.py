@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from .bcm import BCM
 from .bct import make_loss
-from .checkpoint import load_checkpoint, load_state_dict_strict, save_checkpoint
+from .checkpoint import bcm_weights, load_checkpoint, load_state_dict_strict, save_checkpoint
 from .config import to_dict
 from .data import load_cifar10
 from .presets import Preset, load_preset, preset_from_dict
@@ -74,9 +74,10 @@ class Trainer:
         if tc.channels_last:
             self.bcm = self.bcm.to(memory_format=torch.channels_last)
         if init_from is not None and start is None:
-            # Fine-tuning (spec §3, last bullet): start from a CT or BCM checkpoint's EMA weights.
-            source = load_checkpoint(init_from, ("ema",))
-            load_state_dict_strict(self.bcm, source["ema"], init_from)
+            # Fine-tuning (spec §3, last bullet): start from a CT or BCM training checkpoint's EMA weights, or
+            # from the weights a release file ships.
+            source = load_checkpoint(init_from)
+            load_state_dict_strict(self.bcm, bcm_weights(source, init_from)[0], init_from)
         self.ema = AveragedModel(self.bcm, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
         self.optimizer = torch.optim.RAdam(self.bcm.parameters(), lr=tc.lr)
         self.loss = make_loss(preset.loss, tc.total_steps, preset.model.sigma_data, preset.model.eps, preset.model.T)
@@ -188,7 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue from OUT/checkpoint.pt (its stored config wins over --config)")
     parser.add_argument("--init-from", metavar="CKPT",
-                        help="fine-tune: start from this checkpoint's EMA weights, e.g. a CT-only run (spec §3)")
+                        help="fine-tune: start from a training checkpoint's EMA weights (e.g. a CT-only run, spec "
+                             "§3) or from the weights a release file ships")
     parser.add_argument("--start-step", type=int, default=0, metavar="K",
                         help="with --init-from: continue the curriculum from step K (e.g. a release file's step) "
                              "with a fresh optimizer, when the run folder that trained the weights is gone")

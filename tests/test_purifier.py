@@ -150,3 +150,32 @@ def test_the_effective_schedule_is_validated_at_construction(tiny_bcm, settings,
 
 def test_the_denoise_baseline_needs_no_inversion_schedule(tiny_bcm):
     assert BCMPurifier(tiny_bcm, t_star=0.003, mode="denoise").denoise_times == [0.003]
+
+
+def test_release_files_name_what_they_hold_and_old_ones_still_load(tmp_path, tiny_images):
+    """A release stores ``weights`` + ``weights_from``; a file of the old layout (``ema``, origin under
+    ``weights``) still loads, re-exports to the new layout with identical tensors, and seeds --init-from."""
+    from purify.export import export
+    from purify.train import Trainer
+
+    trainer = Trainer(tiny_preset(), tmp_path / "run", images=tiny_images)
+    trainer.run(max_steps=2, progress=False)
+    release = export(str(tmp_path / "run" / "checkpoint.pt"), str(tmp_path / "new.pt"), weights="online")
+    assert set(release) == {"kind", "config", "weights", "weights_from", "step"} and release["weights_from"] == "online"
+
+    online = trainer.bcm.state_dict()
+    old = {"kind": "bcm", "config": release["config"], "ema": online, "weights": "online", "step": 2}
+    save_checkpoint(old, tmp_path / "old.pt")
+    assert all(torch.equal(a, online[k]) for k, a in
+               BCMPurifier.from_checkpoint(tmp_path / "old.pt").bcm.state_dict().items())
+    again = export(str(tmp_path / "old.pt"), str(tmp_path / "again.pt"), t_star=0.5)
+    assert again["weights_from"] == "online" and again["config"]["purifier"]["t_star"] == 0.5
+    assert all(torch.equal(a, online[k]) for k, a in again["weights"].items())
+    with pytest.raises(ValueError, match="release file holding online"):
+        export(str(tmp_path / "old.pt"), str(tmp_path / "x.pt"), weights="ema")
+    with pytest.raises(ValueError, match="directory"):
+        export(str(tmp_path / "old.pt"), str(tmp_path))
+    for path in ("old.pt", "again.pt"):  # fine-tuning starts from the weights a release ships, old or new
+        tuned = Trainer(tiny_preset(), tmp_path / f"ft-{path}", images=tiny_images, init_from=str(tmp_path / path))
+        assert all(torch.equal(a, online[k]) for k, a in tuned.bcm.state_dict().items())
+    assert not (tmp_path / "x.pt").exists()

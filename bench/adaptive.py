@@ -318,7 +318,8 @@ def build(args, device):
             if eps_inv is not None:
                 purifier = BCMPurifier(purifier.bcm, t_star=purifier.t_star, eps_inv=eps_inv, mode=args.purifier)
             purifiers.append(purifier)
-    images, labels, ids = load_split(args.split, args.preset, args.data_root, args.n, args.seed)
+    images, labels, ids = load_split(args.split, args.data_root, args.n, args.seed,
+                                     classifiers.load_preset(args.preset).n_val)
     ids_of = {name: combine_ids(file_id(str(bcm_path)),
                                 file_id(str(classifier_path(name, args.preset, args.classifier_dir))))
               for name in args.target}

@@ -83,25 +83,16 @@ def classifier_path(name: str, preset: str, checkpoint_dir: str | os.PathLike) -
     return Path(checkpoint_dir) / f"{name}-{preset}.pt"
 
 
-def load_test_set(data_root: str | os.PathLike | None, n: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` CIFAR-10 test images (uint8) and labels: all 10,000 when ``n`` is None, else a seeded subset."""
-    images, labels = load_cifar10("test", data_root)
-    if n is not None and not 0 < n <= len(images):
-        raise ValueError(f"--n must be in [1, {len(images)}], got {n}")
-    idx = seeded_subset(len(images), n, seed)
-    return images[idx], labels[idx]
-
-
 SPLITS = ("test", "val")
 
 
-def load_split(split: str, preset: str, data_root: str | os.PathLike | None, n: int | None,
-               seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def load_split(split: str, data_root: str | os.PathLike | None, n: int | None, seed: int,
+               n_val: int = 1000) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``n`` images (uint8), labels and their indices in the split (a seeded subset; all when ``n`` is None).
 
-    ``test`` is the CIFAR-10 test set the published tables use; ``val`` is the classifier preset's validation
-    split: the training images held out from classifier training (``classifiers.train``), on which any
-    setting chosen by looking at accuracy (t*, eps_inv, which weights ship) is chosen."""
+    ``test`` is the CIFAR-10 test set the published tables use; ``val`` is the classifiers' validation split:
+    the ``n_val`` training images held out from classifier training (``classifiers.train``; the preset's
+    ``n_val``), on which any setting chosen by looking at accuracy (t*, eps_inv, which weights ship) is chosen."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid splits are {', '.join(SPLITS)}")
     if split == "test":
@@ -109,7 +100,7 @@ def load_split(split: str, preset: str, data_root: str | os.PathLike | None, n: 
         pool = torch.arange(len(images))
     else:
         images, labels = load_cifar10("train", data_root)
-        _, pool = train_val_split(len(images), classifiers.load_preset(preset).n_val, seed=classifiers.SPLIT_SEED)
+        _, pool = train_val_split(len(images), n_val, seed=classifiers.SPLIT_SEED)
     if n is not None and not 0 < n <= len(pool):
         raise ValueError(f"--n must be in [1, {len(pool)}] for the {split} split, got {n}")
     ids = pool[seeded_subset(len(pool), n, seed)]

@@ -23,13 +23,13 @@ from tqdm.auto import tqdm
 
 import classifiers
 from attacks import autocast, craft, paper_pgd
-from purify import BCMPurifier
+from purify import BCMPurifier, image_noise
 from purify.runtime import pick_device
 
 from . import report
 from .common import (PURIFIERS, RESULTS_DIR, ResultTable, add_common_arguments, check_names, classifier_path,
                      combine_ids, default_bcm_path, eps_list, file_id, load_classifiers, load_purifier,
-                     load_test_set, numeric, resolve_bf16, run_command, write_text)
+                     load_split, numeric, resolve_bf16, run_command, write_text)
 
 
 @dataclass(frozen=True)
@@ -54,17 +54,19 @@ class TransferGrid:
     Per (source, eps): the adversarial images are crafted once on the source (batched); every target's
     accuracy on them ("before") is computed once and shared by all defences; per defence the images are
     purified once and every target is evaluated ("after"). At eps 0 the images are the clean ones for every
-    source, so clean results are computed once for all sources. PGD's random start is seeded and the
-    purifier reseeded for every cell, so a cell's numbers do not depend on which cells ran before it.
+    source, so clean results are computed once for all sources. PGD's random start is seeded for every cell,
+    and the purifier's noise is drawn per image from the seed and the image's index (``ids``), so a cell's
+    numbers depend neither on which cells ran before it nor on the batch size.
     """
 
     def __init__(self, sources: dict[str, nn.Module], targets: dict[str, nn.Module], images: torch.Tensor,
-                 labels: torch.Tensor, *, seed: int = 0, batch_size: int = 250, bf16: bool = False,
-                 progress: bool = True):
+                 labels: torch.Tensor, *, ids: torch.Tensor | None = None, seed: int = 0, batch_size: int = 250,
+                 bf16: bool = False, progress: bool = True):
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.sources, self.targets = sources, targets
         self.images, self.labels = images, labels
+        self.ids = torch.arange(len(images)) if ids is None else ids
         self.seed, self.batch_size, self.bf16, self.progress = seed, batch_size, bf16, progress
         self._images: tuple[tuple, torch.Tensor] | None = None    # last crafted (cell, images); cells run in order
         self._purified: tuple[tuple, torch.Tensor] | None = None  # last purified (cell, defence, images)
@@ -89,8 +91,8 @@ class TransferGrid:
         key = (self._cell(source, eps), defence)
         if self._purified is None or self._purified[0] != key:
             images = self.adversarial(source, eps)
-            self._purified = (key, purify(defence.purifier, images, self.batch_size, self.bf16, self.progress,
-                                          desc=f"purify ({defence.mode}, t*={defence.t_star:g})"))
+            self._purified = (key, purify(defence.purifier, images, self.ids, self.seed, self.batch_size, self.bf16,
+                                          self.progress, desc=f"purify ({defence.mode}, t*={defence.t_star:g})"))
         return self._purified[1]
 
     def _target_accuracy(self, key: tuple, target: str, images) -> float:
@@ -113,15 +115,16 @@ class TransferGrid:
 
 
 @torch.inference_mode()
-def purify(purifier: BCMPurifier, images: torch.Tensor, batch_size: int = 250, bf16: bool = False,
-           progress: bool = True, desc: str = "purify") -> torch.Tensor:
-    """``purifier`` applied to float images in [0, 1] in batches, its noise stream restarted first."""
-    purifier.reseed()
+def purify(purifier: BCMPurifier, images: torch.Tensor, ids: torch.Tensor, seed: int, batch_size: int = 250,
+           bf16: bool = False, progress: bool = True, desc: str = "purify") -> torch.Tensor:
+    """``purifier`` applied to float images in [0, 1] in batches; image ``i``'s noise is drawn from ``seed``
+    and ``ids[i]`` (``image_noise``), so the result does not depend on the batch size."""
     device = next(purifier.bcm.parameters()).device
     out = torch.empty_like(images)
     for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
         x = images[start:start + batch_size].to(device).contiguous(memory_format=torch.channels_last)
-        with autocast(device, bf16):
+        noise = image_noise(ids[start:start + batch_size], x.shape[1:], seed)
+        with purifier.fixed_noise(noise), autocast(device, bf16):
             out[start:start + len(x)] = purifier(x).float().cpu()
     return out
 
@@ -219,9 +222,9 @@ def grid_from_args(args: argparse.Namespace, sources: list[str], targets: list[s
     names = list(dict.fromkeys(sources + targets))
     models = load_classifiers(names, args.preset, args.classifier_dir, device)
     ids = {name: file_id(str(classifier_path(name, args.preset, args.classifier_dir))) for name in names}
-    images, labels = load_test_set(args.data_root, args.n, args.seed)
+    images, labels, image_ids = load_split("test", args.data_root, args.n, args.seed)
     grid = TransferGrid({s: models[s] for s in sources}, {t: models[t] for t in targets}, images, labels,
-                        seed=args.seed, batch_size=args.batch_size, bf16=resolve_bf16(args),
+                        ids=image_ids, seed=args.seed, batch_size=args.batch_size, bf16=resolve_bf16(args),
                         progress=not args.no_progress)
     return grid, ids, dict(preset=args.preset, n=len(images), seed=args.seed)
 

@@ -166,9 +166,9 @@ def test_validation_split_is_the_classifiers_held_out_training_images(monkeypatc
 
     images = torch.arange(50_000).view(-1, 1, 1, 1)
     monkeypatch.setattr(bench.common, "load_cifar10", lambda split, root: (images, images.flatten() % 10))
-    x, y, ids = bench.common.load_split("val", "small", None, n=200, seed=3)
+    x, y, ids = bench.common.load_split("val", None, n=200, seed=3)
     train, held_out = train_val_split(50_000, 1000, seed=0)
     assert len(ids) == 200 and set(ids.tolist()) <= set(held_out.tolist())
     assert torch.equal(x.flatten(), ids) and torch.equal(y, ids % 10)
     with pytest.raises(ValueError, match="--n must be in"):
-        bench.common.load_split("val", "small", None, n=1001, seed=3)
+        bench.common.load_split("val", None, n=1001, seed=3)

@@ -146,7 +146,7 @@ def test_transfer_cli_end_to_end_and_resume(checkpoints, tmp_path, capsys, monke
     assert "| Source | eps/255 | preact | wrn | vgg | mobilenet |" in printed and " -> " in printed
     assert out.with_suffix(".md").read_text().strip() == printed.strip()
     # eps 0 before purification is each target's clean accuracy on the same 20 images
-    images, labels = bench.common.load_test_set(tmp_path / "data", 20, 0)
+    images, labels, _ = bench.common.load_split("test", tmp_path / "data", 20, 0)
     vgg = classifiers.load_classifier("vgg", "small", tmp_path / "cls")
     assert frame[(frame.eps == 0) & (frame.target == "vgg")].acc_before.item() == \
         classifiers.accuracy(vgg, images, labels, progress=False)
@@ -212,3 +212,13 @@ def test_tradeoff_cli_and_report_rebuild(checkpoints, tmp_path, capsys):
     report.main(["--results", str(tmp_path / "res")])
     assert out.with_suffix(".md").read_text() == md and png.is_file()
     assert (tmp_path / "res" / "transfer" / "small-bcm.md").read_text() == transfer_md
+
+
+def test_purified_images_do_not_depend_on_batch_size(purifier, data):
+    images, _ = data
+    ids = torch.arange(500, 500 + len(images))
+    by_4 = bench.transfer.purify(purifier, images, ids, seed=3, batch_size=4, progress=False)
+    by_16 = bench.transfer.purify(purifier, images, ids, seed=3, batch_size=16, progress=False)
+    assert torch.allclose(by_4, by_16, atol=1e-5)  # convolutions may sum in another order per batch size
+    other_seed = bench.transfer.purify(purifier, images, ids, seed=4, batch_size=16, progress=False)
+    assert not torch.allclose(by_16, other_seed)

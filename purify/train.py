@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -49,12 +51,11 @@ class Trainer:
                  images: torch.Tensor | None = None):
         self.distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
         if self.distributed:
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend)
-            self.rank, self.world = dist.get_rank(), dist.get_world_size()
-            if torch.cuda.is_available():
+            if torch.cuda.is_available():  # before the process group, so NCCL binds this rank to its own GPU
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
                 device = f"cuda:{torch.cuda.current_device()}"
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
         else:
             self.rank, self.world = 0, 1
         self.device = pick_device(device)
@@ -95,7 +96,10 @@ class Trainer:
             self.ema.n_averaged.fill_(start.get("ema_n_averaged", 1))
             self.optimizer.load_state_dict(start["optimizer"])
             self.step = start["step"]
-            set_rng_state(start["rng"][min(self.rank, len(start["rng"]) - 1)])
+            if len(start["rng"]) == self.world:  # the same number of processes: each continues its own stream
+                set_rng_state(start["rng"][self.rank])
+            else:  # another number: a fresh stream per rank, distinct from every other rank's and step's
+                seed_everything(tc.seed + 1_000_003 * self.step + self.rank)
 
         if images is None:
             images, _ = load_cifar10("train", data_root)
@@ -124,6 +128,7 @@ class Trainer:
         with autocast:
             terms = self.module(x, self.step)
         loss = terms["loss"].mean()
+        logged = torch.stack([loss.detach(), terms["ct"].mean().detach(), terms["soft"].mean().detach()]).float()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.preset.train.grad_clip is not None:
@@ -131,8 +136,20 @@ class Trainer:
         self.optimizer.step()
         self.ema.update_parameters(self.bcm)
         self.step += 1
-        return {"loss": loss.item(), "ct": terms["ct"].mean().item(), "soft": terms["soft"].mean().item(),
-                "N": int(terms["N"])}
+        if self.distributed:  # log the loss of the global batch, not rank 0's share of it
+            dist.all_reduce(logged)
+            logged /= self.world
+        loss, ct, soft = logged.tolist()
+        return {"loss": loss, "ct": ct, "soft": soft, "N": int(terms["N"])}
+
+    def should_stop(self, budget: Budget, interrupted: bool) -> bool:
+        """Whether every rank stops before the next step: rank 0's clock decides the budget for all (each rank's
+        own clock could stop them at different steps, one in the gradient all-reduce, another in the
+        checkpoint's gather: a hang), and an interrupt on any rank stops all of them at the same step."""
+        flags = torch.tensor([float(self.rank == 0 and budget.exhausted()), float(interrupted)], device=self.device)
+        if self.distributed:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return bool(flags.any())
 
     def save(self) -> None:
         """Atomic checkpoint with everything needed to resume (rank 0 only; RNG states of every rank)."""
@@ -156,28 +173,52 @@ class Trainer:
         bar = tqdm(total=tc.total_steps, initial=self.step, disable=not progress or self.rank != 0,
                    desc=self.preset.loss.kind.upper(), unit="step", dynamic_ncols=True)
         try:
-            while self.step < end and not budget.exhausted():
-                terms = self.train_step()
-                window_steps += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{terms['loss']:.4f}", ct=f"{terms['ct']:.4f}",
-                                soft=f"{terms['soft']:.4f}", N=terms["N"])
-                if self.log is not None and (self.step % tc.log_every == 0 or self.step == end):
-                    now = time.monotonic()
-                    self.log.write(step=self.step, N=terms["N"], loss=terms["loss"], ct=terms["ct"],
-                                   soft=terms["soft"], lr=self.optimizer.param_groups[0]["lr"],
-                                   images_per_s=window_steps * tc.batch_size / (now - window_start),
-                                   elapsed_min=(now - started) / 60)
-                    window_start, window_steps = now, 0
-                if self.step % tc.checkpoint_every == 0:
-                    self.save()
-        except KeyboardInterrupt:
-            if self.rank == 0:
-                tqdm.write(f"interrupted at step {self.step}; saving a checkpoint to resume from")
+            with _deferred_interrupts() as interrupted:
+                while self.step < end and not self.should_stop(budget, interrupted()):
+                    terms = self.train_step()
+                    window_steps += 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{terms['loss']:.4f}", ct=f"{terms['ct']:.4f}",
+                                    soft=f"{terms['soft']:.4f}", N=terms["N"])
+                    if self.log is not None and (self.step % tc.log_every == 0 or self.step == end):
+                        now = time.monotonic()
+                        self.log.write(step=self.step, N=terms["N"], loss=terms["loss"], ct=terms["ct"],
+                                       soft=terms["soft"], lr=self.optimizer.param_groups[0]["lr"],
+                                       images_per_s=window_steps * tc.batch_size / (now - window_start),
+                                       elapsed_min=(now - started) / 60)
+                        window_start, window_steps = now, 0
+                    if self.step % tc.checkpoint_every == 0:
+                        self.save()
+                if interrupted() and self.rank == 0:
+                    tqdm.write(f"interrupted at step {self.step}; saving a checkpoint to resume from")
         finally:
             bar.close()
-            self.save()
+        # Only after a clean stop (every rank at the same step): an exception leaves the last periodic checkpoint.
+        self.save()
         return self.step
+
+
+@contextlib.contextmanager
+def _deferred_interrupts():
+    """Within the block, Ctrl-C (SIGINT) and SIGTERM (what torchrun sends its workers) only set a flag, read by
+    calling the yielded function, so training stops between steps, on every rank at the same one; a second
+    Ctrl-C interrupts at once."""
+    received = []
+
+    def handler(signum, frame):
+        if received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    if threading.current_thread() is not threading.main_thread():  # signals reach only the main thread
+        yield lambda: False
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: bool(received)
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,6 +2,7 @@
 import csv
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -146,3 +147,92 @@ def test_denoiser_warm_start_learns(tmp_path, tiny_images):
     before = evaluate()
     trainer.run(max_steps=100, progress=False)
     assert evaluate() < 0.8 * before  # measured about 0.7x here
+
+
+def _spawn(worker, world, *args, timeout=300):
+    """Run ``worker(rank, world, port, *args)`` on ``world`` gloo ranks; fail (instead of hanging) on a deadlock."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.spawn(worker, args=(world, port, *args), nprocs=world, join=False)
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"DDP ranks still running after {timeout} s: a hang")
+
+
+def _ddp_trainer(rank, world, port, out, images, **kwargs):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    return Trainer(tiny_preset(batch_size=12), out, images=images, device="cpu", **kwargs)
+
+
+class _ChecksBudget:
+    """A budget that runs out at its ``n``-th check: a clock that disagrees with the other ranks' clocks."""
+
+    def __init__(self, n):
+        self.left = n
+
+    def exhausted(self):
+        self.left -= 1
+        return self.left < 0
+
+
+def _ddp_stop_worker(rank, world, port, out, images, how):
+    import signal
+
+    import purify.train
+
+    trainer = _ddp_trainer(rank, world, port, out, images)
+    seen, train_step = [], trainer.train_step
+
+    def recording_step():
+        terms = train_step()
+        seen.append(terms)
+        if how == "sigint" and rank == 1 and trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C reaches one rank only
+        return terms
+
+    trainer.train_step = recording_step
+    if how == "budget":  # rank 0's clock runs out after 2 steps; rank 1's clock never would
+        purify.train.Budget = lambda minutes: _ChecksBudget(2 if rank == 0 else 10**9)
+    step = trainer.run(max_steps=6, max_minutes=1.0, progress=False)
+    torch.save({"step": step, "terms": seen}, os.path.join(out, f"rank{rank}-{how}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("how", ["budget", "sigint"])
+def test_ddp_ranks_stop_at_the_same_step(tmp_path, tiny_images, how):
+    """Rank 0 decides the budget for every rank and an interrupt on one rank stops all at the same step, so no
+    rank waits in a collective the others never reach; the logged loss is the mean over ranks."""
+    _spawn(_ddp_stop_worker, 2, str(tmp_path), _small_images(tiny_images), how)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}-{how}.pt", weights_only=True) for r in (0, 1))
+    assert r0["step"] == r1["step"] == 2
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 2
+    assert r0["terms"] == r1["terms"]  # the same averaged loss terms on both ranks (their batches differ)
+
+
+def _ddp_resume_worker(rank, world, port, out, images, steps):
+    trainer = _ddp_trainer(rank, world, port, out, images, resume=True)
+    torch.save({"step": trainer.step, "rng": torch.get_rng_state()}, os.path.join(out, f"resumed{rank}-{world}.pt"))
+    trainer.run(max_steps=steps, progress=False)
+    torch.distributed.destroy_process_group()
+
+
+def test_resume_with_another_number_of_processes_gives_each_rank_its_own_stream(tmp_path, tiny_images):
+    images = _small_images(tiny_images)
+    Trainer(tiny_preset(batch_size=12), tmp_path, images=images, device="cpu").run(max_steps=2, progress=False)
+    assert len(load_checkpoint(tmp_path / "checkpoint.pt")["rng"]) == 1
+    _spawn(_ddp_resume_worker, 2, str(tmp_path), images, 2)  # 1 process -> 2
+    r0, r1 = (torch.load(tmp_path / f"resumed{r}-2.pt", weights_only=True) for r in (0, 1))
+    assert r0["step"] == r1["step"] == 2 and not torch.equal(r0["rng"], r1["rng"])
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["step"] == 4 and len(state["rng"]) == 2
+    _spawn(_ddp_resume_worker, 2, str(tmp_path), images, 0)  # 2 -> 2: each rank continues its own stream
+    for rank in (0, 1):
+        assert torch.equal(torch.load(tmp_path / f"resumed{rank}-2.pt", weights_only=True)["rng"], state["rng"][rank]["cpu"])
+    resumed = Trainer(tiny_preset(batch_size=12), tmp_path, images=images, device="cpu", resume=True)  # 2 -> 1
+    assert resumed.step == 4 and not any(torch.equal(torch.get_rng_state(), s["cpu"]) for s in state["rng"])

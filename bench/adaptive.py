@@ -29,6 +29,8 @@ Markdown table and a PNG (accuracy against t*). Reruns resume: finished (setting
     python -m bench.adaptive --target preact --t-stars 0.5 1 2 5 --n 200 --protocol cpu
     python -m bench.adaptive --split val --t-stars 0.5 1 2 5 --n 200          # choose settings here, not on test
     python -m bench.adaptive --sanity --n 50                                   # Carlini et al.'s sanity checks
+    python -m bench.adaptive --convergence 20x4 50x4 20x16 100x8 --n 32        # how far the cpu protocol is
+                                                                               # from converged
 """
 from __future__ import annotations
 
@@ -288,20 +290,35 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sanity", action="store_true",
                         help="run the sanity checks of Carlini et al. on the first target, t* and eps instead of the grid "
                              "and write sanity.md next to --out; exit status 1 if a check fails")
+    parser.add_argument("--convergence", nargs="+", default=None, metavar="STEPSxEOT",
+                        help="instead of the grid: PGD-EOT with each budget (e.g. 20x4 50x4 20x16 100x8) on the first "
+                             "target, t* and eps, scored like the grid, written to convergence.csv/.md next to --out")
     parser.add_argument("--out", default=None,
                         help="results CSV, resumed if it exists (default: results/adaptive/<preset>-<split>.csv); "
                              "Markdown, PNG and per-image predictions go next to it")
-    add_common_arguments(parser)
-    parser.set_defaults(n=200, batch_size=100)
+    add_common_arguments(parser, n=200, batch_size=100, seed_help="seed of the image subset")
     args = parser.parse_args(argv)
     try:
         args.target = check_names(args.target, "target")
         for k in args.eps:
             if not 0 < k <= 255:
                 raise ValueError(f"--eps values are k in eps = k/255 with 0 < k <= 255, got {k}")
+        args.convergence = [budget(b) for b in args.convergence] if args.convergence else None
     except ValueError as err:
         parser.error(str(err))
-    run_command(parser, sanity if args.sanity else adaptive, args)
+    command = sanity if args.sanity else convergence if args.convergence else adaptive
+    run_command(parser, command, args)
+
+
+def budget(text: str) -> tuple[int, int]:
+    """``"STEPSxEOT"`` -> (steps, eot), both positive."""
+    try:
+        steps, eot = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"a budget is STEPSxEOT, e.g. 50x4; got {text!r}") from None
+    if steps < 1 or eot < 1:
+        raise ValueError(f"a budget needs at least 1 step and 1 EOT draw; got {text!r}")
+    return steps, eot
 
 
 def build(args, device):
@@ -358,6 +375,43 @@ def numeric_adaptive(frame: pd.DataFrame) -> pd.DataFrame:
         frame[column] = frame[column].astype(int)
     frame["bf16"] = frame["bf16"] == "true"
     return frame
+
+
+def convergence(args: argparse.Namespace) -> None:
+    """Robust accuracy under PGD-EOT as steps and EOT draws grow, on the first target, t* and eps: how far the
+    cheap protocol's numbers are from converged (resumable: one row group per budget)."""
+    device = pick_device(args.device)
+    models, purifiers, images, labels, ids, ids_of = build(args, device)
+    target, purifier, eps = args.target[0], purifiers[0], args.eps[0]
+    setting = Setting(args, target, models[target], purifier, eps, images, labels, ids, ids_of[target])
+    out = Path(args.out) if args.out else RESULTS_DIR / "adaptive" / f"{args.preset}-{args.split}.csv"
+    path = out.with_name("convergence.csv")
+    table = ResultTable(path, KEY + ["steps", "eot"], COLUMNS)
+    costs = measure_costs(setting.defended, images, args.batch_size, args.bf16_on)
+    for steps, eot in args.convergence:
+        base = dict(setting.row("pgd-eot"), steps=steps, eot=eot)
+        rows = [dict(base, scoring=s) for s in ("single", "worst", "vote")]
+        if all(table.done(r) for r in rows):
+            continue
+        started = time.monotonic()
+        attack = eot_pgd(setting.defended, eps / 255, steps, setting.protocol.step_size(eps / 255), eot)
+        adversarial = craft(attack, images, labels, args.batch_size, seed=args.attack_seed, bf16=args.bf16_on,
+                            progress=not args.no_progress, desc=f"PGD-EOT {steps}x{eot}")
+        per_image = correct_by_scoring(setting.predictions("pgd-eot", adversarial), labels)
+        wall = time.monotonic() - started
+        table.add([dict(r, accuracy=per_image[r["scoring"]].mean().item(), wall_s=wall,
+                        s_per_image=wall / len(images), **costs) for r in rows])
+    frame = numeric_adaptive(table.frame())
+    lines = [f"**PGD-EOT budgets on {len(images)} {args.split} images** ({args.preset} preset, {purifier.mode} "
+             f"purifier t* = {purifier.t_star:g}, eps_inv = {purifier.eps_inv:g}, before {target}; eps = {eps}/255; "
+             f"step size eps/4; scored over N = {setting.protocol.evals} evaluations; {DATASET}). Accuracy (%).\n",
+             "| steps x EOT | gradients per image | single | worst-of-N | vote | s/image |", "|---|---|---|---|---|---|"]
+    for (steps, eot), group in frame.groupby(["steps", "eot"]):
+        acc = {r.scoring: 100 * r.accuracy for r in group.itertuples()}
+        lines.append(f"| {steps} x {eot} | {steps * eot} | {acc['single']:.1f} | {acc['worst']:.1f} | "
+                     f"{acc['vote']:.1f} | {group.s_per_image.iloc[0]:.1f} |")
+    write_text(path.with_suffix(".md"), "\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 # -- sanity checks (Carlini et al. 2019, "On Evaluating Adversarial Robustness") ------------------------------

@@ -224,8 +224,11 @@ def eps_list(values: list[str]) -> list[int]:
     return out
 
 
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared by the bench commands: models, data, hardware."""
+def add_common_arguments(parser: argparse.ArgumentParser, n: int | None = None, batch_size: int = 250,
+                         seed_help: str = "seed of the test subset, of PGD's random start and of the purifier's "
+                                          "noise") -> None:
+    """Options shared by the bench commands: models, data, hardware (``n``, ``batch_size``: the command's
+    defaults; ``seed_help``: what ``--seed`` seeds in this command)."""
     parser.add_argument("--preset", default="small", choices=PRESETS,
                         help="classifier preset AND BCM preset: 'small' = classifiers 'small' + BCM cifar10-small "
                              "(CPU scale, shipped), 'paper' = classifiers 'paper' + BCM cifar10-paper (default: small)")
@@ -234,10 +237,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classifier-dir", default=str(classifiers.registry.DEFAULT_CHECKPOINT_DIR), metavar="DIR",
                         help="folder of the classifier checkpoints <arch>-<preset>.pt "
                              "(default: checkpoints/classifiers in the repository)")
-    parser.add_argument("--n", type=int, default=None,
-                        help="number of test images: a seeded subset when smaller than 10,000 (default: all)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the test subset, of PGD's random start and of the purifier's noise (default: 0)")
+    parser.add_argument("--n", type=int, default=n,
+                        help=f"number of images: a seeded subset when smaller than the split "
+                             f"(default: {'all' if n is None else n})")
+    parser.add_argument("--seed", type=int, default=0, help=f"{seed_help} (default: 0)")
     parser.add_argument("--data-root", default=None,
                         help=f"CIFAR-10 root (default: $BCM_DATA, else the download cache; now {default_data_root()})")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
@@ -245,7 +248,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                              "measured in float32); default: the classifier preset's bf16 setting, which for the "
                              "small preset means on only where the device runs bf16 natively (CUDA with bf16, CPUs "
                              "with AMX/AVX-512-BF16; elsewhere bf16 is emulated and about 3x slower)")
-    parser.add_argument("--batch-size", type=int, default=250, help="images per batch (default: 250)")
+    parser.add_argument("--batch-size", type=int, default=batch_size,
+                        help=f"images per batch (default: {batch_size})")
     parser.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1'")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

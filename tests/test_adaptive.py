@@ -136,13 +136,22 @@ def test_bench_adaptive_grid_scores_and_resumes(checkpoints, tmp_path, monkeypat
 
 
 def test_bench_adaptive_rejects_bad_input(checkpoints, tmp_path, capsys):  # noqa: F811
-    for bad in (["--eps", "0"], ["--target", "resnet"], ["--protocol", "gpu"], ["--split", "train"]):
+    for bad in (["--eps", "0"], ["--target", "resnet"], ["--protocol", "gpu"], ["--split", "train"],
+                ["--convergence", "5y4"], ["--convergence", "0x4"], ["--n", "0"]):
         with pytest.raises(SystemExit) as exit_info:
             bench.adaptive.main(adaptive_args(checkpoints, tmp_path / "x.csv", *bad))
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
         assert "Traceback" not in err and err.strip()
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_convergence_study_writes_one_row_group_per_budget(checkpoints, tmp_path):  # noqa: F811
+    out = tmp_path / "grid.csv"
+    bench.adaptive.main(adaptive_args(checkpoints, out, "--convergence", "2x1", "3x2"))
+    frame = pd.read_csv(tmp_path / "convergence.csv")
+    assert sorted(set(zip(frame.steps, frame.eot))) == [(2, 1), (3, 2)] and len(frame) == 2 * 3
+    assert "| 3 x 2 | 6 |" in (tmp_path / "convergence.md").read_text()
 
 
 def test_sanity_check_fails_without_gradients(tiny_bcm):

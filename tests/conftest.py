@@ -20,8 +20,16 @@ def tiny_preset(**train) -> Preset:
 
 @pytest.fixture
 def tiny_bcm() -> BCM:
+    """A small BCM whose F is not zero. The U-Net zero-initialises its output convolution and the last layer
+    of every residual and attention branch, so a fresh F is 0 and ignores t and u; here every parameter that
+    starts at zero (those layers and the GroupNorm shifts) gets a seeded small random init instead."""
     torch.manual_seed(0)
-    return BCM(BCMConfig(network=tiny_network())).eval()
+    bcm = BCM(BCMConfig(network=tiny_network()))
+    g = torch.Generator().manual_seed(1)
+    for name, p in bcm.named_parameters():
+        if not p.detach().any():
+            p.data.copy_(torch.randn(p.shape, generator=g) * (0.02 if name.endswith("bias") else 0.1))
+    return bcm.eval()
 
 
 @pytest.fixture

@@ -35,15 +35,21 @@ def test_reduces_to_consistency_model_form_at_u_eps():
     assert torch.allclose(c_in(TIMES, sd), 1 / (sd**2 + TIMES**2).sqrt())
     diff = (c_skip(TIMES, u, sd) - c_skip_ct(TIMES, sd, eps)).abs()
     assert diff.max() < 2e-3
+    # ... but c_skip is the BCM form, exactly, not the CM one (whose value differs at u = eps by < 2e-3)
+    torch.testing.assert_close(c_skip(TIMES, u, sd), (sd**2 + TIMES * eps) / (sd**2 + TIMES**2), rtol=1e-6, atol=0)
+    assert (diff / c_skip(TIMES, u, sd)).max() > 1e-5
     assert c_skip(TIMES[:1], u[:1], sd).item() == pytest.approx(1.0, abs=1e-5)  # f(x, eps, eps) ~ x
 
 
 def test_separate_t_and_u_embeddings_change_the_output(tiny_bcm):
+    """F itself (not only c_skip and c_out) depends on u: F = (f - c_skip x) / c_out differs between targets."""
     for p in tiny_bcm.parameters():
         p.data.normal_(0, 0.05)
     x = torch.randn(2, 3, 32, 32)
-    a, b = tiny_bcm(x, 2.0, 0.002), tiny_bcm(x, 2.0, 0.5)
-    assert not torch.allclose(a, b)
+    t, sd = torch.tensor(2.0), 0.5
+    F_of = [(tiny_bcm(x, t, u) - c_skip(t, u, sd) * x) / c_out(t, u, sd)
+            for u in (torch.tensor(0.002), torch.tensor(0.5))]
+    assert not torch.allclose(F_of[0], F_of[1], rtol=1e-3, atol=1e-4)
 
 
 def test_presets_build():

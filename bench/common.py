@@ -45,10 +45,9 @@ def load_purifier(path: str | os.PathLike, preset: str, device: torch.device, mo
     if not path.is_file():
         name = BCM_PRESETS[preset]
         raise FileNotFoundError(
-            f"no BCM checkpoint at {path}. Train and export one with\n"
-            f"  python -m purify.train --config {name} --out runs/bcm-{preset}\n"
-            f"  python -m purify.export runs/bcm-{preset}/checkpoint.pt checkpoints/bcm/{name}.pt\n"
-            f"or point --bcm at an exported BCM checkpoint.")
+            f"no BCM checkpoint at {path}; train and export one with `python -m purify.train --config {name} "
+            f"--out runs/bcm-{preset}` and `python -m purify.export runs/bcm-{preset}/checkpoint.pt "
+            f"checkpoints/bcm/{name}.pt`, or point --bcm at an exported BCM checkpoint")
     strength = {} if t_star is None else {"t_star": t_star}
     purifier = BCMPurifier.from_checkpoint(path, device=device, mode=mode, seed=seed, **strength)
     purifier.bcm.to(memory_format=torch.channels_last)
@@ -72,10 +71,11 @@ def load_classifiers(names: Iterable[str], preset: str, checkpoint_dir: str | os
 
 
 def run_command(parser: argparse.ArgumentParser, command, args: argparse.Namespace) -> None:
-    """Run ``command(args)``; a missing checkpoint or a bad value ends with a one-line error, no traceback."""
+    """Run ``command(args)``; a missing or bad checkpoint, data root or value, or an output that cannot be
+    written, ends with a one-line error and exit status 2, no traceback."""
     try:
         command(args)
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
 
 
@@ -157,6 +157,8 @@ class ResultTable:
 
     def __init__(self, path: str | os.PathLike, key: list[str] = KEY, columns: list[str] = COLUMNS):
         self.path, self.key_columns, self.columns = Path(path), list(key), list(columns)
+        if self.path.is_dir():  # found now, not after the first cell's work
+            raise ValueError(f"--out {self.path} is a directory; give the CSV file to write")
         if self.path.is_file():
             frame = pd.read_csv(self.path, dtype=str, keep_default_na=False)
             if list(frame.columns) != self.columns:
@@ -224,6 +226,17 @@ def eps_list(values: list[str]) -> list[int]:
     return out
 
 
+def positive_int(value: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}")
+    return number
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, n: int | None = None, batch_size: int = 250,
                          seed_help: str = "seed of the test subset, of PGD's random start and of the purifier's "
                                           "noise") -> None:
@@ -237,7 +250,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, n: int | None = None, 
     parser.add_argument("--classifier-dir", default=str(classifiers.registry.DEFAULT_CHECKPOINT_DIR), metavar="DIR",
                         help="folder of the classifier checkpoints <arch>-<preset>.pt "
                              "(default: checkpoints/classifiers in the repository)")
-    parser.add_argument("--n", type=int, default=n,
+    parser.add_argument("--n", type=positive_int, default=n,
                         help=f"number of images: a seeded subset when smaller than the split "
                              f"(default: {'all' if n is None else n})")
     parser.add_argument("--seed", type=int, default=0, help=f"{seed_help} (default: 0)")
@@ -248,10 +261,11 @@ def add_common_arguments(parser: argparse.ArgumentParser, n: int | None = None, 
                              "measured in float32); default: the classifier preset's bf16 setting, which for the "
                              "small preset means on only where the device runs bf16 natively (CUDA with bf16, CPUs "
                              "with AMX/AVX-512-BF16; elsewhere bf16 is emulated and about 3x slower)")
-    parser.add_argument("--batch-size", type=int, default=batch_size,
+    parser.add_argument("--batch-size", type=positive_int, default=batch_size,
                         help=f"images per batch (default: {batch_size})")
     parser.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1'")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

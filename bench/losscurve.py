@@ -122,15 +122,24 @@ def main(argv: list[str] | None = None) -> None:
     if args.window is not None and args.window < 1:
         parser.error("--window must be at least 1")
 
+    if Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a directory; give the PNG file to write")
+
     runs = {}
     for log_path in map(Path, args.logs):
         name = run_name(log_path)
         if name in runs:  # two runs with the same folder name: tell them apart by the full path
             name = str(log_path)
-        runs[name] = read_log(log_path)
+        try:
+            runs[name] = read_log(log_path)
+        except (OSError, ValueError) as err:  # missing, unreadable or not a CSV log (pandas' errors are ValueErrors)
+            parser.exit(2, f"{parser.prog}: error: cannot read {log_path}: {str(err).splitlines()[0]}\n")
         if runs[name].empty:
             parser.error(f"{log_path} has no complete rows yet")
-    plot(runs, Path(args.out), args.window, args.yscale)
+    try:
+        plot(runs, Path(args.out), args.window, args.yscale)
+    except OSError as err:
+        parser.exit(2, f"{parser.prog}: error: cannot write {args.out}: {err}\n")
     table = summary(runs, args.window)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}" if math.isfinite(v) else "nan"))
     print(f"wrote {args.out}")

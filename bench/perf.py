@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 from torch.func import functional_call
 
+import classifiers
 from classifiers import ARCHS, build_classifier
 from purify import BCM, BCMPurifier, load_preset
 from purify.checkpoint import atomic_write
@@ -97,10 +98,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (the best is kept)")
     parser.add_argument("--out", default=str(REPO_ROOT / "results" / "perf"), help="output folder")
     args = parser.parse_args(argv)
+    if args.threads < 1 or args.train_steps < 1 or args.eval_batch < 1 or args.repeats < 1:
+        parser.error("--threads, --train-steps, --eval-batch and --repeats must be positive")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a file; give the folder to write perf-<config>.csv/.md into")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    preset = load_preset(args.config)
+    try:
+        preset = load_preset(args.config)
+        classifiers.load_preset(args.classifier_preset)
+    except (OSError, ValueError) as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     name = Path(args.config).stem
     batch = preset.train.batch_size
     rows = []

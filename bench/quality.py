@@ -42,7 +42,7 @@ from purify.runtime import pick_device
 from purify.sampling import (ANCESTRAL_2, COMBINED_4, INVERSION_SCHEDULES, ZIGZAG_3, initial_noise, reconstruct,
                              reconstruction_mse, sample_ancestral, sample_combined, sample_onestep, sample_zigzag)
 
-from .common import load_classifiers, write_text
+from .common import load_classifiers, run_command, write_text
 
 DATASET = "CIFAR-10 (JPEG q75 copy)"
 DEFAULT_BCM = REPO_ROOT / "checkpoints" / "bcm" / "cifar10-small.pt"
@@ -215,15 +215,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
-    command = shlex.join(["python", "-m", "bench.quality", *(sys.argv[1:] if argv is None else argv)])
+    args.command = shlex.join(["python", "-m", "bench.quality", *(sys.argv[1:] if argv is None else argv)])
+    if not Path(args.bcm).is_file():
+        parser.error(f"no BCM checkpoint at {args.bcm}; export one from a training run with `{EXPORT_COMMAND}`, "
+                     f"or point --bcm at an exported or training BCM checkpoint")
+    if args.n <= 0 or args.batch_size <= 0 or args.grid <= 0 or (args.threads is not None and args.threads <= 0):
+        parser.error("--n, --batch-size, --grid and --threads must be positive")
+    run_command(parser, quality, args)
 
+
+def quality(args: argparse.Namespace) -> None:
+    """Run the command on parsed arguments; a bad checkpoint, data root or value raises OSError/ValueError."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not Path(args.bcm).is_file():
-        parser.error(f"no BCM checkpoint at {args.bcm}. Export one from a training run with\n"
-                     f"  {EXPORT_COMMAND}\nor point --bcm at an exported or training BCM checkpoint.")
-    if args.n <= 0 or args.batch_size <= 0 or args.grid <= 0:
-        parser.error("--n, --batch-size and --grid must be positive")
     device = pick_device(args.device)
     bcm = BCMPurifier.from_checkpoint(args.bcm, device=device).bcm.to(memory_format=torch.channels_last)
     state = load_checkpoint(args.bcm)
@@ -231,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     eps, T = bcm.config.eps, bcm.config.T
     bad = [t for t in args.t_stars if not eps < t <= T]
     if bad:
-        parser.error(f"--t-stars must lie in ({eps}, {T}], got {bad}")
+        raise ValueError(f"--t-stars must lie in ({eps}, {T}], got {bad}")
     models = {}
     if not args.skip_classifiers:
         models = load_classifiers(classifiers.ARCHS, args.classifier_preset, args.classifier_dir, device,
@@ -245,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     images, labels = images[index], labels[index]
     n = len(images)
     about = (f"{DATASET}, {n} test images (seeded subset, seed {args.seed}); BCM checkpoint `{args.bcm}` "
-             f"(step {step}). Command: `{command}`.")
+             f"(step {step}). Command: `{args.command}`.")
     meta = {"n": n, "seed": args.seed, "checkpoint_step": step}
     timings = {}
 

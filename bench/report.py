@@ -220,7 +220,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", default=str(RESULTS_DIR),
                         help="results folder holding transfer/*.csv and tradeoff/*.csv (default: results/)")
     args = parser.parse_args(argv)
-    for path in rebuild(args.results):
+    if not Path(args.results).is_dir():
+        parser.error(f"--results {args.results} is not a folder")
+    try:
+        written = rebuild(args.results)
+    except (OSError, ValueError, KeyError) as err:  # a CSV of another layout, an unwritable folder
+        parser.exit(2, f"{parser.prog}: error: {str(err).splitlines()[0] if str(err) else repr(err)}\n")
+    for path in written:
         print(f"wrote {path}")
 
 

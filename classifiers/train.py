@@ -260,10 +260,15 @@ def main(argv=None) -> None:
                              "AMX/AVX-512-BF16, since emulated bf16 is about 3x slower than float32)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    train(args.arch, args.preset, data_root=args.data_root, out_dir=args.out_dir, run_dir=args.run_dir,
-          results_dir=args.results_dir, device=args.device, seed=args.seed, threads=args.threads,
-          max_minutes=args.max_minutes, resume=args.resume, train_subset=args.train_subset,
-          progress=not args.no_progress, bf16=args.bf16)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be positive, got {args.threads}")
+    try:  # missing data, unwritable folders, a state file of another run: one line, no traceback
+        train(args.arch, args.preset, data_root=args.data_root, out_dir=args.out_dir, run_dir=args.run_dir,
+              results_dir=args.results_dir, device=args.device, seed=args.seed, threads=args.threads,
+              max_minutes=args.max_minutes, resume=args.resume, train_subset=args.train_subset,
+              progress=not args.no_progress, bf16=args.bf16)
+    except (OSError, ValueError) as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from pathlib import Path
 
@@ -38,7 +39,7 @@ def load_checkpoint(path: str | os.PathLike, required: tuple[str, ...] = ()) -> 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"checkpoint {path} is corrupt or not a bcm-purify checkpoint: {err}") from err
+        raise ValueError(f"checkpoint {path} is corrupt or not a bcm-purify checkpoint: {_reason(err)}") from err
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
     missing = [key for key in required if key not in state]
@@ -61,6 +62,17 @@ def bcm_weights(state: dict, path: str | os.PathLike) -> tuple[dict, str]:
         return state["ema"], origin if isinstance(origin, str) else "ema"
     raise ValueError(f"checkpoint {path} holds no BCM weights (no 'weights' or 'ema' entry); "
                      f"give a release file (purify.export) or a training checkpoint (purify.train)")
+
+
+def _reason(err: Exception) -> str:
+    """One line of torch.load's error: for a file holding more than tensors and plain data (e.g. a pickle that
+    would run code), the line that says what the safe loader refused; otherwise the first line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if isinstance(err, pickle.UnpicklingError):
+        details = [line for line in lines[1:] if not line.startswith(("Please file", "Check the documentation"))]
+        return "refused by the safe loader (weights_only=True), nothing was unpickled: " + (
+            details[0] if details else (lines[0] if lines else type(err).__name__))
+    return lines[0] if lines else type(err).__name__
 
 
 def load_state_dict_strict(module: torch.nn.Module, state_dict: dict, source: str) -> None:

@@ -158,6 +158,8 @@ def check_images(images: torch.Tensor, channels: int = 3) -> None:
                          f"(convert uint8 images with images.float() / 255)")
     if images.ndim != 4:
         raise ValueError(f"expected a 4-D batch (B, C, H, W), got shape {tuple(images.shape)}")
+    if images.shape[0] == 0:
+        raise ValueError(f"empty batch: got shape {tuple(images.shape)}")
     if images.shape[1] != channels:
         raise ValueError(f"expected {channels} channels, got shape {tuple(images.shape)} "
                          f"(channels-first layout (B, C, H, W) is required)")

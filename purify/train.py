@@ -241,10 +241,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
-
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be positive, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} is a file, not a run folder")
     if not args.resume and (out / "checkpoint.pt").exists():
         parser.error(f"{out}/checkpoint.pt exists: pass --resume to continue it, or choose another --out")
     if args.resume and not (out / "checkpoint.pt").exists():
@@ -255,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
         preset = load_preset(args.config)
         trainer = Trainer(preset, out, data_root=args.data_root, device=args.device, resume=args.resume,
                           init_from=args.init_from, start_step=args.start_step)
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:  # also an --out that cannot be a folder
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     if trainer.rank == 0:
         import yaml

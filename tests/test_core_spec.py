@@ -10,7 +10,7 @@ from torch import nn
 
 import purify.bct
 from conftest import tiny_preset
-from purify.bct import BCTLoss, LossConfig, karras_times
+from purify.bct import BCTLoss, LossConfig
 from purify.checkpoint import load_checkpoint
 from purify.train import Trainer
 
@@ -20,6 +20,12 @@ HUBER_C = 0.00054 * math.sqrt(48)         # spec §3: c = 0.00054 sqrt(D)
 # Fixed 0-based indices into p (n = 1..N-1 in the spec's numbering is index 0..N-2): the pairs differ for
 # both soft starts (n' != n and n' != n + 1), and include n' > n (inversion) and n' < n (denoising).
 N_IDX, N2_IDX = torch.tensor([0, 3, 5, 9]), torch.tensor([4, 1, 9, 2])
+
+
+def eq22(n: int) -> torch.Tensor:
+    """Spec §3, Eq. 22: ``t_i = (eps^(1/rho) + (i-1)/(N-1) (T^(1/rho) - eps^(1/rho)))^rho``, rho = 7."""
+    return torch.tensor([(EPS ** (1 / 7) + (i - 1) / (n - 1) * (T ** (1 / 7) - EPS ** (1 / 7))) ** 7
+                         for i in range(1, n + 1)], dtype=torch.float64)
 
 
 def analytic_f(x, t, u, w, v, mask):
@@ -111,7 +117,7 @@ def test_bct_loss_equals_eq15_by_hand(fixed_draws, kind, soft_start):
 
     w, v = (p.detach().double().requires_grad_(True) for p in (model.w, model.v))
     x64 = x.detach().double().requires_grad_(True)
-    ct, soft = hand_eq15(x64, z.double(), karras_times(11, EPS, T), N_IDX, N2_IDX, masks[0].double(), (w, v),
+    ct, soft = hand_eq15(x64, z.double(), eq22(11), N_IDX, N2_IDX, masks[0].double(), (w, v),
                          soft_start=soft_start, kind=kind)
     torch.testing.assert_close(terms["ct"].double(), ct, rtol=1e-4, atol=0)
     torch.testing.assert_close(terms["soft"].double(), soft, rtol=1e-4, atol=0)
@@ -140,7 +146,7 @@ def test_stop_gradients_of_eq15(fixed_draws):
     assert grad_soft.abs().min() > 0  # the inner pass reaches the weights
 
     theta = torch.stack([model.w, model.v]).detach().double()
-    args = (x.double(), z.double(), karras_times(11, EPS, T), N_IDX, N2_IDX, model.calls[0]["mask"].double())
+    args = (x.double(), z.double(), eq22(11), N_IDX, N2_IDX, model.calls[0]["mask"].double())
     inner_only = torch.func.grad(lambda p: hand_eq15(*args, (p[0], p[1]))[1].sum())(theta)
     both = torch.func.grad(lambda p: hand_eq15(*args, (p[0], p[1]), sg_outer=(p[0], p[1]))[1].sum())(theta)
     online_only = torch.func.grad(lambda p: hand_eq15(*args, (p[0], p[1]))[0].sum())(theta)
@@ -186,7 +192,7 @@ def test_curriculum_as_the_loss_uses_it(fixed_draws):
         model.calls.clear()
         terms = loss(model, _batch(), step=step)
         assert int(terms["N"]) == expected_n, step
-        grid = karras_times(expected_n, EPS, T)
+        grid = eq22(expected_n)
         assert asked["p"].numel() == expected_n - 1
         cdf = torch.erf((grid.log() + 1.1) / (math.sqrt(2) * 2.0))
         torch.testing.assert_close(asked["p"].double(), ((cdf[1:] - cdf[:-1]) / (cdf[-1] - cdf[0])))
@@ -195,6 +201,25 @@ def test_curriculum_as_the_loss_uses_it(fixed_draws):
         ts = torch.stack([c["t"] for c in model.calls])
         assert any(torch.allclose(row.double(), grid[N_IDX + 1], rtol=1e-6) for row in ts), step
         assert any(torch.allclose(row.double(), grid[N_IDX], rtol=1e-6) for row in ts), step
+
+
+def test_denoiser_warm_start_loss_by_hand(monkeypatch):
+    """EDM's loss on the u = 0 branch: lambda(s) |f(x + s n, s, eps) - x|^2 per dimension, lognormal s
+    (P_mean -1.2, P_std 1.2), lambda(s) = (s^2 + sd^2) / (s sd)^2 (Karras et al. 2022, Eq. 2 and Table 1)."""
+    from purify.bct import DenoiserLoss
+
+    normal = torch.tensor([-1.0, 0.0, 0.5, 2.0])
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(8))
+    monkeypatch.setattr(torch, "randn", lambda *shape, **kw: normal.clone())
+    monkeypatch.setattr(torch, "randn_like", lambda like, **kw: noise.clone())
+    model = AnalyticModel().eval()
+    x = _batch()
+    got = DenoiserLoss(LossConfig(kind="denoise"), sigma_data=0.5, eps=EPS, T=T)(model, x, step=0)["loss"]
+    s = (normal.double() * 1.2 - 1.2).exp()
+    denoised = analytic_f(x.double() + s.view(-1, 1, 1, 1) * noise, s, torch.full((4,), EPS, dtype=torch.float64),
+                          model.w.detach(), model.v.detach(), torch.ones(SHAPE))
+    want = (s**2 + 0.25) / (0.25 * s**2) * (denoised - x).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=0)
 
 
 # --- preconditioning (spec §2) ---------------------------------------------------------------------------

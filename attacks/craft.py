@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 def autocast(device: torch.device, enabled: bool):
     """bfloat16 autocast on ``device`` when ``enabled``: fast where bf16 is native (recent GPUs, CPUs with
-    AMX/AVX-512-BF16), about 3x slower than float32 where it is emulated; ``purify.runtime.native_bf16`` tells."""
+    AMX/AVX-512-BF16), 3-10x slower than float32 where it is emulated; ``purify.runtime.native_bf16`` tells."""
     if not enabled:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)

@@ -260,7 +260,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, n: int | None = None, 
                         help="bfloat16 autocast for crafting the attack and for purifying (accuracies are always "
                              "measured in float32); default: the classifier preset's bf16 setting, which for the "
                              "small preset means on only where the device runs bf16 natively (CUDA with bf16, CPUs "
-                             "with AMX/AVX-512-BF16; elsewhere bf16 is emulated and about 3x slower)")
+                             "with AMX/AVX-512-BF16; elsewhere bf16 is emulated and 3-10x slower)")
     parser.add_argument("--batch-size", type=positive_int, default=batch_size,
                         help=f"images per batch (default: {batch_size})")
     parser.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1'")

@@ -59,7 +59,7 @@ class TrainConfig:
 
     def use_bf16(self, device: torch.device) -> bool:
         """Whether to autocast to bfloat16 on ``device``: ``bf16``, or when it is null, whether ``device`` runs
-        bf16 natively (on an AVX2-only CPU emulated bf16 is about 3x slower than float32)."""
+        bf16 natively (on an AVX2-only CPU emulated bf16 is 3-10x slower than float32)."""
         return native_bf16(device) if self.bf16 is None else self.bf16
 
     def arch(self, name: str) -> ArchConfig:

@@ -257,7 +257,7 @@ def main(argv=None) -> None:
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                         help="force bfloat16 autocast on or off (default: the preset's setting; small: on only "
                              "where the device runs bf16 natively, i.e. CUDA with bf16 or a CPU with "
-                             "AMX/AVX-512-BF16, since emulated bf16 is about 3x slower than float32)")
+                             "AMX/AVX-512-BF16, since emulated bf16 is 3-10x slower than float32)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:

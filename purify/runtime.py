@@ -22,7 +22,7 @@ def native_bf16(device: torch.device | str) -> bool:
     """Whether ``device`` runs bfloat16 natively, the one place that decides bf16 autocast's default.
 
     CUDA: a GPU with bf16 support. CPU: oneDNN's bf16 kernels, which need AVX-512-BF16 or AMX; elsewhere (e.g.
-    AVX2-only CPUs) torch emulates bf16 and autocast runs about 3x slower than float32.
+    AVX2-only CPUs) torch emulates bf16 and autocast runs 3-10x slower than float32.
     """
     device = torch.device(device)
     if device.type == "cuda":

@@ -165,6 +165,14 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "step": self.step, "rng": states,
             }, self.checkpoint_path)
 
+    def close(self) -> None:
+        """Leave the process group together: a barrier first, so that no rank tears its gloo/NCCL threads down
+        while another is still in a collective (an abort on the other rank), and DDP's reducer goes before it."""
+        if self.distributed and dist.is_initialized():
+            dist.barrier()
+            self.module = None
+            dist.destroy_process_group()
+
     def run(self, max_steps: int | None = None, max_minutes: float | None = None, progress: bool = True) -> int:
         """Train until ``total_steps`` (or ``max_steps`` more steps, or the time budget); returns the step."""
         tc = self.preset.train
@@ -268,8 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     step = trainer.run(max_steps=args.max_steps, max_minutes=args.max_minutes)
     if trainer.rank == 0:
         print(f"stopped at step {step}/{trainer.preset.train.total_steps}; checkpoint: {trainer.checkpoint_path}")
-    if trainer.distributed:
-        dist.destroy_process_group()
+    trainer.close()
 
 
 if __name__ == "__main__":

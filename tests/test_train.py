@@ -111,7 +111,7 @@ def _ddp_worker(rank, world, port, out, images):
     trainer = Trainer(tiny_preset(batch_size=8), out, images=images, device="cpu")
     trainer.run(max_steps=2, progress=False)
     torch.save(trainer.bcm.state_dict(), os.path.join(out, f"rank{rank}.pt"))
-    torch.distributed.destroy_process_group()
+    trainer.close()
 
 
 def test_ddp_with_gloo_keeps_ranks_in_sync(tmp_path, tiny_images):
@@ -201,7 +201,7 @@ def _ddp_stop_worker(rank, world, port, out, images, how):
         purify.train.Budget = lambda minutes: _ChecksBudget(2 if rank == 0 else 10**9)
     step = trainer.run(max_steps=6, max_minutes=1.0, progress=False)
     torch.save({"step": step, "terms": seen}, os.path.join(out, f"rank{rank}-{how}.pt"))
-    torch.distributed.destroy_process_group()
+    trainer.close()
 
 
 @pytest.mark.parametrize("how", ["budget", "sigint"])
@@ -219,7 +219,7 @@ def _ddp_resume_worker(rank, world, port, out, images, steps):
     trainer = _ddp_trainer(rank, world, port, out, images, resume=True)
     torch.save({"step": trainer.step, "rng": torch.get_rng_state()}, os.path.join(out, f"resumed{rank}-{world}.pt"))
     trainer.run(max_steps=steps, progress=False)
-    torch.distributed.destroy_process_group()
+    trainer.close()
 
 
 def test_resume_with_another_number_of_processes_gives_each_rank_its_own_stream(tmp_path, tiny_images):

@@ -420,7 +420,7 @@ def sanity(args: argparse.Namespace) -> None:
     models, purifiers, images, labels, ids, _ = build(args, device)
     target, purifier, eps = args.target[0], purifiers[0], args.eps[0]
     checks = sanity_checks(models[target], purifier, images, labels, ids, eps, args)
-    lines = [f"# Sanity checks of the adaptive evaluation\n",
+    lines = ["# Sanity checks of the adaptive evaluation\n",
              f"{args.preset} preset, {purifier.mode} purifier (t* = {purifier.t_star:g}, eps_inv = "
              f"{purifier.eps_inv:g}) before {target}; {len(images)} {args.split} images of {DATASET}; "
              f"eps = {eps}/255; accuracies are single-evaluation means over {args.sanity_evals} evaluations "

@@ -6,7 +6,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from purify.data import to_float
-from purify.purifier import check_images
+from purify.base import check_images
 
 
 @torch.no_grad()

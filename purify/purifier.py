@@ -15,17 +15,81 @@ import os
 from typing import Iterator, Sequence
 
 import torch
-from torch import nn
 
+from .base import Defence, check_images
 from .bcm import BCM
+from .bct import karras_times
 from .checkpoint import bcm_weights, load_checkpoint, load_state_dict_strict
-from .presets import preset_from_dict
-from .sampling import invert, sample_ancestral
+from .presets import Preset, preset_from_dict
+from .sampling import invert, sample_ancestral, sample_reverse_diffusion
 
 MODES = ("bcm", "denoise")
+SOLVERS = ("sde", "ode")
 
 
-class BCMPurifier(nn.Module):
+def load_bcm(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[BCM, Preset]:
+    """The BCM of a release file (the weights it ships) or of a training checkpoint (its EMA weights), and
+    its preset."""
+    state = load_checkpoint(path, ("kind", "config"))
+    if state["kind"] != "bcm":
+        raise ValueError(f"{path} is a {state['kind']!r} checkpoint, not a BCM")
+    preset = preset_from_dict(state["config"], f"{path} config")
+    bcm = BCM(preset.model)
+    load_state_dict_strict(bcm, bcm_weights(state, path)[0], str(path))
+    return bcm.to(device), preset
+
+
+class _NoisyDefence(Defence):
+    """A defence around a frozen BCM that draws noise: seeded or global RNG, or noise fixed per image."""
+
+    randomized = True
+
+    def __init__(self, bcm: BCM, seed: int | None):
+        super().__init__()
+        self.bcm = bcm.eval().requires_grad_(False)
+        self.seed = seed
+        self.generator: torch.Generator | None = None
+        self._fixed_noise: torch.Tensor | None = None
+        self.reseed()
+
+    def reseed(self) -> None:
+        """Restart the seeded noise stream (no effect without a seed)."""
+        if self.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.seed)
+
+    def train(self, mode: bool = True) -> "_NoisyDefence":
+        super().train(mode)
+        self.bcm.eval()  # the defence never trains its BCM: no dropout, whatever the wrapper's mode
+        return self
+
+    @contextlib.contextmanager
+    def fixed_noise(self, noise: torch.Tensor) -> Iterator["_NoisyDefence"]:
+        """Within the block, every forward pass uses ``noise`` (batch x ``noise_shape``, standard normal)
+        instead of drawing it: per-image noise independent of batching, or noise frozen per image for the
+        fixed-randomness ablation of an adaptive attack."""
+        previous, self._fixed_noise = self._fixed_noise, noise
+        try:
+            yield self
+        finally:
+            self._fixed_noise = previous
+
+    def _noise(self, x: torch.Tensor) -> torch.Tensor:
+        """Noise of shape (batch, *noise_shape) for the image batch ``x``."""
+        shape = (x.shape[0], *self.noise_shape(x.shape[1:]))
+        if self._fixed_noise is not None:
+            if tuple(self._fixed_noise.shape) != shape:
+                raise ValueError(f"fixed noise of shape {tuple(self._fixed_noise.shape)} does not match the "
+                                 f"{shape} this defence needs for the image batch {tuple(x.shape)}")
+            return self._fixed_noise.to(device=x.device, dtype=x.dtype)
+        return torch.randn(shape, generator=self.generator, dtype=x.dtype,
+                           device="cpu" if self.generator is not None else x.device).to(x.device)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        check_images(images, self.bcm.config.network.image_channels)
+        return self.purify(images)
+
+
+class BCMPurifier(_NoisyDefence):
     """Purify images in [0, 1] by inverting them to noise level ``t_star`` and denoising back.
 
     Args:
@@ -44,14 +108,13 @@ class BCMPurifier(nn.Module):
     def __init__(self, bcm: BCM, t_star: float = 80.0, eps_inv: float = 0.11,
                  inversion_times: Sequence[float] = (), denoise_times: Sequence[float] = (),
                  mode: str = "bcm", seed: int | None = None):
-        super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         eps, T = bcm.config.eps, bcm.config.T
         if not eps < t_star <= T:
             raise ValueError(f"t_star must be in ({eps}, {T}], got {t_star}")
-        self.bcm = bcm.eval().requires_grad_(False)
-        self.t_star, self.mode, self.seed = float(t_star), mode, seed
+        super().__init__(bcm, seed)
+        self.t_star, self.mode = float(t_star), mode
         self.eps_inv = min(float(eps_inv), self.t_star / 2)
         self.inversion_times = [self.eps_inv, *map(float, inversion_times), self.t_star]
         self.denoise_times = [*map(float, denoise_times), self.t_star]
@@ -69,56 +132,39 @@ class BCMPurifier(nn.Module):
         if any(not a < b for a, b in zip([eps, *times], times)):
             raise ValueError(f"denoise_times must increase strictly within ({eps}, t_star={t_star:g}), "
                              f"got {list(times[:-1])}")
-        self.generator: torch.Generator | None = None
-        self._fixed_noise: torch.Tensor | None = None
-        self.reseed()
+
+    @property
+    def name(self) -> str:
+        return self.mode
+
+    @property
+    def nfe(self) -> int:
+        inversion = len(self.inversion_times) - 1 if self.mode == "bcm" else 0
+        return inversion + len(self.denoise_times)
+
+    def settings(self) -> dict:
+        out = {"t_star": self.t_star}
+        if self.mode == "bcm":
+            out["eps_inv"] = self.eps_inv
+            if len(self.inversion_times) > 2:
+                out["inversion_times"] = self.inversion_times[1:-1]
+        if len(self.denoise_times) > 1:
+            out["denoise_times"] = self.denoise_times[:-1]
+        return out
+
+    def noise_shape(self, image_shape: Sequence[int]) -> tuple[int, ...]:
+        return tuple(image_shape)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu", **kwargs) -> "BCMPurifier":
         """Build from a release file (the weights it ships) or a training checkpoint (its EMA weights);
         ``t_star``/``eps_inv`` default to the preset's ``purifier`` section, any keyword overrides them."""
-        state = load_checkpoint(path, ("kind", "config"))
-        if state["kind"] != "bcm":
-            raise ValueError(f"{path} is a {state['kind']!r} checkpoint, not a BCM")
-        preset = preset_from_dict(state["config"], f"{path} config")
-        bcm = BCM(preset.model)
-        load_state_dict_strict(bcm, bcm_weights(state, path)[0], str(path))
+        bcm, preset = load_bcm(path, device)
         kwargs.setdefault("t_star", preset.purifier.t_star)
         kwargs.setdefault("eps_inv", preset.purifier.eps_inv)
-        return cls(bcm.to(device), **kwargs)
+        return cls(bcm, **kwargs)
 
-    def reseed(self) -> None:
-        """Restart the seeded noise stream (no effect without a seed)."""
-        if self.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.seed)
-
-    def train(self, mode: bool = True) -> "BCMPurifier":
-        super().train(mode)
-        self.bcm.eval()  # the purifier never trains its BCM: no dropout, whatever the wrapper's mode
-        return self
-
-    @contextlib.contextmanager
-    def fixed_noise(self, noise: torch.Tensor) -> Iterator["BCMPurifier"]:
-        """Within the block, every forward pass uses ``noise`` (the shape of the image batch, standard normal)
-        as its initial noise instead of drawing it: per-image noise independent of batching, or noise frozen
-        per image for the fixed-randomness ablation of an adaptive attack."""
-        previous, self._fixed_noise = self._fixed_noise, noise
-        try:
-            yield self
-        finally:
-            self._fixed_noise = previous
-
-    def _noise(self, x: torch.Tensor) -> torch.Tensor:
-        if self._fixed_noise is not None:
-            if self._fixed_noise.shape != x.shape:
-                raise ValueError(f"fixed noise of shape {tuple(self._fixed_noise.shape)} does not match the "
-                                 f"image batch {tuple(x.shape)}")
-            return self._fixed_noise.to(device=x.device, dtype=x.dtype)
-        return torch.randn(x.shape, generator=self.generator, dtype=x.dtype,
-                           device="cpu" if self.generator is not None else x.device).to(x.device)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        check_images(images, self.bcm.config.network.image_channels)
+    def purify(self, images: torch.Tensor) -> torch.Tensor:
         x = images * 2 - 1
         if self.mode == "bcm":
             x_t = invert(self.bcm, x, self.inversion_times, noise=self._noise(x))
@@ -127,13 +173,60 @@ class BCMPurifier(nn.Module):
         x0 = sample_ancestral(self.bcm, x_t, self.denoise_times, eps=self.bcm.config.eps)
         return ((x0 + 1) / 2).clamp(0, 1)
 
-    def wrap(self, classifier: nn.Module) -> nn.Sequential:
-        """A module that purifies, then classifies: ``nn.Sequential(self, classifier)``."""
-        return nn.Sequential(self, classifier)
-
     def extra_repr(self) -> str:
         return (f"mode={self.mode}, t_star={self.t_star}, eps_inv={self.eps_inv}, "
                 f"inversion_times={self.inversion_times}, denoise_times={self.denoise_times}, seed={self.seed}")
+
+
+class DiffusionPurifier(_NoisyDefence):
+    """DiffPure-style purification with the same network: diffuse to ``t_star`` (``x + t* z``), then integrate
+    back to 0 in ``steps`` steps (``solver``: ``"sde"`` reverse SDE, or ``"ode"`` probability-flow ODE) on
+    the Karras grid (rho = 7) from ``t_star`` down to the model's ``eps``, using the BCM's ``u = 0`` branch as
+    the denoiser (``purify.sampling.sample_reverse_diffusion``). ``steps`` network evaluations per image:
+    what a user would pick instead of the BCM purifier, at equal network quality."""
+
+    name = "diffusion"
+
+    def __init__(self, bcm: BCM, t_star: float = 1.0, steps: int = 100, solver: str = "sde",
+                 seed: int | None = None):
+        eps, T = bcm.config.eps, bcm.config.T
+        if not eps < t_star <= T:
+            raise ValueError(f"t_star must be in ({eps}, {T}], got {t_star}")
+        if int(steps) != steps or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps}")
+        if solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+        super().__init__(bcm, seed)
+        self.t_star, self.steps, self.solver = float(t_star), int(steps), solver
+        grid = karras_times(self.steps, eps, self.t_star) if self.steps > 1 else torch.tensor([self.t_star])
+        self.times = [*grid.flip(0).tolist(), 0.0]
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
+                        **kwargs) -> "DiffusionPurifier":
+        """Build from a BCM checkpoint; ``t_star`` defaults to its preset's purifier strength."""
+        bcm, preset = load_bcm(path, device)
+        kwargs.setdefault("t_star", preset.purifier.t_star)
+        return cls(bcm, **kwargs)
+
+    @property
+    def nfe(self) -> int:
+        return self.steps
+
+    def settings(self) -> dict:
+        return {"t_star": self.t_star, "steps": self.steps, "solver": self.solver}
+
+    def noise_shape(self, image_shape: Sequence[int]) -> tuple[int, ...]:
+        # the SDE draws fresh noise at every step but the last; slot 0 is the diffusion's noise
+        return (self.steps, *image_shape) if self.solver == "sde" else tuple(image_shape)
+
+    def purify(self, images: torch.Tensor) -> torch.Tensor:
+        x = images * 2 - 1
+        noise = self._noise(x)
+        x_t = x + self.t_star * (noise[:, 0] if self.solver == "sde" else noise)
+        x0 = sample_reverse_diffusion(self.bcm, x_t, self.times, self.solver, noise if self.solver == "sde" else None,
+                                      eps=self.bcm.config.eps)
+        return ((x0 + 1) / 2).clamp(0, 1)
 
 
 def image_noise(indices: torch.Tensor, shape: Sequence[int], seed: int, draw: int = 0) -> torch.Tensor:
@@ -147,24 +240,3 @@ def image_noise(indices: torch.Tensor, shape: Sequence[int], seed: int, draw: in
         generator = torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1)
         out[row] = torch.randn(tuple(shape), generator=generator)
     return out
-
-
-def check_images(images: torch.Tensor, channels: int = 3) -> None:
-    """Raise ``ValueError`` saying what is wrong unless ``images`` is a float (B, C, H, W) batch in [0, 1]."""
-    if not isinstance(images, torch.Tensor):
-        raise ValueError(f"expected a torch.Tensor of images, got {type(images).__name__}")
-    if not images.is_floating_point():
-        raise ValueError(f"expected floating-point images in [0, 1], got dtype {images.dtype} "
-                         f"(convert uint8 images with images.float() / 255)")
-    if images.ndim != 4:
-        raise ValueError(f"expected a 4-D batch (B, C, H, W), got shape {tuple(images.shape)}")
-    if images.shape[0] == 0:
-        raise ValueError(f"empty batch: got shape {tuple(images.shape)}")
-    if images.shape[1] != channels:
-        raise ValueError(f"expected {channels} channels, got shape {tuple(images.shape)} "
-                         f"(channels-first layout (B, C, H, W) is required)")
-    if not torch.isfinite(images).all():
-        raise ValueError("images contain NaN or inf values")
-    lo, hi = images.min().item(), images.max().item()
-    if lo < 0 or hi > 1:
-        raise ValueError(f"images must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")

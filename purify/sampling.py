@@ -5,6 +5,7 @@ target is represented by ``eps`` (the model's smallest time). Noise comes from `
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -103,6 +104,32 @@ def invert(model: Model, x0: torch.Tensor, times: Sequence[float],
     x = x0 + times[0] * z
     for n in range(len(times) - 1):
         x = model(x, times[n], times[n + 1])
+    return x
+
+
+def sample_reverse_diffusion(model: Model, x_t: torch.Tensor, times: Sequence[float], solver: str = "sde",
+                             noise: torch.Tensor | None = None, eps: float = EPS) -> torch.Tensor:
+    """Integrate the diffusion back from ``x_t`` at ``times[0]`` along ``t_0 > t_1 > ... > t_{N-1} > t_N = 0``
+    with the BCM's ``u = 0`` branch as the denoiser ``D(x, t) = f(x, t, 0)`` (DiffPure's purification, with the
+    same network). NFE = N.
+
+    - ``"sde"``: ancestral sampling of the VE reverse SDE, the Gaussian posterior of ``x_s`` given ``x_t`` and
+      ``x_0 = D``: ``x_s = D + (s/t)^2 (x_t - D) + (s/t) sqrt(t^2 - s^2) z``, with ``z = noise[:, i]`` (i >= 1);
+    - ``"ode"``: Euler steps of the probability-flow ODE ``dx/dt = (x - D)/t``: ``x_s = D + (s/t) (x_t - D)``.
+    """
+    times = [float(t) for t in times]
+    if any(b >= a for a, b in zip(times, times[1:])) or times[-1] != 0:
+        raise ValueError(f"reverse-diffusion times must decrease strictly to 0, got {times}")
+    x = x_t
+    for i, (t, s) in enumerate(zip(times, times[1:])):
+        d = model(x, t, eps)
+        if solver == "ode":
+            x = d + (s / t) * (x - d)
+        elif solver == "sde":
+            z = torch.zeros_like(x) if s == 0 else noise[:, i + 1] if noise is not None else torch.randn_like(x)
+            x = d + (s / t) ** 2 * (x - d) + (s / t) * math.sqrt(t * t - s * s) * z
+        else:
+            raise ValueError(f"solver must be 'sde' or 'ode', got {solver!r}")
     return x
 
 

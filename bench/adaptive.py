@@ -1,17 +1,20 @@
-"""White-box (adaptive) evaluation of the BCM purifier: the attacker knows the purifier and attacks through it.
+"""White-box (adaptive) evaluation of a defence: the attacker knows the defence and attacks through it.
 
-For each target classifier, purification strength t* (and eps_inv) and eps, the purified classifier is
-evaluated under these threat models (column ``threat``):
+For each defence (``--defence``, default the BCM purifier; any of the registry's except ``vote``, whose decision
+is the ``vote`` scoring below), target classifier, purification strength t* (and eps_inv) and eps, the
+defended classifier is evaluated under these threat models (column ``threat``):
 
   clean      no attack
   transfer   black box: the paper's PGD (round(5k/4) steps of 2/255) crafted on the undefended target itself,
              then purified (Table 3's threat model with source = target)
-  pgd-eot    white box: L-inf PGD through purifier + classifier, exact gradients through both BCM passes,
-             each step averaging the gradient over the protocol's EOT draws of the purifier's noise
+  pgd-eot    white box: L-inf PGD through defence + classifier, exact gradients through both BCM passes
+             (BPDA, the identity in the backward pass, for defences that are not differentiable: jpeg, bits),
+             each step averaging the gradient over the protocol's EOT draws of the defence's noise (one draw
+             for a deterministic defence)
   aa-rand    white box: AutoAttack's randomized version (APGD-CE + APGD-DLR with EOT; pyautoattack)
   worst      per image the worse of pgd-eot and aa-rand
-  pgd-fixed  ablation: the purifier's noise frozen per image while attacking and evaluating (PGD against a
-             deterministic purifier; the protocol's PGD steps, no EOT needed)
+  pgd-fixed  ablation for randomized defences: the noise frozen per image while attacking and evaluating (PGD
+             against a deterministic purifier; the protocol's PGD steps, no EOT needed)
 
 Each threat's examples are evaluated N times with fresh purifier noise, drawn per image from the evaluation
 seed (independent of the attack's seed and of batching), and scored three ways (column ``scoring``):
@@ -27,6 +30,7 @@ ids, wall time and seconds per image), per-image predictions next to it (``<out>
 Markdown table and a PNG (accuracy against t*). Reruns resume: finished (setting, threat) units are skipped.
 
     python -m bench.adaptive --target preact --t-stars 0.5 1 2 5 --n 200 --protocol cpu
+    python -m bench.adaptive --defence diffusion:steps=20 jpeg median --n 100
     python -m bench.adaptive --split val --t-stars 0.5 1 2 5 --n 200          # choose settings here, not on test
     python -m bench.adaptive --sanity --n 50                                   # Carlini et al.'s sanity checks
     python -m bench.adaptive --convergence 20x4 50x4 20x16 100x8 --n 32        # how far the cpu protocol is
@@ -44,60 +48,73 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from torch import nn
 
 import classifiers
-from attacks import (PROTOCOLS, autoattack_rand, autocast, correct_by_scoring, craft, eot_pgd, get_protocol,
+from attacks import (BPDA, PROTOCOLS, autoattack_rand, autocast, correct_by_scoring, craft, eot_pgd, get_protocol,
                      paper_pgd, pgd_steps, predict_draws, run_autoattack)
 from attacks.pgd import PGD_STEP_SIZE
-from purify import BCMPurifier, image_noise
+from purify import Defence, image_noise, parse_defence
 from purify.checkpoint import atomic_write
 from purify.runtime import pick_device
 
-from .common import (RESULTS_DIR, SPLITS, ResultTable, add_common_arguments, check_names, classifier_path,
-                     combine_ids, default_bcm_path, file_id, load_classifiers, load_purifier, load_split,
-                     resolve_bf16, run_command, write_text)
+from .common import (DEFENCE_HELP, RESULTS_DIR, SPLITS, Entry, ResultTable, add_common_arguments, attack_step_cost,
+                     build_defences, check_defences, check_names, classifier_path, combine_ids, file_id,
+                     load_classifiers, load_split, resolve_bf16, run_command, write_text)
 
 THREATS = ("clean", "transfer", "pgd-eot", "aa-rand", "worst", "pgd-fixed")
 KEY = ["preset", "defence", "t_star", "eps_inv", "target", "split", "n", "data_seed", "eps", "protocol", "threat",
        "scoring"]
-COLUMNS = KEY + ["attack", "steps", "step_size", "eot", "evals", "attack_seed", "eval_seed", "bf16", "accuracy",
-                 "wall_s", "s_per_image", "purify_s_per_image", "step_s_per_image", "checkpoints"]
+COLUMNS = KEY + ["family", "nfe", "attack", "steps", "step_size", "eot", "evals", "attack_seed", "eval_seed", "bf16",
+                 "accuracy", "wall_s", "s_per_image", "purify_s_per_image", "step_s_per_image", "checkpoints"]
 DATASET = "CIFAR-10 (JPEG q75 copy)"
 
 
 class Setting:
-    """One (target, t*, eps_inv, eps) evaluation: the defended model, its noise control and its images."""
+    """One (defence, target, eps) evaluation: the defended model, the model attacks differentiate (BPDA for a
+    defence that is not differentiable), its noise control and its images."""
 
-    def __init__(self, args, target: str, classifier, purifier: BCMPurifier, eps: int, images, labels, ids,
+    def __init__(self, args, target: str, classifier, entry: Entry, eps: int, images, labels, ids,
                  checkpoint_id: str):
-        self.args, self.target, self.classifier, self.purifier, self.eps = args, target, classifier, purifier, eps
+        self.args, self.target, self.classifier, self.eps = args, target, classifier, eps
+        self.defence = entry.defence
         self.images, self.labels, self.ids = images, labels, ids
-        self.defended = purifier.wrap(classifier)
+        self.defended = self.defence.wrap(classifier)
+        self.attacked = nn.Sequential(self.defence if self.defence.differentiable else BPDA(self.defence), classifier)
         self.protocol = get_protocol(args.protocol)
+        self.eot = self.protocol.eot if self.defence.randomized else 1
         self.checkpoint_id = checkpoint_id
-        self.shape = tuple(images.shape[1:])
+        self.noise_shape = self.defence.noise_shape(tuple(images.shape[1:]))
+        self.threats = [t for t in THREATS if t != "pgd-fixed" or self.defence.randomized]
 
     def eval_noise(self, ids: torch.Tensor, draw: int):
-        """Fresh purifier noise per image and evaluation, from the evaluation seed."""
-        return self.purifier.fixed_noise(image_noise(ids, self.shape, self.args.eval_seed, draw))
+        """Fresh defence noise per image and evaluation, from the evaluation seed."""
+        if not self.defence.randomized:
+            return contextlib.nullcontext()
+        return self.defence.fixed_noise(image_noise(ids, self.noise_shape, self.args.eval_seed, draw))
 
     def frozen_noise(self, ids: torch.Tensor, draw: int):
         """The fixed-randomness ablation: one noise per image (whatever the draw), for attack and evaluation."""
-        return self.purifier.fixed_noise(image_noise(ids, self.shape, self.args.eval_seed, 0))
+        return self.defence.fixed_noise(image_noise(ids, self.noise_shape, self.args.eval_seed, 0))
 
     def row(self, threat: str) -> dict:
         """The columns shared by every scoring of ``threat``."""
         eps, protocol = self.eps / 255, self.protocol
         attack = {"clean": ("none", 0, 0.0, 0),
                   "transfer": (f"PGD on the undefended {self.target}", pgd_steps(self.eps), PGD_STEP_SIZE, 1),
-                  "pgd-eot": ("EOTPGD", protocol.pgd_steps, protocol.step_size(eps), protocol.eot),
-                  "aa-rand": ("AutoAttack-rand", protocol.apgd_iters, 0.0, protocol.eot),
+                  "pgd-eot": ("EOTPGD", protocol.pgd_steps, protocol.step_size(eps), self.eot),
+                  "aa-rand": ("AutoAttack-rand", protocol.apgd_iters, 0.0, self.eot),
                   "worst": ("worst of EOTPGD and AutoAttack-rand", protocol.pgd_steps, protocol.step_size(eps),
-                            protocol.eot),
+                            self.eot),
                   "pgd-fixed": ("PGD, noise frozen per image", protocol.pgd_steps, protocol.step_size(eps), 1)}
         name, steps, step_size, eot = attack[threat]
-        return dict(preset=self.args.preset, defence=self.purifier.mode, t_star=self.purifier.t_star,
-                    eps_inv=self.purifier.eps_inv, target=self.target, split=self.args.split, n=len(self.images),
+        if not self.defence.differentiable and threat not in ("clean", "transfer"):
+            name += " with BPDA (identity backward)"
+        defence = self.defence
+        return dict(preset=self.args.preset, defence=defence.spec(), family=defence.family(), nfe=defence.nfe,
+                    t_star=getattr(defence, "t_star", None),
+                    eps_inv=defence.eps_inv if defence.name == "bcm" else None, target=self.target,
+                    split=self.args.split, n=len(self.images),
                     data_seed=self.args.seed, eps=0 if threat == "clean" else self.eps, protocol=protocol.name,
                     threat=threat, attack=name, steps=steps, step_size=step_size, eot=eot, evals=protocol.evals,
                     attack_seed=self.args.attack_seed, eval_seed=self.args.eval_seed, bf16=self.args.bf16_on,
@@ -114,15 +131,15 @@ class Setting:
             return craft(paper_pgd(self.classifier, self.eps), self.images, self.labels, desc="transfer PGD",
                          **common)
         if threat == "pgd-eot":
-            attack = eot_pgd(self.defended, eps, protocol.pgd_steps, protocol.step_size(eps), protocol.eot)
+            attack = eot_pgd(self.attacked, eps, protocol.pgd_steps, protocol.step_size(eps), self.eot)
             return craft(attack, self.images, self.labels, desc="PGD-EOT", **common)
         if threat == "pgd-fixed":
-            attack = eot_pgd(self.defended, eps, protocol.pgd_steps, protocol.step_size(eps), eot=1)
+            attack = eot_pgd(self.attacked, eps, protocol.pgd_steps, protocol.step_size(eps), eot=1)
             return craft(attack, self.images, self.labels, desc="PGD, frozen noise", noise=self.frozen_noise,
                          **common)
         if threat == "aa-rand":
             device = next(self.classifier.parameters()).device
-            adversary = autoattack_rand(self.defended, eps, protocol.apgd_iters, protocol.eot, args.attack_seed,
+            adversary = autoattack_rand(self.attacked, eps, protocol.apgd_iters, self.eot, args.attack_seed,
                                         device)
             return run_autoattack(adversary, self.images, self.labels, args.batch_size, args.bf16_on)
         raise ValueError(f"unknown threat {threat!r}")
@@ -143,7 +160,7 @@ def unit_id(row: dict) -> str:
 def run_setting(setting: Setting, table: ResultTable, cache_dir: Path, costs: dict) -> None:
     """Every threat of ``setting`` not yet in ``table``; each unit's rows are written as soon as it is done."""
     correct: dict[str, dict[str, torch.Tensor]] = {}
-    for threat in THREATS:
+    for threat in setting.threats:
         base = setting.row(threat)
         path = cache_dir / f"{unit_id(base)}.pt"
         rows = [dict(base, scoring=s) for s in ("single", "worst", "vote")]
@@ -172,21 +189,18 @@ def run_setting(setting: Setting, table: ResultTable, cache_dir: Path, costs: di
                         **costs) for r in rows])
 
 
-def measure_costs(defended, images: torch.Tensor, batch_size: int, bf16: bool) -> dict:
-    """Seconds per image of one purify+classify forward pass and of one attack step (forward + backward)."""
-    device = next(defended.parameters()).device
-    x = (images[:batch_size].float() / 255).to(device).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad(), autocast(device, bf16):
-        defended(x[:2])  # warm-up
+def measure_costs(setting: Setting, batch_size: int, bf16: bool) -> dict:
+    """Seconds per image of one defend+classify forward pass (on a batch of ``batch_size``) and of one attack
+    step (forward + backward, BPDA where needed, on 8 images) through the setting's defence and classifier."""
+    device = next(setting.classifier.parameters()).device
+    x = (setting.images[:batch_size].float() / 255).to(device).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), setting.eval_noise(setting.ids[:2], 0), autocast(device, bf16):
+        setting.defended(x[:2])  # warm-up
+    with torch.no_grad(), setting.eval_noise(setting.ids[:batch_size], 0), autocast(device, bf16):
         started = time.perf_counter()
-        defended(x)
+        setting.defended(x)
         forward = (time.perf_counter() - started) / len(x)
-    x.requires_grad_(True)
-    started = time.perf_counter()
-    with autocast(device, bf16):
-        loss = defended(x).float().logsumexp(1).sum()
-    torch.autograd.grad(loss, x)
-    step = (time.perf_counter() - started) / len(x)
+    step = attack_step_cost(setting.defence, setting.classifier, setting.images, device, bf16)
     return {"purify_s_per_image": forward, "step_s_per_image": step}
 
 
@@ -197,9 +211,9 @@ def markdown(frame: pd.DataFrame) -> str:
     if frame.empty:
         return "(no results)\n"
     parts = []
-    settings = ["preset", "defence", "target", "split", "n", "data_seed", "protocol", "bf16"]
+    settings = ["preset", "family", "target", "split", "n", "data_seed", "protocol", "bf16"]
     for keys, group in frame.groupby(settings, sort=False):
-        preset, defence, target, split, n, data_seed, protocol, bf16 = keys
+        preset, family, target, split, n, data_seed, protocol, bf16 = keys
         clean = group[group.threat == "clean"]
         for eps, eps_group in group[group.threat != "clean"].groupby("eps"):
             rows = pd.concat([clean, eps_group])
@@ -207,16 +221,17 @@ def markdown(frame: pd.DataFrame) -> str:
             proto = PROTOCOLS[protocol]
             images = "test images" if split == "test" else "validation images (held-out training images)"
             parts.append(
-                f"**{preset} preset, {defence} purifier before the {target} classifier; {n:,} {images} "
+                f"**{preset} preset, defence `{family}` ({first.nfe} network evaluations per image) before the "
+                f"{target} classifier; {n:,} {images} "
                 f"(seed {data_seed}) of {DATASET}; L-inf eps = {eps}/255; `{protocol}` protocol: "
                 f"{proto.describe(eps / 255)}; attack seed {first.attack_seed}, evaluation seed {first.eval_seed}; "
                 f"{'bf16 autocast' if bf16 else 'float32'}.** Accuracy (%) as single / worst-of-{proto.evals} / "
                 f"majority-vote-of-{proto.evals}. `transfer` = PGD crafted on the undefended {target}; `worst` = per "
-                f"image the worse of PGD-EOT and AutoAttack-rand; `pgd-fixed` = purifier noise frozen per image.\n")
+                f"image the worse of PGD-EOT and AutoAttack-rand; `pgd-fixed` = the defence's noise frozen per image.\n")
             threats = [t for t in THREATS if t in set(rows.threat)]
             lines = ["| t* | eps_inv | " + " | ".join(threats) + " | attack s/image |",
                      "|---|---|" + "---|" * len(threats) + "---|"]
-            for (t_star, eps_inv), cells in rows.groupby(["t_star", "eps_inv"]):
+            for (t_star, eps_inv), cells in rows.groupby(["t_star", "eps_inv"], dropna=False):
                 values = []
                 for threat in threats:
                     acc = {r.scoring: 100 * r.accuracy for r in cells[cells.threat == threat].itertuples()}
@@ -224,13 +239,17 @@ def markdown(frame: pd.DataFrame) -> str:
                                   if len(acc) == 3 else "-")
                 wall = cells[(cells.threat.isin(["pgd-eot", "aa-rand"])) & (cells.scoring == "single")].s_per_image
                 values.append(f"{wall.sum():.2f}" if len(wall) else "-")
-                lines.append(f"| {t_star:g} | {eps_inv:g} | " + " | ".join(values) + " |")
+                lines.append(f"| {_number(t_star)} | {_number(eps_inv)} | " + " | ".join(values) + " |")
             costs = eps_group.iloc[0]
-            lines.append(f"\nCost on the machine that ran it: purify + classify {1000 * costs.purify_s_per_image:.1f} "
-                         f"ms/image; one attack step (forward + backward through purifier and classifier) "
+            lines.append(f"\nCost on the machine that ran it: defend + classify {1000 * costs.purify_s_per_image:.1f} "
+                         f"ms/image; one attack step (forward + backward through defence and classifier) "
                          f"{1000 * costs.step_s_per_image:.1f} ms/image per EOT draw.\n")
             parts.append("\n".join(lines))
     return "\n".join(parts)
+
+
+def _number(value) -> str:
+    return "-" if pd.isna(value) else f"{value:g}"
 
 
 def plot(frame: pd.DataFrame, path: Path) -> None:
@@ -245,10 +264,11 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
               "pgd-fixed": "C2-."}
     for ax, scoring in zip(axes, scorings):
         sub = frame[frame.scoring == scoring]
-        for (target, eps), group in sub.groupby(["target", "eps"]):
+        for (family, target, eps), group in sub[sub.t_star.notna()].groupby(["family", "target", "eps"]):
             for threat, line in group.groupby("threat"):
                 line = line.groupby("t_star").accuracy.mean()
-                label = f"{target}: clean" if threat == "clean" else f"{target}: {threat}, eps {eps}/255"
+                label = (f"{family}, {target}: clean" if threat == "clean"
+                         else f"{family}, {target}: {threat}, eps {eps}/255")
                 ax.plot(line.index, 100 * line.values, styles.get(threat, "-"), marker="o", ms=3, label=label)
         ax.set_xscale("log")
         ax.set_xlabel("t* (purification strength)")
@@ -257,7 +277,7 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
     axes[0].set_ylabel("accuracy (%)")
     axes[-1].legend(fontsize=7, loc="best")
     first = frame.iloc[0]
-    fig.suptitle(f"BCM purifier, {first.preset} preset, {first.split} split, n = {first.n}, `{first.protocol}` "
+    fig.suptitle(f"Defences with a strength t*, {first.preset} preset, {first.split} split, n = {first.n}, `{first.protocol}` "
                  f"protocol ({DATASET})", fontsize=10)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
@@ -269,11 +289,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.adaptive", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", nargs="+", default=["preact"], metavar="ARCH",
-                        help=f"classifier(s) behind the purifier, from {', '.join(classifiers.ARCHS)} (default: preact)")
+                        help=f"classifier(s) behind the defence, from {', '.join(classifiers.ARCHS)} (default: preact)")
+    parser.add_argument("--defence", nargs="+", default=["bcm"], metavar="SPEC",
+                        help=f"{DEFENCE_HELP}. Not vote: the vote scoring of every row is the vote of N evaluations "
+                             f"(default: bcm)")
     parser.add_argument("--t-stars", nargs="+", type=float, default=None, metavar="T",
-                        help="purification strengths t* (default: the BCM checkpoint's preset value)")
+                        help="purification strengths t* of every defence that has one (default: the value its spec "
+                             "gives, else the BCM checkpoint's preset value)")
     parser.add_argument("--eps-inv", nargs="+", type=float, default=None, metavar="E",
-                        help="initial inversion noise(s) (default: the checkpoint's preset value; capped at t*/2)")
+                        help="initial inversion noise(s) of the bcm defence (default: the checkpoint's preset value; "
+                             "capped at t*/2)")
     parser.add_argument("--eps", nargs="+", type=int, default=[8], metavar="K",
                         help="L-inf budgets k of eps = k/255, e.g. 4 8 16 (default: 8)")
     parser.add_argument("--protocol", default="cpu", choices=tuple(PROTOCOLS),
@@ -282,11 +307,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split", default="test", choices=SPLITS,
                         help="'test': the CIFAR-10 test set of the published tables; 'val': the 1,000 training images "
                              "held out from the classifiers, where settings are chosen (default: test)")
-    parser.add_argument("--purifier", default="bcm", choices=("bcm", "denoise"),
-                        help="'bcm' (invert, then one step back) or the 'denoise' baseline (default: bcm)")
     parser.add_argument("--attack-seed", type=int, default=0, help="seed of the attacks' randomness (default: 0)")
     parser.add_argument("--eval-seed", type=int, default=1,
-                        help="seed of the purifier's noise at evaluation, drawn per image and evaluation (default: 1)")
+                        help="seed of the defence's noise at evaluation, drawn per image and evaluation (default: 1)")
     parser.add_argument("--sanity", action="store_true",
                         help="run the sanity checks of Carlini et al. on the first target, t* and eps instead of the grid "
                              "and write sanity.md next to --out; exit status 1 if a check fails")
@@ -300,6 +323,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         args.target = check_names(args.target, "target")
+        args.defence = check_defences(args.defence)
+        if any(parse_defence(spec)[0] == "vote" for spec in args.defence):
+            raise ValueError("--defence vote: every row's 'vote' scoring is the majority of N evaluations; "
+                             "give the defence it repeats instead (e.g. bcm)")
         for k in args.eps:
             if not 0 < k <= 255:
                 raise ValueError(f"--eps values are k in eps = k/255 with 0 < k <= 255, got {k}")
@@ -322,46 +349,46 @@ def budget(text: str) -> tuple[int, int]:
 
 
 def build(args, device):
-    """Classifiers, purifiers per (t*, eps_inv), images, and checkpoint ids from the arguments."""
+    """Classifiers, defences (per spec, t* and eps_inv), images, and checkpoint ids from the arguments."""
     if args.threads:
         torch.set_num_threads(args.threads)
     args.bf16_on = resolve_bf16(args)
     models = load_classifiers(args.target, args.preset, args.classifier_dir, device)
-    bcm_path = Path(args.bcm) if args.bcm else default_bcm_path(args.preset)
-    purifiers = []
-    for t_star in args.t_stars or [None]:
-        for eps_inv in args.eps_inv or [None]:
-            purifier = load_purifier(bcm_path, args.preset, device, args.purifier, t_star, seed=None)
-            if eps_inv is not None:
-                purifier = BCMPurifier(purifier.bcm, t_star=purifier.t_star, eps_inv=eps_inv, mode=args.purifier)
-            purifiers.append(purifier)
+    specs = []
+    for spec in args.defence:  # --eps-inv multiplies the bcm specs
+        name, _ = parse_defence(spec)
+        specs += ([f"{spec}{',' if ':' in spec else ':'}eps_inv={e}" for e in args.eps_inv]
+                  if name == "bcm" and args.eps_inv else [spec])
+    entries = build_defences(args, specs, device, t_stars=args.t_stars)
     images, labels, ids = load_split(args.split, args.data_root, args.n, args.seed,
                                      classifiers.load_preset(args.preset).n_val)
-    ids_of = {name: combine_ids(file_id(str(bcm_path)),
-                                file_id(str(classifier_path(name, args.preset, args.classifier_dir))))
-              for name in args.target}
-    return models, purifiers, images, labels, ids, ids_of
+    ids_of = {(name, id(entry)): combine_ids(entry.checkpoint_id,
+                                             file_id(str(classifier_path(name, args.preset, args.classifier_dir))))
+              for name in args.target for entry in entries}
+    return models, entries, images, labels, ids, ids_of
 
 
 def adaptive(args: argparse.Namespace) -> None:
     started = time.monotonic()
     device = pick_device(args.device)
-    models, purifiers, images, labels, ids, ids_of = build(args, device)
+    models, entries, images, labels, ids, ids_of = build(args, device)
     out = Path(args.out) if args.out else RESULTS_DIR / "adaptive" / f"{args.preset}-{args.split}.csv"
     table = ResultTable(out, KEY, COLUMNS)
     cache_dir = out.with_name(out.stem + "-predictions")
-    costs = measure_costs(purifiers[0].wrap(models[args.target[0]]), images, args.batch_size, args.bf16_on)
     for target in args.target:
-        for purifier in purifiers:
+        for entry in entries:
+            costs = None
             for eps in args.eps:
-                setting = Setting(args, target, models[target], purifier, eps, images, labels, ids, ids_of[target])
-                print(f"{target}, t* = {purifier.t_star:g}, eps_inv = {purifier.eps_inv:g}, eps = {eps}/255",
-                      file=sys.stderr)
+                setting = Setting(args, target, models[target], entry, eps, images, labels, ids,
+                                  ids_of[target, id(entry)])
+                costs = costs or measure_costs(setting, args.batch_size, args.bf16_on)
+                print(f"{target}, {entry.defence.spec()}, eps = {eps}/255", file=sys.stderr)
                 run_setting(setting, table, cache_dir, costs)
     frame = numeric_adaptive(table.frame())
     write_text(out.with_suffix(".md"), markdown(frame))
     plot(frame, out.with_suffix(".png"))
-    print(markdown(frame[frame.checkpoints.isin(set(ids_of.values()))]))
+    print(markdown(frame[frame.checkpoints.isin(set(ids_of.values()))
+                         & frame.defence.isin([e.defence.spec() for e in entries])]))
     print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')} ({time.monotonic() - started:.0f} s)",
           file=sys.stderr)
 
@@ -381,20 +408,20 @@ def convergence(args: argparse.Namespace) -> None:
     """Robust accuracy under PGD-EOT as steps and EOT draws grow, on the first target, t* and eps: how far the
     cheap protocol's numbers are from converged (resumable: one row group per budget)."""
     device = pick_device(args.device)
-    models, purifiers, images, labels, ids, ids_of = build(args, device)
-    target, purifier, eps = args.target[0], purifiers[0], args.eps[0]
-    setting = Setting(args, target, models[target], purifier, eps, images, labels, ids, ids_of[target])
+    models, entries, images, labels, ids, ids_of = build(args, device)
+    target, entry, eps = args.target[0], entries[0], args.eps[0]
+    setting = Setting(args, target, models[target], entry, eps, images, labels, ids, ids_of[target, id(entry)])
     out = Path(args.out) if args.out else RESULTS_DIR / "adaptive" / f"{args.preset}-{args.split}.csv"
     path = out.with_name("convergence.csv")
     table = ResultTable(path, KEY + ["steps", "eot"], COLUMNS)
-    costs = measure_costs(setting.defended, images, args.batch_size, args.bf16_on)
+    costs = measure_costs(setting, args.batch_size, args.bf16_on)
     for steps, eot in args.convergence:
         base = dict(setting.row("pgd-eot"), steps=steps, eot=eot)
         rows = [dict(base, scoring=s) for s in ("single", "worst", "vote")]
         if all(table.done(r) for r in rows):
             continue
         started = time.monotonic()
-        attack = eot_pgd(setting.defended, eps / 255, steps, setting.protocol.step_size(eps / 255), eot)
+        attack = eot_pgd(setting.attacked, eps / 255, steps, setting.protocol.step_size(eps / 255), eot)
         adversarial = craft(attack, images, labels, args.batch_size, seed=args.attack_seed, bf16=args.bf16_on,
                             progress=not args.no_progress, desc=f"PGD-EOT {steps}x{eot}")
         per_image = correct_by_scoring(setting.predictions("pgd-eot", adversarial), labels)
@@ -402,8 +429,8 @@ def convergence(args: argparse.Namespace) -> None:
         table.add([dict(r, accuracy=per_image[r["scoring"]].mean().item(), wall_s=wall,
                         s_per_image=wall / len(images), **costs) for r in rows])
     frame = numeric_adaptive(table.frame())
-    lines = [f"**PGD-EOT budgets on {len(images)} {args.split} images** ({args.preset} preset, {purifier.mode} "
-             f"purifier t* = {purifier.t_star:g}, eps_inv = {purifier.eps_inv:g}, before {target}; eps = {eps}/255; "
+    lines = [f"**PGD-EOT budgets on {len(images)} {args.split} images** ({args.preset} preset, defence "
+             f"`{entry.defence.spec()}` before {target}; eps = {eps}/255; "
              f"step size eps/4; scored over N = {setting.protocol.evals} evaluations; {DATASET}). Accuracy (%).\n",
              "| steps x EOT | gradients per image | single | worst-of-N | vote | s/image |", "|---|---|---|---|---|---|"]
     for (steps, eot), group in frame.groupby(["steps", "eot"]):
@@ -417,12 +444,14 @@ def convergence(args: argparse.Namespace) -> None:
 # -- sanity checks (Carlini et al. 2019, "On Evaluating Adversarial Robustness") ------------------------------
 def sanity(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
-    models, purifiers, images, labels, ids, _ = build(args, device)
-    target, purifier, eps = args.target[0], purifiers[0], args.eps[0]
+    models, entries, images, labels, ids, _ = build(args, device)
+    target, purifier, eps = args.target[0], entries[0].defence, args.eps[0]
+    if not (purifier.randomized and purifier.differentiable):
+        raise ValueError(f"--sanity checks a randomized, differentiable defence; {purifier.spec()} is not")
     checks = sanity_checks(models[target], purifier, images, labels, ids, eps, args)
     lines = ["# Sanity checks of the adaptive evaluation\n",
-             f"{args.preset} preset, {purifier.mode} purifier (t* = {purifier.t_star:g}, eps_inv = "
-             f"{purifier.eps_inv:g}) before {target}; {len(images)} {args.split} images of {DATASET}; "
+             f"{args.preset} preset, defence `{purifier.spec()}` before {target}; {len(images)} {args.split} "
+             f"images of {DATASET}; "
              f"eps = {eps}/255; accuracies are single-evaluation means over {args.sanity_evals} evaluations "
              f"(evaluation seed {args.eval_seed}, attack seed {args.attack_seed}).\n",
              "| check | result | measured |", "|---|---|---|"]
@@ -434,11 +463,12 @@ def sanity(args: argparse.Namespace) -> None:
         sys.exit(1)
 
 
-def sanity_checks(classifier, purifier: BCMPurifier, images, labels, ids, eps: int, args) -> list[tuple]:
-    """(name, passed, measured) for each check; accuracies are single-evaluation means."""
+def sanity_checks(classifier, purifier: Defence, images, labels, ids, eps: int, args) -> list[tuple]:
+    """(name, passed, measured) for each check on a randomized, differentiable defence; accuracies are
+    single-evaluation means."""
     args.sanity_evals = 4
     defended = purifier.wrap(classifier)
-    shape = tuple(images.shape[1:])
+    shape = purifier.noise_shape(tuple(images.shape[1:]))
     common = dict(batch_size=args.batch_size, seed=args.attack_seed, bf16=args.bf16_on, progress=False)
 
     def accuracy(model, x, noisy=True) -> float:

@@ -2,22 +2,27 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import math
 import os
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 import pandas as pd
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 import classifiers
-from attacks import EPS_GRID
-from purify import BCMPurifier
+from attacks import BPDA, EPS_GRID, autocast
+from purify import DEFENCES, BCMPurifier, Defence, image_noise, make_defence, parse_defence
 from purify.checkpoint import atomic_write
+from purify.defences import Vote, needs_bcm
 from purify.data import default_data_root, load_cifar10, seeded_subset, train_val_split
 from purify.runtime import pick_device
 
@@ -26,15 +31,113 @@ RESULTS_DIR = REPO_ROOT / "results"
 # A bench preset names both the classifier preset and the BCM preset it is evaluated with.
 BCM_PRESETS = {"small": "cifar10-small", "paper": "cifar10-paper"}
 PRESETS = tuple(BCM_PRESETS)
-PURIFIERS = ("bcm", "denoise", "none")
+# The tidy results schema shared by bench.transfer and bench.tradeoff: one row per evaluated cell. ``defence`` is
+# the defence with its full settings (``Defence.spec()``), so rows of different settings never mix; ``family`` is
+# the same without the strength t*, i.e. one trade-off curve. Costs: network evaluations per image, measured
+# seconds per image of the defence alone and of one attack step (forward + backward) through defence and target.
+KEY = ["preset", "defence", "n", "seed", "bf16", "source", "eps", "target"]
+COLUMNS = KEY + ["family", "t_star", "nfe", "acc_before", "acc_after", "defence_s_per_image", "step_s_per_image",
+                 "checkpoints"]
+DEFENCE_HELP = ("defence(s) after the attack, each NAME or NAME:key=value,... or a YAML file (a path, or a name "
+                "under configs/defences/): none; bcm (invert eps_inv -> t* in one step, then f(., t*, 0): the "
+                "paper's purifier; t_star, eps_inv, inversion_times, denoise_times); denoise (x + t* z, then "
+                "f(., t*, 0); t_star); diffusion (DiffPure-style with the same network: x + t* z, then 100 "
+                "reverse-SDE steps; t_star, steps, solver=sde|ode); jpeg (quality); bits (bits); median (size); vote "
+                "(majority of n purifications by base; base, n, how=majority|logits and the base's options). "
+                "The BCM defences default to the checkpoint's t* and eps_inv")
 
-# The tidy results schema shared by bench.transfer and bench.tradeoff: one row per evaluated cell.
-KEY = ["preset", "purifier", "t_star", "eps_inv", "n", "seed", "bf16", "source", "eps", "target"]
-COLUMNS = KEY + ["acc_before", "acc_after", "checkpoints"]
+
+@dataclass(frozen=True, eq=False)
+class Entry:
+    """A defence as the bench evaluates it, with the id of the BCM weights it uses ("" for none)."""
+    defence: Defence
+    checkpoint_id: str = ""
+
+    @property
+    def t_star(self) -> float | None:
+        return getattr(self.defence, "t_star", None)
 
 
 def default_bcm_path(preset: str) -> Path:
     return REPO_ROOT / "checkpoints" / "bcm" / f"{BCM_PRESETS[preset]}.pt"
+
+
+def missing_bcm_message(path: Path, preset: str) -> str:
+    name = BCM_PRESETS[preset]
+    return (f"no BCM checkpoint at {path}; train and export one with `python -m purify.train --config {name} "
+            f"--out runs/bcm-{preset}` and `python -m purify.export runs/bcm-{preset}/checkpoint.pt "
+            f"checkpoints/bcm/{name}.pt`, or point --bcm at an exported BCM checkpoint")
+
+
+def build_defences(args: argparse.Namespace, specs: list[str], device: torch.device,
+                   t_stars: list[float] | None = None) -> list[Entry]:
+    """The defences of ``--defence`` specs on ``device`` (BCM ones from ``--bcm``, default the preset's shipped
+    BCM); with ``t_stars``, every defence that has a strength is built at each of them."""
+    path = Path(args.bcm) if args.bcm else default_bcm_path(args.preset)
+    entries = []
+    for text in specs:
+        name, options = parse_defence(text)
+        uses_bcm = needs_bcm(name, options)
+        strengths = [options.pop("t_star", None)] if t_stars is None or not uses_bcm else list(t_stars)
+        if uses_bcm and not path.is_file():
+            raise FileNotFoundError(missing_bcm_message(path, args.preset))
+        for t_star in strengths:
+            strength = {} if t_star is None else {"t_star": t_star}
+            defence = make_defence(name, checkpoint=path if uses_bcm else None, device=device, **options, **strength)
+            if uses_bcm:
+                defence.to(memory_format=torch.channels_last)
+            entries.append(Entry(defence, file_id(str(path)) if uses_bcm else ""))
+    return entries
+
+
+@torch.inference_mode()
+def purify_images(defence: Defence, images: torch.Tensor, ids: torch.Tensor, seed: int, device: torch.device,
+                  batch_size: int = 250, bf16: bool = False, progress: bool = True, desc: str = "purify",
+                  draw: int = 0) -> torch.Tensor:
+    """``defence`` applied to float images in [0, 1] in batches; a randomized defence's noise for image ``i`` is
+    drawn from ``(seed, draw, ids[i])`` (``image_noise``), so the result does not depend on the batch size."""
+    out = torch.empty_like(images)
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
+        x = images[start:start + batch_size].to(device).contiguous(memory_format=torch.channels_last)
+        noise = (defence.fixed_noise(image_noise(ids[start:start + batch_size], defence.noise_shape(x.shape[1:]),
+                                                 seed, draw))
+                 if defence.randomized else contextlib.nullcontext())
+        with noise, autocast(device, bf16):
+            out[start:start + len(x)] = defence(x).float().cpu()
+    return out
+
+
+@torch.no_grad()
+def vote_accuracy(model: nn.Module, draws: list[torch.Tensor], labels: torch.Tensor, how: str,
+                  batch_size: int = 250) -> float:
+    """Accuracy of the decision over several purifications of the same images: the majority of the predicted
+    labels (ties to the smallest label) or the argmax of the mean logits."""
+    model.eval()
+    device = next(model.parameters()).device
+    logits = torch.stack([torch.cat([model(x[i:i + batch_size].to(device)).float().cpu()
+                                     for i in range(0, len(x), batch_size)]) for x in draws])
+    if how == "logits":
+        decision = logits.mean(0).argmax(1)
+    else:
+        decision = nn.functional.one_hot(logits.argmax(2), logits.shape[2]).sum(0).argmax(1)
+    return (decision == labels.cpu()).float().mean().item()
+
+
+def attack_step_cost(defence: Defence, classifier: nn.Module, images: torch.Tensor, device: torch.device,
+                     bf16: bool, batch: int = 8) -> float:
+    """Seconds per image of one attack step, forward + backward through ``defence`` (BPDA where it is not
+    differentiable; one draw of a vote's base) and ``classifier``, on a batch of ``batch`` images."""
+    base = defence.base if isinstance(defence, Vote) else defence
+    model = nn.Sequential(base if base.differentiable else BPDA(base), classifier)
+    x = (images[:batch].float() / 255 if images.dtype == torch.uint8 else images[:batch].float()).to(device)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    with autocast(device, bf16):
+        torch.autograd.grad(model(x[:1]).float().sum(), x)  # warm-up
+    started = time.perf_counter()
+    with autocast(device, bf16):
+        loss = model(x).float().logsumexp(1).sum()
+    torch.autograd.grad(loss, x)
+    return (time.perf_counter() - started) / len(x)
 
 
 def load_purifier(path: str | os.PathLike, preset: str, device: torch.device, mode: str = "bcm",
@@ -43,11 +146,7 @@ def load_purifier(path: str | os.PathLike, preset: str, device: torch.device, mo
     preset records), seeded, channels-last. A missing file names the commands that make it."""
     path = Path(path)
     if not path.is_file():
-        name = BCM_PRESETS[preset]
-        raise FileNotFoundError(
-            f"no BCM checkpoint at {path}; train and export one with `python -m purify.train --config {name} "
-            f"--out runs/bcm-{preset}` and `python -m purify.export runs/bcm-{preset}/checkpoint.pt "
-            f"checkpoints/bcm/{name}.pt`, or point --bcm at an exported BCM checkpoint")
+        raise FileNotFoundError(missing_bcm_message(path, preset))
     strength = {} if t_star is None else {"t_star": t_star}
     purifier = BCMPurifier.from_checkpoint(path, device=device, mode=mode, seed=seed, **strength)
     purifier.bcm.to(memory_format=torch.channels_last)
@@ -190,11 +289,11 @@ class ResultTable:
 
 
 def numeric(frame: pd.DataFrame) -> pd.DataFrame:
-    """A results frame with numbers as numbers (``t_star``/``eps_inv`` are NaN for the purifier ``none``)."""
+    """A results frame with numbers as numbers (``t_star`` and unmeasured costs are NaN where there are none)."""
     frame = frame.copy()
-    for column in ("t_star", "eps_inv", "acc_before", "acc_after"):
+    for column in ("t_star", "acc_before", "acc_after", "defence_s_per_image", "step_s_per_image"):
         frame[column] = pd.to_numeric(frame[column].replace("", float("nan")))
-    for column in ("n", "seed", "eps"):
+    for column in ("n", "seed", "eps", "nfe"):
         frame[column] = frame[column].astype(int)
     frame["bf16"] = frame["bf16"].map({"true": True, "false": False, True: True, False: False})
     return frame
@@ -274,6 +373,15 @@ def resolve_bf16(args: argparse.Namespace) -> bool:
     if args.bf16 is not None:
         return args.bf16
     return classifiers.load_preset(args.preset).use_bf16(pick_device(args.device))
+
+
+def check_defences(specs: list[str]) -> list[str]:
+    """``--defence`` specs whose names the registry knows, or ValueError naming the problem."""
+    for text in specs:
+        name, _ = parse_defence(text)
+        if name not in DEFENCES:
+            raise ValueError(f"unknown defence {name!r} in --defence {text!r}; known defences: {', '.join(DEFENCES)}")
+    return list(dict.fromkeys(specs))
 
 
 def check_names(names: list[str], what: str) -> list[str]:

@@ -6,7 +6,11 @@ Measures, for a BCM preset (untrained weights: speed does not depend on them):
   backward, 1 forward + backward to the input through frozen weights), and their ratio;
 - BCM forward throughput, purifier throughput (2 network evaluations) and each classifier's forward
   throughput, all without gradient;
-- the same with ``channels_last`` off and on, and with bf16 autocast on the CPU.
+- the same with ``channels_last`` off and on, and with bf16 autocast on the CPU;
+- the defence comparison, in one run with the same network, classifier and batch: the BCM purifier (2 network
+  evaluations) against the 100-step ``diffusion`` defence (DiffPure-style, same network) and against the bare
+  cost of two network passes plus the classifier, each as purify + classify (no gradient) and as forward +
+  backward to the input (one attack step).
 Records the CPU and the capability torch detects on it (e.g. ``AVX2, native bf16 no``: there bf16 autocast is
 emulated and slower than float32, and the bench commands default to float32). Writes ``results/perf/perf-<config>.csv`` and ``.md`` and prints the table.
 """
@@ -25,10 +29,10 @@ from torch.func import functional_call
 
 import classifiers
 from classifiers import ARCHS, build_classifier
-from purify import BCM, BCMPurifier, load_preset
+from purify import BCM, BCMPurifier, DiffusionPurifier, load_preset
 from purify.checkpoint import atomic_write
 from purify.presets import REPO_ROOT
-from purify.runtime import cpu_capability
+from purify.runtime import cpu_capability, native_bf16
 from purify.train import Trainer
 
 
@@ -87,6 +91,50 @@ def forward_throughput(model, batch: int, channels_last: bool, bf16: bool, repea
     return batch / timed(run, repeats)
 
 
+def step_time(model, batch: int, channels_last: bool, bf16: bool, repeats: int) -> float:
+    """Seconds per image of one attack step: forward and backward to the input, through frozen weights."""
+    x = _layout(torch.rand(batch, 3, 32, 32), channels_last).requires_grad_(True)
+    model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(x).float().logsumexp(1).sum()
+        torch.autograd.grad(loss, x)
+
+    return timed(run, repeats) / batch
+
+
+def defence_comparison(bcm: BCM, classifier: torch.nn.Module, batch: int, step_batch: int, bf16: bool,
+                       repeats: int, add) -> None:
+    """The BCM purifier against the 100-step diffusion defence with the same network and classifier, and
+    against two bare network passes plus the classifier; forward (purify + classify) and one attack step."""
+    bcm = bcm.to(memory_format=torch.channels_last).eval().requires_grad_(False)
+    classifier = classifier.eval().requires_grad_(False)
+    kind = "channels_last" + ("+bf16" if bf16 else "")
+    two_passes = _Call(bcm, lambda x: bcm(bcm(x * 2 - 1, 0.3, 1.0), 1.0, 0.002))
+    defended = {
+        "bare: 2 network passes + classifier": torch.nn.Sequential(two_passes, classifier),
+        "BCM purifier (2 NFE) + classifier": BCMPurifier(bcm, t_star=1.0, eps_inv=0.3, seed=0).wrap(classifier),
+        "diffusion defence (100 NFE, SDE) + classifier": DiffusionPurifier(bcm, t_star=1.0, steps=100, seed=0).wrap(
+            classifier),
+    }
+    forward, step = {}, {}
+    for what, model in defended.items():
+        slow = "diffusion" in what  # one timed call after the warm-up: each takes minutes
+        forward[what] = forward_throughput(model, batch, True, bf16, 1 if slow else repeats)
+        step[what] = step_time(model, step_batch, True, bf16, 1 if slow else repeats)
+        add(f"defend + classify: {what} (batch {batch})", kind, 1000 / forward[what], "ms/image")
+        add(f"attack step: {what} (batch {step_batch})", kind, 1000 * step[what], "ms/image", "forward + backward")
+    bcm_name, diffusion = "BCM purifier (2 NFE) + classifier", "diffusion defence (100 NFE, SDE) + classifier"
+    bare = "bare: 2 network passes + classifier"
+    add("diffusion / BCM purifier cost, defend + classify", kind, forward[bcm_name] / forward[diffusion], "x",
+        "target >= 40")
+    add("diffusion / BCM purifier cost, attack step", kind, step[diffusion] / step[bcm_name], "x", "target >= 40")
+    add("BCM purifier / bare passes, defend + classify", kind, forward[bare] / forward[bcm_name], "x",
+        "target <= 1.10")
+    add("BCM purifier / bare passes, attack step", kind, step[bcm_name] / step[bare], "x", "target <= 1.10")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.perf", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,10 +144,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-steps", type=int, default=10, help="BCT steps timed through the trainer")
     parser.add_argument("--eval-batch", type=int, default=256, help="batch size of the forward measurements")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (the best is kept)")
+    parser.add_argument("--compare-batch", type=int, default=64,
+                        help="batch of the defence comparison's forward measurements (default: 64)")
+    parser.add_argument("--compare-step-batch", type=int, default=8,
+                        help="batch of its attack-step measurements; 100 steps of activations are kept for the "
+                             "backward pass of the diffusion defence (default: 8)")
+    parser.add_argument("--only", choices=("all", "training", "defences"), default="all",
+                        help="measure everything, only the training/throughput part, or only the defence "
+                             "comparison (default: all)")
     parser.add_argument("--out", default=str(REPO_ROOT / "results" / "perf"), help="output folder")
     args = parser.parse_args(argv)
-    if args.threads < 1 or args.train_steps < 1 or args.eval_batch < 1 or args.repeats < 1:
-        parser.error("--threads, --train-steps, --eval-batch and --repeats must be positive")
+    if min(args.threads, args.train_steps, args.eval_batch, args.repeats, args.compare_batch,
+           args.compare_step_batch) < 1:
+        parser.error("--threads, --train-steps, --eval-batch, --repeats, --compare-batch and --compare-step-batch "
+                     "must be positive")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         parser.error(f"--out {args.out} is a file; give the folder to write perf-<config>.csv/.md into")
     torch.set_num_threads(args.threads)
@@ -118,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append({"measurement": what, "layout": layout, "value": round(value, 2), "unit": unit, "note": note})
         print(f"{what:<44} {layout:<14} {value:10.2f} {unit} {note}", flush=True)
 
-    for channels_last in (False, True):
+    for channels_last in (False, True) if args.only in ("all", "training") else ():
         layout = "channels_last" if channels_last else "contiguous"
         bcm = BCM(preset.model).to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         bare = bare_bct_passes(bcm, batch, channels_last, args.repeats)
@@ -140,16 +198,25 @@ def main(argv: list[str] | None = None) -> None:
                     forward_throughput(build_classifier(arch, args.classifier_preset), args.eval_batch,
                                        channels_last, bf16, args.repeats), "images/s")
 
+    if args.only in ("all", "defences"):
+        bf16 = native_bf16(torch.device("cpu"))
+        defence_comparison(BCM(preset.model), build_classifier("wrn", args.classifier_preset), args.compare_batch,
+                           args.compare_step_batch, bf16, args.repeats, add)
+
     table = pd.DataFrame(rows)
     table.insert(0, "threads", args.threads)
     table.insert(1, "cpu_capability", cpu_capability())
     out = Path(args.out)
-    atomic_write(out / f"perf-{name}.csv", lambda tmp: table.to_csv(tmp, index=False))
+    suffix = "" if args.only == "all" else f"-{args.only}"
+    atomic_write(out / f"perf-{name}{suffix}.csv", lambda tmp: table.to_csv(tmp, index=False))
     header = (f"# Throughput, preset `{name}`, {args.threads} thread(s)\n\n"
               f"CPU: {_cpu_name()} ({cpu_capability()}); load average at the end: {os.getloadavg()[0]:.2f}. "
-              f"Command: `python -m bench.perf --config {args.config} --threads {args.threads}`.\n\n")
-    atomic_write(out / f"perf-{name}.md", lambda tmp: Path(tmp).write_text(header + table.to_markdown(index=False) + "\n"))
-    print(f"wrote {out}/perf-{name}.csv and .md")
+              f"Command: `python -m bench.perf --config {args.config} --threads {args.threads} --only {args.only}`."
+              f" The defence comparison uses the small `wrn` classifier and runs bf16 autocast where the CPU has it "
+              f"natively.\n\n")
+    atomic_write(out / f"perf-{name}{suffix}.md",
+                 lambda tmp: Path(tmp).write_text(header + table.to_markdown(index=False) + "\n"))
+    print(f"wrote {out}/perf-{name}{suffix}.csv and .md")
 
 
 class _Call(torch.nn.Module):

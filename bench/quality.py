@@ -10,13 +10,14 @@ can be skipped and rerun on its own:
   reconstructions at NFE 1 and 4 -> ``reconstruction.png``;
 - samples (Section 3.3, spec §4): one-step (NFE 1), ancestral (2), zigzag (3) and combined (4) generation
   from the same seeded initial noise, with the Appendix A.2 settings -> ``samples_nfe{1,2,3,4}.png``;
-- purified clean accuracy (Section 4.3.4, spec §7): each classifier's accuracy on clean test images purified
-  by the BCM purifier (invert to t*, then denoise) and by the add-noise-then-denoise baseline
-  (``x + t* z``, then ``f(., t*, 0)``) for every t*, next to its unpurified accuracy
-  -> ``purified_clean.csv`` / ``.md`` / ``.png``. Each batch is purified once per (mode, t*) and the same
-  purified images go to every classifier.
+- clean accuracy after each defence (Section 4.3.4, spec §7): each classifier's accuracy on clean test images
+  after every ``--defence`` (default: the BCM purifier, invert to t* then denoise, and the add-noise-then-denoise
+  baseline ``x + t* z`` then ``f(., t*, 0)``; any of the registry's, e.g. ``diffusion jpeg median``), at every
+  t* for the defences that have a strength, next to the unpurified accuracy -> ``purified_clean.csv`` / ``.md``
+  / ``.png``. Each defence purifies the images once (a vote: n times) and the same images go to every classifier.
 
-All noise is seeded, so a rerun with the same options gives the same numbers.
+All noise is seeded (a randomized defence's noise per image from ``--seed`` and the image's index), so a rerun
+with the same options gives the same numbers.
 """
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
 
 import pandas as pd
 import torch
@@ -36,13 +36,15 @@ from tqdm.auto import tqdm
 import classifiers
 from purify import BCM, BCMPurifier
 from purify.checkpoint import atomic_write, load_checkpoint
-from purify.data import load_cifar10, seeded_subset, to_float
-from purify.presets import REPO_ROOT, preset_from_dict
+from purify.data import load_cifar10, to_float
+from purify.defences import Vote
+from purify.presets import REPO_ROOT
 from purify.runtime import pick_device
 from purify.sampling import (ANCESTRAL_2, COMBINED_4, INVERSION_SCHEDULES, ZIGZAG_3, initial_noise, reconstruct,
                              reconstruction_mse, sample_ancestral, sample_combined, sample_onestep, sample_zigzag)
 
-from .common import load_classifiers, run_command, write_text
+from .common import (DEFENCE_HELP, Entry, build_defences, check_defences, load_classifiers, load_split, purify_images,
+                     run_command, vote_accuracy, write_text)
 
 DATASET = "CIFAR-10 (JPEG q75 copy)"
 DEFAULT_BCM = REPO_ROOT / "checkpoints" / "bcm" / "cifar10-small.pt"
@@ -50,9 +52,6 @@ EXPORT_COMMAND = "python -m purify.export runs/<run>/checkpoint.pt checkpoints/b
 # Section 4.2 / spec §5: per-dimension MSE on the [0, 1] scale, CIFAR-10 test, inversion NFE 1-4.
 PAPER_MSE = {1: 0.00526, 2: 0.00451, 3: 0.00377, 4: 0.00362}
 T_STARS = (0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 80.0)
-MODES = ("bcm", "denoise")
-MODE_LABELS = {"bcm": "BCM purifier (invert to t*, denoise)", "denoise": "baseline (x + t* z, denoise)",
-               "none": "unpurified"}
 
 
 # --------------------------------------------------------------------------------------------- measurements
@@ -109,46 +108,48 @@ def sample_grids(bcm: BCM, count: int, seed: int, device: torch.device) -> dict[
     return {nfe: (x.clamp(-1, 1).cpu() + 1) / 2 for nfe, x in samples.items()}
 
 
-def purified_clean_table(bcm: BCM, eps_inv: float, models: dict[str, nn.Module], images: torch.Tensor,
-                         labels: torch.Tensor, t_stars: Sequence[float], seed: int, batch_size: int,
+def purified_clean_table(entries: list[Entry], models: dict[str, nn.Module], images: torch.Tensor,
+                         labels: torch.Tensor, ids: torch.Tensor, seed: int, batch_size: int,
                          device: torch.device) -> pd.DataFrame:
-    """Accuracy of every classifier on unpurified images and on images purified per (mode, t*).
+    """Accuracy of every classifier on the unpurified images and after every defence.
 
-    Every (mode, t*) purifier starts its noise stream from ``seed``; each batch is purified once and the
-    purified images are shared by all classifiers. ``eps_inv`` is the BCM mode's initial inversion noise,
-    capped at ``t*/2`` by the purifier (recorded per row).
-    """
-    rows = [{"arch": arch, "purifier": "none", "t_star": math.nan, "eps_inv": math.nan,
+    Each defence purifies the images once (a vote: once per draw) and the purified images are shared by all
+    classifiers; a randomized defence's noise is drawn per image from ``seed`` and ``ids``."""
+    rows = [{"arch": arch, "defence": "none", "family": "none", "t_star": math.nan, "nfe": 0,
              "accuracy": classifiers.accuracy(model, images, labels, batch_size, device, progress=False)}
             for arch, model in models.items()]
-    settings = [(mode, t_star) for mode in MODES for t_star in t_stars]
-    for mode, t_star in tqdm(settings, desc="purified clean accuracy"):
-        purifier = BCMPurifier(bcm, t_star=t_star, eps_inv=eps_inv, mode=mode, seed=seed)
-        purified = torch.cat([purifier(to_float(images[i:i + batch_size]).to(device)).cpu()
-                              for i in range(0, len(images), batch_size)])
+    x = to_float(images)
+    for entry in tqdm(entries, desc="clean accuracy after each defence"):
+        defence = entry.defence
+        vote = defence if isinstance(defence, Vote) else None
+        base, draws = (vote.base, vote.n) if vote else (defence, 1)
+        purified = [purify_images(base, x, ids, seed, device, batch_size, progress=False, draw=d)
+                    for d in range(draws)]
         for arch, model in models.items():
-            rows.append({"arch": arch, "purifier": mode, "t_star": t_star,
-                         "eps_inv": purifier.eps_inv if mode == "bcm" else math.nan,
-                         "accuracy": classifiers.accuracy(model, purified, labels, batch_size, device,
-                                                          progress=False)})
+            accuracy = (vote_accuracy(model, purified, labels, vote.how, batch_size) if vote else
+                        classifiers.accuracy(model, purified[0], labels, batch_size, device, progress=False))
+            rows.append({"arch": arch, "defence": defence.spec(), "family": defence.family(),
+                         "t_star": math.nan if entry.t_star is None else entry.t_star, "nfe": defence.nfe,
+                         "accuracy": accuracy})
     return pd.DataFrame(rows)
 
 
 # -------------------------------------------------------------------------------------------------- views
 
 def purified_clean_markdown(table: pd.DataFrame) -> str:
-    """Accuracy in % with one row per (purifier, t*) and one column per classifier, plus their mean."""
+    """Accuracy in % with one row per (defence family, t*) and one column per classifier, plus their mean."""
     view = table.assign(t_star=table["t_star"].map(lambda t: "-" if math.isnan(t) else f"{t:g}"),
-                        accuracy=table["accuracy"] * 100)
-    # sort=False keeps the table's order: unpurified first, then each mode by t*
-    wide = view.pivot_table(index=["purifier", "t_star"], columns="arch", values="accuracy", sort=False)
+                        accuracy=table["accuracy"] * 100, family=table["family"].map(lambda f: f"`{f}`"))
+    # sort=False keeps the table's order: unpurified first, then each defence by t*
+    wide = view.pivot_table(index=["family", "t_star", "nfe"], columns="arch", values="accuracy", sort=False)
     wide = wide[list(table["arch"].unique())]
     wide["mean"] = wide.mean(axis=1)
     return wide.reset_index().to_markdown(index=False, floatfmt=".1f")
 
 
 def plot_purified_clean(table: pd.DataFrame, path: Path, title: str) -> None:
-    """One panel per classifier: accuracy against t* (log scale) per purifier mode, unpurified as a line."""
+    """One panel per classifier: accuracy against t* (log scale) per defence family (a horizontal line for a
+    defence without a strength), unpurified as a dotted line."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -158,11 +159,15 @@ def plot_purified_clean(table: pd.DataFrame, path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, len(archs), figsize=(max(8.0, 3.2 * len(archs)), 3.6), sharey=True, squeeze=False)
     for ax, arch in zip(axes[0], archs):
         rows = table[table["arch"] == arch]
-        for mode, style in zip(MODES, ("-o", "--s")):
-            curve = rows[rows["purifier"] == mode].sort_values("t_star")
-            ax.plot(curve["t_star"], curve["accuracy"], style, ms=3.5, label=MODE_LABELS[mode])
-        for acc in rows.loc[rows["purifier"] == "none", "accuracy"]:
-            ax.axhline(acc, color="k", ls=":", lw=1, label=MODE_LABELS["none"])
+        for i, family in enumerate(f for f in dict.fromkeys(rows["family"]) if f != "none"):
+            curve = rows[rows["family"] == family].sort_values("t_star")
+            style = ("-o", "--s", "-.^", ":v")[i % 4]
+            if curve["t_star"].notna().any():
+                ax.plot(curve["t_star"], curve["accuracy"], style, ms=3.5, color=f"C{i}", label=family)
+            else:
+                ax.axhline(curve["accuracy"].mean(), ls=style[:-1], color=f"C{i}", lw=1.2, label=family)
+        for acc in rows.loc[rows["family"] == "none", "accuracy"]:
+            ax.axhline(acc, color="k", ls=":", lw=1, label="unpurified")
         ax.axhline(0.1, color="grey", lw=0.6, alpha=0.6)  # chance level, 10 classes
         ax.set_xscale("log")
         ax.set_title(arch)
@@ -199,7 +204,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=1000, help="number of test images (seeded subset)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the test subset and of all noise")
     parser.add_argument("--t-stars", type=float, nargs="+", default=list(T_STARS),
-                        help="purification strengths t* of the clean-accuracy part")
+                        help="purification strengths t* of the clean-accuracy part, for every defence with one")
+    parser.add_argument("--defence", nargs="+", default=["bcm", "denoise"], metavar="SPEC",
+                        help=f"{DEFENCE_HELP}; built on --bcm (default: bcm denoise)")
     parser.add_argument("--grid", type=int, default=64, help="samples per sample grid (a square number reads best)")
     parser.add_argument("--batch-size", type=int, default=250, help="images per batch")
     parser.add_argument("--classifier-preset", default="small", help="classifier preset (small or paper)")
@@ -221,6 +228,10 @@ def main(argv: list[str] | None = None) -> None:
                      f"or point --bcm at an exported or training BCM checkpoint")
     if args.n <= 0 or args.batch_size <= 0 or args.grid <= 0 or (args.threads is not None and args.threads <= 0):
         parser.error("--n, --batch-size, --grid and --threads must be positive")
+    try:
+        args.defence = check_defences(args.defence)
+    except ValueError as err:
+        parser.error(str(err))
     run_command(parser, quality, args)
 
 
@@ -230,8 +241,7 @@ def quality(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     bcm = BCMPurifier.from_checkpoint(args.bcm, device=device).bcm.to(memory_format=torch.channels_last)
-    state = load_checkpoint(args.bcm)
-    step, eps_inv = state.get("step"), preset_from_dict(state["config"]).purifier.eps_inv
+    step = load_checkpoint(args.bcm).get("step")
     eps, T = bcm.config.eps, bcm.config.T
     bad = [t for t in args.t_stars if not eps < t <= T]
     if bad:
@@ -244,9 +254,7 @@ def quality(args: argparse.Namespace) -> None:
             print("warning: no classifier checkpoint found; skipping purified clean accuracy", file=sys.stderr)
 
     out = Path(args.out)
-    images, labels = load_cifar10("test", args.data_root)
-    index = seeded_subset(len(images), args.n, args.seed)
-    images, labels = images[index], labels[index]
+    images, labels, ids = load_split("test", args.data_root, args.n, args.seed)
     n = len(images)
     about = (f"{DATASET}, {n} test images (seeded subset, seed {args.seed}); BCM checkpoint `{args.bcm}` "
              f"(step {step}). Command: `{args.command}`.")
@@ -284,15 +292,16 @@ def quality(args: argparse.Namespace) -> None:
 
         if models:
             started = time.perf_counter()
-            table = purified_clean_table(bcm, eps_inv, models, images, labels, args.t_stars, args.seed,
-                                         args.batch_size, device)
+            args.preset = "small"  # build_defences reads the BCM from --bcm
+            entries = build_defences(args, args.defence, device, t_stars=args.t_stars)
+            table = purified_clean_table(entries, models, images, labels, ids, args.seed, args.batch_size, device)
             table = table.assign(**meta)
             write_csv(table, out / "purified_clean.csv")
             write_text(out / "purified_clean.md",
-                       f"# Clean accuracy after purification (%)\n\n{about}\n\n"
+                       f"# Clean accuracy after each defence (%)\n\n{about}\n\n"
                        f"`bcm`: invert from eps_inv (capped at t*/2) to t* in one step, then denoise in one step; "
-                       f"`denoise`: add noise `t* z`, then denoise in one step; `none`: unpurified. "
-                       f"Classifiers: `{args.classifier_preset}` preset.\n\n"
+                       f"`denoise`: add noise `t* z`, then denoise in one step; `none`: unpurified; `nfe`: "
+                       f"network evaluations per image. Classifiers: `{args.classifier_preset}` preset.\n\n"
                        f"{purified_clean_markdown(table)}\n")
             plot_purified_clean(table, out / "purified_clean.png",
                                 f"Clean accuracy after purification, {DATASET}, n={n}, BCM step {step}")

@@ -16,7 +16,7 @@ import classifiers
 
 from .common import RESULTS_DIR, ResultTable, numeric, write_text
 
-SETTINGS = ["preset", "purifier", "t_star", "eps_inv", "n", "seed", "bf16"]
+SETTINGS = ["preset", "defence", "n", "seed", "bf16"]
 DATASET = "CIFAR-10 (JPEG q75 copy)"
 
 
@@ -31,17 +31,26 @@ def _pct(acc: float) -> str:
     return f"{100 * acc:.2f}"
 
 
+def _ms(seconds: float) -> str:
+    return "not measured" if pd.isna(seconds) else f"{1000 * seconds:.3g} ms/image"
+
+
+def cost(group: pd.DataFrame) -> str:
+    """The cost of a defence as its rows record it: network evaluations and measured seconds per image."""
+    row = group.iloc[0]
+    evaluations = f"{row.nfe} network evaluation{'s' if row.nfe != 1 else ''} per image"
+    if group.defence_s_per_image.isna().all() and group.step_s_per_image.isna().all():
+        return f"{evaluations}; seconds not recorded for these rows"
+    return (f"{evaluations}; defence alone {_ms(group.defence_s_per_image.mean())}, one attack step through "
+            f"defence and target {_ms(group.step_s_per_image.mean())} on the machine that ran it")
+
+
 def _setting(group: pd.DataFrame) -> str:
     row = group.iloc[0]
-    if row.purifier == "none":
-        defence = "no purification"
-    elif row.purifier == "bcm":
-        defence = f"BCM purifier (invert {row.eps_inv:g} -> t* = {row.t_star:g}, then one step to 0)"
-    else:
-        defence = f"denoise baseline (x + t* z with t* = {row.t_star:g}, then one step to 0)"
+    defence = "no defence" if row.defence == "none" else f"defence `{row.defence}` ({cost(group)})"
     precision = "bf16 autocast" if row.bf16 else "float32"
     return (f"{row.preset} preset, {defence}; {row.n:,} test images (seed {row.seed}) of {DATASET}; "
-            f"PGD and purification in {precision}")
+            f"PGD and defence in {precision}")
 
 
 def _groups(frame: pd.DataFrame):
@@ -56,7 +65,7 @@ def transfer_markdown(frame: pd.DataFrame) -> str:
     parts = []
     for _, group in _groups(frame):
         targets = _ordered(group.target)
-        after = group.iloc[0].purifier != "none"
+        after = group.iloc[0].defence != "none"
         lines = [f"**{_setting(group)}.** Accuracy (%) of each target under L-inf PGD crafted on the source"
                  + (", before -> after purification." if after else "."), "",
                  "| Source | eps/255 | " + " | ".join(targets) + " |",
@@ -79,17 +88,18 @@ def transfer_markdown(frame: pd.DataFrame) -> str:
 
 
 def tradeoff_summary(frame: pd.DataFrame) -> pd.DataFrame:
-    """Mean accuracy over targets after purification: rows (purifier, t*), columns eps/255."""
-    return (frame.groupby(["purifier", "t_star", "eps"])["acc_after"].mean()
+    """Mean accuracy over targets after the defence: rows (family, t*; t* NaN for defences without a
+    strength), columns eps/255."""
+    return (frame.groupby(["family", "t_star", "eps"], dropna=False)["acc_after"].mean()
             .unstack("eps").sort_index())
 
 
-def best_t_star(frame: pd.DataFrame, purifier: str = "bcm") -> float:
-    """The t* with the highest accuracy after purification averaged over the evaluated eps (including the
-    clean eps 0) and the targets: the balance of clean and robust accuracy the trade-off curve suggests."""
-    summary = tradeoff_summary(frame[frame.purifier == purifier])
+def best_t_star(frame: pd.DataFrame, family: str) -> float:
+    """The t* with the highest accuracy after the defence averaged over the evaluated eps (including the clean
+    eps 0) and the targets: the balance of clean and robust accuracy the trade-off curve suggests."""
+    summary = tradeoff_summary(frame[(frame.family == family) & frame.t_star.notna()])
     if summary.empty:
-        raise ValueError(f"no {purifier!r} rows in the trade-off results")
+        raise ValueError(f"no {family!r} rows with a strength t* in the trade-off results")
     return float(summary.mean(axis=1).idxmax()[1])
 
 
@@ -105,18 +115,21 @@ def tradeoff_markdown(frame: pd.DataFrame) -> str:
                  f"{', '.join(_ordered(group.target))}; {row.n:,} test images (seed {row.seed}) of {DATASET}.** "
                  f"Accuracy (%) after purification at strength t*; the column mean is the criterion for the "
                  f"best t*.", "",
-                 "| purifier | t* | " + " | ".join(f"eps {e}/255" for e in eps_values) + " | mean |",
+                 "| defence | t* | " + " | ".join(f"eps {e}/255" for e in eps_values) + " | mean |",
                  "|---|---|" + "---|" * (len(eps_values) + 1)]
         undefended = group.groupby("eps")["acc_before"].mean()
         lines.append("| none | - | " + " | ".join(_pct(undefended[e]) for e in eps_values)
                      + f" | {_pct(undefended[eps_values].mean())} |")
-        for (purifier, t_star), values in summary.iterrows():
-            lines.append(f"| {purifier} | {t_star:g} | " + " | ".join(_pct(values[e]) for e in eps_values)
+        for (family, t_star), values in summary.iterrows():
+            strength = "-" if pd.isna(t_star) else f"{t_star:g}"
+            lines.append(f"| `{family}` | {strength} | " + " | ".join(_pct(values[e]) for e in eps_values)
                          + f" | {_pct(values.mean())} |")
-        for purifier in sorted(group.purifier.unique()):
-            best = best_t_star(group, purifier)
-            lines.append(f"\nBest t* for {purifier}: **{best:g}**.")
-            ratios = transfer_ratio(group[group.purifier == purifier], best)
+        lines.append("\nCost per family (mean over its rows): " + "; ".join(
+            f"`{family}`: {cost(rows)}" for family, rows in group.groupby("family", sort=False)) + ".")
+        for family in sorted(group[group.t_star.notna()].family.unique()):
+            best = best_t_star(group, family)
+            lines.append(f"\nBest t* for `{family}`: **{best:g}**.")
+            ratios = transfer_ratio(group[group.family == family], best)
             if not ratios.empty:
                 lines.append(f"Transfer only (targets other than {row.source}) at t* = {best:g}: "
                              + "; ".join(f"eps {eps}/255 {_pct(r.after)} after purification, {r.ratio:.2f} x "
@@ -143,9 +156,10 @@ def transfer_ratio(frame: pd.DataFrame, t_star: float) -> pd.DataFrame:
 
 
 def tradeoff_plot(frame: pd.DataFrame, path: str | Path) -> None:
-    """Accuracy after purification against t* (log scale), one panel per target, one colour per attack eps
-    (eps 0 = clean accuracy), solid = BCM purifier, dashed = denoise baseline; dotted horizontal lines are the
-    undefended accuracy at the same eps. Reading along x shows where clean and robust accuracy meet."""
+    """Accuracy after the defence against t* (log scale), one panel per target, one colour per attack eps
+    (eps 0 = clean accuracy), one line style per defence family (a defence without a strength is a horizontal
+    line in its style); dotted horizontal lines are the undefended accuracy at the same eps. Reading along x
+    shows where clean and robust accuracy meet."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -161,15 +175,19 @@ def tradeoff_plot(frame: pd.DataFrame, path: str | Path) -> None:
     attacked = [e for e in eps_values if e != 0]
     palette = plt.get_cmap("plasma")([0.15 + 0.7 * i / max(1, len(attacked) - 1) for i in range(len(attacked))])
     colours = {0: "black", **dict(zip(attacked, palette))}
-    styles = {"bcm": "-", "denoise": "--"}
+    line_styles = ["-", "--", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (8, 2)), (0, (3, 1, 1, 1))]
+    families = list(dict.fromkeys(frame.family))
+    styles = {family: line_styles[i % len(line_styles)] for i, family in enumerate(families)}
     for ax, target in zip(axes.flat, targets):
         data = frame[frame.target == target]
         for eps in eps_values:
             at_eps = data[data.eps == eps]
-            for purifier, style in styles.items():
-                curve = at_eps[at_eps.purifier == purifier].sort_values("t_star")
-                if len(curve):
-                    ax.plot(curve.t_star, 100 * curve.acc_after, style, marker="o", ms=3, color=colours[eps])
+            for family, style in styles.items():
+                curve = at_eps[at_eps.family == family].sort_values("t_star")
+                if curve.t_star.notna().any():
+                    ax.plot(curve.t_star, 100 * curve.acc_after, ls=style, marker="o", ms=3, color=colours[eps])
+                elif len(curve):
+                    ax.axhline(100 * curve.acc_after.mean(), ls=style, lw=1.5, color=colours[eps])
             ax.axhline(100 * at_eps.acc_before.mean(), color=colours[eps], ls=":", lw=1)
         ax.set_xscale("log")
         ax.set_title(f"target {target}", fontsize=10)
@@ -182,8 +200,7 @@ def tradeoff_plot(frame: pd.DataFrame, path: str | Path) -> None:
         ax.axis("off")
     handles = [Line2D([], [], color=colours[e], lw=2, label="clean" if e == 0 else f"PGD eps {e}/255")
                for e in eps_values]
-    handles += [Line2D([], [], color="gray", ls=style, label=f"after {purifier}")
-                for purifier, style in styles.items() if purifier in set(frame.purifier)]
+    handles += [Line2D([], [], color="gray", ls=style, label=f"after {family}") for family, style in styles.items()]
     handles.append(Line2D([], [], color="gray", ls=":", lw=1, label="no purification"))
     ncol = min(len(handles), 3 * cols)
     fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False)

@@ -17,9 +17,9 @@ from pathlib import Path
 import classifiers
 
 from . import report
-from .common import (RESULTS_DIR, ResultTable, add_common_arguments, check_names, eps_list, numeric, run_command,
-                     write_text)
-from .transfer import grid_from_args, load_defence, run_cells, setup, this_run
+from .common import (DEFENCE_HELP, RESULTS_DIR, ResultTable, add_common_arguments, build_defences, check_defences,
+                     check_names, eps_list, numeric, run_command, write_text)
+from .transfer import grid_from_args, run_cells, setup, this_run
 
 T_STARS = (0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 80.0)
 
@@ -36,9 +36,9 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"models evaluated (default: all four: {' '.join(classifiers.ARCHS)})")
     parser.add_argument("--t-stars", nargs="+", type=float, default=list(T_STARS), metavar="T",
                         help=f"purification strengths t* (default: {' '.join(f'{t:g}' for t in T_STARS)})")
-    parser.add_argument("--purifier", nargs="+", default=["bcm"], choices=("bcm", "denoise"),
-                        help="defence(s): 'bcm' = invert then denoise (the paper's), 'denoise' = x + t* z then "
-                             "denoise, the baseline with the same network (default: bcm)")
+    parser.add_argument("--defence", nargs="+", default=["bcm"], metavar="SPEC",
+                        help=f"{DEFENCE_HELP}. Each defence with a strength (bcm, denoise, diffusion, a vote of one "
+                             f"of them) is evaluated at every --t-stars value; the others once (default: bcm)")
     parser.add_argument("--out", default=None,
                         help="results CSV, resumed if it exists; .md and .png are written next to it "
                              "(default: results/tradeoff/<preset>-<source>.csv)")
@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         args.eps, args.targets = eps_list(args.eps), check_names(args.targets, "target")
+        args.defence = check_defences(args.defence)
     except (argparse.ArgumentTypeError, ValueError) as err:
         parser.error(str(err))
     if any(t <= 0 for t in args.t_stars):
@@ -58,16 +59,15 @@ def tradeoff(args: argparse.Namespace) -> None:
     started = time.monotonic()
     device = setup(args)
     out = Path(args.out) if args.out else RESULTS_DIR / "tradeoff" / f"{args.preset}-{args.source}.csv"
-    defences = [load_defence(args, mode, t, device) for mode in args.purifier for t in sorted(set(args.t_stars))]
-    grid, ids, meta = grid_from_args(args, [args.source], args.targets, device)
     table = ResultTable(out)
-    run_cells(grid, table, [(args.source, e) for e in args.eps], defences, args.targets, meta, ids)
+    entries = build_defences(args, args.defence, device, t_stars=sorted(set(args.t_stars)))
+    grid, ids, meta = grid_from_args(args, [args.source], args.targets, device)
+    run_cells(grid, table, [(args.source, e) for e in args.eps], entries, args.targets, meta, ids)
 
     frame = numeric(table.frame())
     write_text(out.with_suffix(".md"), report.tradeoff_markdown(frame))
     report.tradeoff_plot(frame, out.with_suffix(".png"))
-    mine = frame[this_run(frame, args, grid) & frame.purifier.isin(args.purifier)
-                 & frame.t_star.isin([d.t_star for d in defences])]
+    mine = frame[this_run(frame, args, grid) & frame.defence.isin([e.defence.spec() for e in entries])]
     print(report.tradeoff_markdown(mine))
     print(f"wrote {out}, {out.with_suffix('.md')} and {out.with_suffix('.png')} "
           f"({time.monotonic() - started:.0f} s)", file=sys.stderr)

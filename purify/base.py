@@ -33,8 +33,11 @@ class Defence(nn.Module):
 
     def spec(self) -> str:
         """``name(option=value, ...)``: the defence with its full settings, e.g. ``jpeg(quality=75)``."""
-        options = ", ".join(f"{k}={_value(v)}" for k, v in sorted(self.settings().items()))
-        return f"{self.name}({options})" if options else self.name
+        return _format(self.name, self.settings())
+
+    def family(self) -> str:
+        """The spec without the strength ``t_star``: the settings one trade-off curve shares."""
+        return _format(self.name, {k: v for k, v in self.settings().items() if k != "t_star"})
 
     def noise_shape(self, image_shape: Sequence[int]) -> tuple[int, ...]:
         """Shape of the standard normal noise one call draws per image (empty for a deterministic defence)."""
@@ -58,6 +61,11 @@ class Defence(nn.Module):
 
     def extra_repr(self) -> str:
         return self.spec()
+
+
+def _format(name: str, settings: dict) -> str:
+    options = ", ".join(f"{k}={_value(v)}" for k, v in sorted(settings.items()))
+    return f"{name}({options})" if options else name
 
 
 def _value(value) -> str:

@@ -119,8 +119,16 @@ class Vote(Defence):
     def nfe(self) -> int:
         return self.n * self.base.nfe
 
+    @property
+    def t_star(self) -> float | None:
+        """The base's strength."""
+        return getattr(self.base, "t_star", None)
+
     def settings(self) -> dict:
         return {"base": self.base.spec(), "n": self.n, "how": self.how}
+
+    def family(self) -> str:
+        return self.spec().replace(self.base.spec(), self.base.family())
 
     def purify(self, images: torch.Tensor) -> torch.Tensor:
         raise ValueError("a vote decides labels, it does not return images: use vote.wrap(classifier)")
@@ -145,8 +153,14 @@ class VotedClassifier(nn.Module):
 
 
 _BCM_DEFENCES = {"bcm": BCMPurifier, "denoise": BCMPurifier, "diffusion": DiffusionPurifier}
+BCM_DEFENCES = tuple(_BCM_DEFENCES)  # the defences built on a BCM checkpoint
 _TRANSFORMS = {"none": Defence, "jpeg": JPEG, "bits": BitDepth, "median": MedianSmoothing}
 DEFENCES = ("none", "bcm", "denoise", "diffusion", "jpeg", "bits", "median", "vote")
+
+
+def needs_bcm(name: str, options: dict) -> bool:
+    """Whether the defence ``name`` with ``options`` is built on a BCM checkpoint."""
+    return name in BCM_DEFENCES or (name == "vote" and options.get("base", "bcm") in BCM_DEFENCES)
 
 
 def make_defence(name: str, checkpoint: str | os.PathLike | None = None, device: str | torch.device = "cpu",

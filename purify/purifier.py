@@ -115,6 +115,7 @@ class BCMPurifier(_NoisyDefence):
             raise ValueError(f"t_star must be in ({eps}, {T}], got {t_star}")
         super().__init__(bcm, seed)
         self.t_star, self.mode = float(t_star), mode
+        self.eps_inv_option = float(eps_inv)  # as given; a trade-off curve over t* shares it
         self.eps_inv = min(float(eps_inv), self.t_star / 2)
         self.inversion_times = [self.eps_inv, *map(float, inversion_times), self.t_star]
         self.denoise_times = [*map(float, denoise_times), self.t_star]
@@ -151,6 +152,10 @@ class BCMPurifier(_NoisyDefence):
         if len(self.denoise_times) > 1:
             out["denoise_times"] = self.denoise_times[:-1]
         return out
+
+    def family(self) -> str:
+        # the eps_inv asked for, not the one capped at t*/2, so every t* of a trade-off curve shares the family
+        return super().family().replace(f"eps_inv={self.eps_inv:g}", f"eps_inv={self.eps_inv_option:g}")
 
     def noise_shape(self, image_shape: Sequence[int]) -> tuple[int, ...]:
         return tuple(image_shape)

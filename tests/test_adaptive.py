@@ -135,9 +135,29 @@ def test_bench_adaptive_grid_scores_and_resumes(checkpoints, tmp_path, monkeypat
     assert after.equals(frame.drop(columns=["wall_s", "s_per_image", "purify_s_per_image", "step_s_per_image"]))
 
 
+def test_bench_adaptive_evaluates_registry_defences_with_bpda_where_needed(checkpoints, tmp_path):  # noqa: F811
+    """A deterministic, non-differentiable defence (jpeg) is attacked through BPDA with one draw per step and
+    has no fixed-noise ablation; a randomized one keeps its EOT draws; each row names its full settings."""
+    out = tmp_path / "defences.csv"
+    bench.adaptive.main([*checkpoints, "--n", "6", "--batch-size", "6", "--out", str(out),
+                         "--defence", "jpeg:quality=60", "denoise:t_star=0.3"])
+    frame = pd.read_csv(out)
+    jpeg, denoise = frame[frame.defence == "jpeg(quality=60)"], frame[frame.defence == "denoise(t_star=0.3)"]
+    assert set(jpeg.threat) == set(bench.adaptive.THREATS) - {"pgd-fixed"}
+    assert set(denoise.threat) == set(bench.adaptive.THREATS)
+    assert jpeg[jpeg.threat == "pgd-eot"].eot.eq(1).all() and denoise[denoise.threat == "pgd-eot"].eot.eq(4).all()
+    assert jpeg[jpeg.threat == "pgd-eot"].attack.str.contains("BPDA").all()
+    assert jpeg.nfe.eq(0).all() and denoise.nfe.eq(1).all() and jpeg.t_star.isna().all()
+    # a deterministic defence scores the same under every scoring
+    wide = jpeg.pivot_table(index="threat", columns="scoring", values="accuracy")
+    assert (wide["single"] == wide["worst"]).all() and (wide["single"] == wide["vote"]).all()
+    assert "defence `jpeg(quality=60)`" in out.with_suffix(".md").read_text()
+
+
 def test_bench_adaptive_rejects_bad_input(checkpoints, tmp_path, capsys):  # noqa: F811
     for bad in (["--eps", "0"], ["--target", "resnet"], ["--protocol", "gpu"], ["--split", "train"],
-                ["--convergence", "5y4"], ["--convergence", "0x4"], ["--n", "0"]):
+                ["--convergence", "5y4"], ["--convergence", "0x4"], ["--n", "0"], ["--defence", "vote"],
+                ["--defence", "nosuch"]):
         with pytest.raises(SystemExit) as exit_info:
             bench.adaptive.main(adaptive_args(checkpoints, tmp_path / "x.csv", *bad))
         assert exit_info.value.code == 2
@@ -181,3 +201,62 @@ def test_validation_split_is_the_classifiers_held_out_training_images(monkeypatc
     assert torch.equal(x.flatten(), ids) and torch.equal(y, ids % 10)
     with pytest.raises(ValueError, match="--n must be in"):
         bench.common.load_split("val", None, n=1001, seed=3)
+
+
+def test_eot_pgd_takes_steps_of_the_given_size():
+    """PGD: x <- clip(x + step_size * sign(grad)); without random start one step moves every pixel by exactly
+    step_size (the images are kept away from 0 and 1, and step_size < eps, so neither clip binds)."""
+    model = TemplateClassifier().eval()
+    images, labels = template_data(model, n=10)
+    images = images.clamp(0.1, 0.9)
+    attack = eot_pgd(model, eps=8 / 255, steps=1, step_size=2 / 255, eot=1, random_start=False)
+    delta = attack(images, labels) - images
+    torch.testing.assert_close(delta.abs(), torch.full_like(delta, 2 / 255), rtol=0, atol=1e-6)
+    # three such steps inside an eps = 4/255 ball end on its boundary
+    delta = eot_pgd(model, eps=4 / 255, steps=3, step_size=2 / 255, eot=1, random_start=False)(images, labels) - images
+    assert delta.abs().max() <= 4 / 255 + 1e-6 and (delta.abs() > 3.9 / 255).float().mean() > 0.5
+
+
+def test_protocol_step_sizes_are_fractions_of_eps():
+    """Spec §9 (Lee & Kim): 200 steps of 0.007 at eps 8/255 with 20 EOT draws, N = 10; the step scales with eps."""
+    from attacks import get_protocol
+
+    paper, cpu = get_protocol("paper"), get_protocol("cpu")
+    assert (paper.pgd_steps, paper.eot, paper.apgd_iters, paper.evals) == (200, 20, 100, 10)
+    assert paper.step_size(8 / 255) == pytest.approx(0.007)
+    for eps in (4 / 255, 16 / 255):
+        assert paper.step_size(eps) == pytest.approx(0.007 * eps / (8 / 255))
+        assert cpu.step_size(eps) == pytest.approx(0.25 * eps)
+
+
+class _DrawModel(nn.Module):
+    """Predicts (id + draw) % 10: a stand-in for a randomized defence whose noise is set by the context below."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(()))  # predict_draws reads the device from a parameter
+        self.ids, self.draw = None, None
+
+    def forward(self, x):
+        return nn.functional.one_hot((self.ids + self.draw) % 10, 10).float() + 0 * self.anchor
+
+
+def test_each_row_of_predict_draws_is_one_evaluation_with_that_draws_noise():
+    import contextlib
+
+    model = _DrawModel()
+
+    @contextlib.contextmanager
+    def noise(batch_ids, draw):
+        model.ids, model.draw = batch_ids, draw
+        yield
+
+    ids = torch.arange(100, 107)
+    got = predict_draws(model, torch.rand(7, 3, 4, 4), ids, evals=4, noise=noise, batch_size=3)
+    assert torch.equal(got, (torch.arange(4)[:, None] + ids[None]) % 10)
+
+
+def test_autoattack_rand_uses_the_given_iterations_and_draws():
+    adversary = autoattack_rand(TemplateClassifier().eval(), eps=8 / 255, iters=7, eot=3)
+    assert adversary.apgd.n_iter == 7 and adversary.apgd.eot_iter == 3
+    assert adversary.version == "rand" and adversary.norm == "Linf" and adversary.epsilon == pytest.approx(8 / 255)

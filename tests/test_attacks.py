@@ -92,3 +92,24 @@ def test_unknown_attack_or_eps_fails_clearly():
     for bad in (2.5, -4, 300, "8"):
         with pytest.raises(ValueError, match="eps = k/255"):
             paper_pgd(nn.Linear(1, 1), bad)
+
+
+def test_craft_enters_the_noise_context_with_each_batchs_dataset_ids():
+    """``noise(ids_of_batch, 0)`` is entered around each batch with the images' dataset indices (default: their
+    positions), so the fixed-randomness ablation attacks image i with image i's noise."""
+    import contextlib
+
+    model = TemplateClassifier()
+    x, y = template_data(model, n=10)
+    seen = []
+
+    @contextlib.contextmanager
+    def noise(batch_ids, draw):
+        seen.append((batch_ids.tolist(), draw))
+        yield
+
+    craft(paper_pgd(model, 0), x, y, batch_size=4, ids=torch.arange(100, 110), noise=noise, progress=False)
+    assert seen == [(list(range(100, 104)), 0), (list(range(104, 108)), 0), ([108, 109], 0)]
+    seen.clear()
+    craft(paper_pgd(model, 0), x, y, batch_size=6, noise=noise, progress=False)
+    assert seen == [(list(range(0, 6)), 0), (list(range(6, 10)), 0)]

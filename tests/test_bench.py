@@ -1,3 +1,4 @@
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -6,10 +7,12 @@ import bench.transfer
 import classifiers
 from attacks import EPS_GRID
 from bench import report
-from bench.common import ResultTable, numeric
-from bench.transfer import Defence, TransferGrid, run_cells
+from bench.common import Entry, ResultTable, numeric, purify_images
+from bench.transfer import TransferGrid, run_cells
 from classifiers.config import ArchConfig, Archs, TrainConfig
 from purify import BCMPurifier
+from purify.base import Defence
+from purify.defences import JPEG, Vote
 from purify.checkpoint import save_checkpoint
 from purify.config import to_dict
 from purify.data import CLASSES
@@ -94,10 +97,10 @@ def test_each_cell_crafts_once_and_clean_work_is_shared(models, data, purifier, 
         return wrapped
 
     monkeypatch.setattr(bench.transfer, "craft", counting("craft", bench.transfer.craft))
-    monkeypatch.setattr(bench.transfer, "purify", counting("purify", bench.transfer.purify))
+    monkeypatch.setattr(bench.transfer, "purify_images", counting("purify", bench.transfer.purify_images))
     table = ResultTable(tmp_path / "t.csv")
     cells = [(s, e) for s in ("preact", "wrn") for e in (0, 4)]
-    run_cells(grid_of(models, data), table, cells, [Defence("bcm", purifier)], list(models), META)
+    run_cells(grid_of(models, data), table, cells, [Entry(purifier)], list(models), META)
     assert calls == {"craft": 3, "purify": 3}  # eps 0 once for both sources, eps 4 once per source
     frame = numeric(table.frame())
     assert len(frame) == 4 * 4
@@ -107,7 +110,7 @@ def test_each_cell_crafts_once_and_clean_work_is_shared(models, data, purifier, 
 
 def test_resumed_grid_gives_the_same_csv(models, data, purifier, monkeypatch, tmp_path):
     cells = [(s, e) for s in ("preact", "wrn") for e in (0, 4, 8)]
-    defences = [Defence("bcm", purifier), Defence("none")]
+    defences = [Entry(purifier), Entry(Defence())]
     run_cells(grid_of(models, data), ResultTable(tmp_path / "full.csv"), cells, defences, list(models), META)
 
     after, calls = TransferGrid.after, []
@@ -124,14 +127,16 @@ def test_resumed_grid_gives_the_same_csv(models, data, purifier, monkeypatch, tm
     monkeypatch.setattr(TransferGrid, "after", after)
     assert 0 < len(ResultTable(tmp_path / "resumed.csv").rows) < 2 * 6 * 4
     run_cells(grid_of(models, data), ResultTable(tmp_path / "resumed.csv"), cells, defences, list(models), META)
-    assert (tmp_path / "resumed.csv").read_text() == (tmp_path / "full.csv").read_text()
+    timings = ["defence_s_per_image", "step_s_per_image"]  # measured wall times differ from run to run
+    resumed, full = (pd.read_csv(tmp_path / f"{name}.csv").drop(columns=timings) for name in ("resumed", "full"))
+    pd.testing.assert_frame_equal(resumed, full)
 
 
 def test_rows_of_other_checkpoints_are_recomputed(models, data, purifier, tmp_path):
     table = ResultTable(tmp_path / "t.csv")
-    run_cells(grid_of(models, data), table, [("wrn", 4)], [Defence("bcm", purifier, "old")], ["vgg"], META)
+    run_cells(grid_of(models, data), table, [("wrn", 4)], [Entry(purifier, "old")], ["vgg"], META)
     old = table.frame()
-    run_cells(grid_of(models, data), table, [("wrn", 4)], [Defence("bcm", purifier, "new")], ["vgg"], META)
+    run_cells(grid_of(models, data), table, [("wrn", 4)], [Entry(purifier, "new")], ["vgg"], META)
     new = table.frame()
     assert len(new) == 1 and new.checkpoints[0] != old.checkpoints[0]
 
@@ -142,7 +147,9 @@ def test_transfer_cli_end_to_end_and_resume(checkpoints, tmp_path, capsys, monke
     printed = capsys.readouterr().out
     frame = numeric(ResultTable(out).frame())
     assert len(frame) == 2 * 4 and set(frame.target) == set(classifiers.ARCHS)
-    assert (frame.t_star == 0.5).all() and (frame.n == 20).all() and (frame.purifier == "bcm").all()
+    assert (frame.t_star == 0.5).all() and (frame.n == 20).all() and (frame.nfe == 2).all()
+    assert (frame.defence == "bcm(eps_inv=0.11, t_star=0.5)").all() and (frame.family == "bcm(eps_inv=0.11)").all()
+    assert (frame.defence_s_per_image > 0).all() and (frame.step_s_per_image > 0).all()
     assert "| Source | eps/255 | preact | wrn | vgg | mobilenet |" in printed and " -> " in printed
     assert out.with_suffix(".md").read_text().strip() == printed.strip()
     # eps 0 before purification is each target's clean accuracy on the same 20 images
@@ -157,11 +164,13 @@ def test_transfer_cli_end_to_end_and_resume(checkpoints, tmp_path, capsys, monke
     assert out.read_text() == before
 
     monkeypatch.undo()
-    for mode in ("denoise", "none"):
-        bench.transfer.main(["--source", "wrn", "--eps", "4", "--n", "20", "--purifier", mode, "--t-star", "2",
-                             "--targets", "vgg", "--out", str(tmp_path / f"{mode}.csv"), *checkpoints])
-        row = numeric(ResultTable(tmp_path / f"{mode}.csv").frame()).iloc[0]
-        assert row.purifier == mode and (row.acc_after == row.acc_before if mode == "none" else row.t_star == 2)
+    bench.transfer.main(["--source", "wrn", "--eps", "4", "--n", "20", "--defence", "denoise:t_star=2", "none",
+                         "jpeg:quality=50", "--targets", "vgg", "--out", str(tmp_path / "more.csv"), *checkpoints])
+    rows = numeric(ResultTable(tmp_path / "more.csv").frame()).set_index("defence")
+    assert set(rows.index) == {"denoise(t_star=2)", "none", "jpeg(quality=50)"}
+    assert rows.t_star["denoise(t_star=2)"] == 2 and rows.nfe["denoise(t_star=2)"] == 1
+    assert rows.acc_after["none"] == rows.acc_before["none"] and rows.nfe["none"] == 0
+    assert pd.isna(rows.t_star["jpeg(quality=50)"]) and rows.step_s_per_image["jpeg(quality=50)"] > 0
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -169,7 +178,8 @@ def test_transfer_cli_end_to_end_and_resume(checkpoints, tmp_path, capsys, monke
     (["--targets", "wrn", "vit"], "unknown target 'vit'"),
     (["--eps", "5"], "invalid eps '5'"),
     (["--eps", "eight"], "invalid eps 'eight'"),
-    (["--purifier", "diffpure"], "invalid choice: 'diffpure'"),
+    (["--defence", "diffpure"], "unknown defence 'diffpure'"),
+    (["--defence", "jpeg:quality"], "write key=value"),
 ])
 def test_cli_rejects_unknown_names_and_eps(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -189,14 +199,17 @@ def test_tradeoff_cli_and_report_rebuild(checkpoints, tmp_path, capsys):
 
     out = tmp_path / "res" / "tradeoff" / "small-preact.csv"
     tradeoff.main(["--source", "preact", "--eps", "0", "4", "--targets", "preact", "vgg", "--t-stars", "0.1", "2",
-                   "--purifier", "bcm", "denoise", "--n", "12", "--out", str(out), *checkpoints])
+                   "--defence", "bcm", "denoise", "median", "--n", "12", "--out", str(out), *checkpoints])
     frame = numeric(ResultTable(out).frame())
-    assert len(frame) == 2 * 2 * 2 * 2
-    bcm = frame[frame.purifier == "bcm"]
-    assert bcm[bcm.t_star == 0.1].eps_inv.eq(0.05).all() and bcm[bcm.t_star == 2].eps_inv.eq(0.11).all()
-    assert frame[frame.purifier == "denoise"].eps_inv.isna().all()  # the effective eps_inv is recorded
-    assert "Best t* for bcm" in capsys.readouterr().out
-    best = report.best_t_star(frame, "bcm")
+    assert len(frame) == (2 * 2 + 1) * 2 * 2  # bcm and denoise at both t*, median once
+    bcm = frame[frame.family == "bcm(eps_inv=0.11)"]
+    # the effective eps_inv (capped at t*/2) is part of the defence's settings
+    assert set(bcm.defence) == {"bcm(eps_inv=0.05, t_star=0.1)", "bcm(eps_inv=0.11, t_star=2)"}
+    assert set(frame[frame.family == "denoise"].t_star) == {0.1, 2.0}
+    assert frame[frame.family == "median(size=3)"].t_star.isna().all()
+    printed = capsys.readouterr().out
+    assert "Best t* for `bcm(eps_inv=0.11)`" in printed and "Best t* for `median" not in printed
+    best = report.best_t_star(frame, "bcm(eps_inv=0.11)")
     vgg = bcm[(bcm.target == "vgg") & (bcm.t_star == best)].set_index("eps")
     ratio = report.transfer_ratio(bcm, best)  # preact is the source: only vgg is a transfer target
     assert list(ratio.index) == [4] and ratio.after[4] == vgg.acc_after[4] and ratio.clean[4] == vgg.acc_before[0]
@@ -217,8 +230,32 @@ def test_tradeoff_cli_and_report_rebuild(checkpoints, tmp_path, capsys):
 def test_purified_images_do_not_depend_on_batch_size(purifier, data):
     images, _ = data
     ids = torch.arange(500, 500 + len(images))
-    by_4 = bench.transfer.purify(purifier, images, ids, seed=3, batch_size=4, progress=False)
-    by_16 = bench.transfer.purify(purifier, images, ids, seed=3, batch_size=16, progress=False)
+    cpu = torch.device("cpu")
+    by_4 = purify_images(purifier, images, ids, seed=3, device=cpu, batch_size=4, progress=False)
+    by_16 = purify_images(purifier, images, ids, seed=3, device=cpu, batch_size=16, progress=False)
     assert torch.allclose(by_4, by_16, atol=1e-5)  # convolutions may sum in another order per batch size
-    other_seed = bench.transfer.purify(purifier, images, ids, seed=4, batch_size=16, progress=False)
+    other_seed = purify_images(purifier, images, ids, seed=4, device=cpu, batch_size=16, progress=False)
     assert not torch.allclose(by_16, other_seed)
+    other_draw = purify_images(purifier, images, ids, seed=3, device=cpu, batch_size=16, progress=False, draw=1)
+    assert not torch.allclose(by_16, other_draw)
+
+
+def test_a_vote_in_the_grid_is_the_majority_of_its_draws_by_hand(models, data, purifier, tmp_path):
+    """The grid's accuracy after ``vote`` equals the majority of the target's labels on n purifications drawn
+    with draws 0..n-1, computed here from purify_images; a deterministic transform is evaluated once."""
+    labels = data[1]
+    vote = Entry(Vote(purifier, n=3))
+    table, grid = ResultTable(tmp_path / "t.csv"), grid_of(models, data)
+    run_cells(grid, table, [("wrn", 0)], [vote, Entry(JPEG(60))], ["vgg"], META)
+    rows = numeric(table.frame()).set_index("defence")
+    x = grid.adversarial("wrn", 0)  # the clean images as floats
+    with torch.no_grad():
+        predictions = torch.stack([models["vgg"](purify_images(purifier, x, torch.arange(len(x)), 0,
+                                                               torch.device("cpu"), progress=False, draw=d)).argmax(1)
+                                   for d in range(3)])
+    majority = torch.nn.functional.one_hot(predictions, 10).sum(0).argmax(1)
+    spec = "vote(base=bcm(eps_inv=0.11, t_star=0.5), how=majority, n=3)"
+    assert rows.acc_after[spec] == pytest.approx((majority == labels).float().mean().item())
+    assert rows.nfe[spec] == 6 and rows.family[spec] == "vote(base=bcm(eps_inv=0.11), how=majority, n=3)"
+    jpeg = (models["vgg"](JPEG(60)(x)).argmax(1) == labels).float().mean().item()
+    assert rows.acc_after["jpeg(quality=60)"] == pytest.approx(jpeg)

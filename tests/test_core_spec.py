@@ -304,3 +304,29 @@ def test_start_step_continues_the_curriculum(tmp_path, tiny_images):
     for bad in (-1, 1000):
         with pytest.raises(ValueError, match="start_step"):
             Trainer(tiny_preset(), tmp_path / "d", images=images, init_from=ckpt, start_step=bad)
+
+
+@pytest.mark.parametrize("soft_start", ["n", "n+1"])
+def test_one_z_is_shared_by_every_pass_of_eq15(monkeypatch, soft_start):
+    """Eq. 15 has one z per sample: x + t_n z (target and, for soft_start "n", the soft term's start) and
+    x + t_{n+1} z (CT pass) are the same draw. Here every randn_like call returns a *new* normal draw, so a
+    term that draws its own noise no longer equals Eq. 15 with the first draw (the fixed_draws fixture hands
+    every call the same z and cannot see this)."""
+    draws = torch.randn((3, *SHAPE), generator=torch.Generator().manual_seed(2))
+    calls = []
+
+    def randn_like(like, **kw):
+        calls.append(None)
+        return draws[len(calls) - 1].clone().to(like)
+
+    monkeypatch.setattr(torch, "randn_like", randn_like)
+    monkeypatch.setattr(purify.bct, "sample_index_pair",
+                        lambda p, batch, exclude_offset=0, generator=None: (N_IDX[:batch].clone(), N2_IDX[:batch].clone()))
+    model = AnalyticModel().eval()                      # no dropout: mask of ones
+    x = _batch()
+    terms = BCTLoss(LossConfig(soft_start=soft_start), total_steps=800, eps=EPS, T=T)(model, x, step=0)
+    assert len(calls) == 1
+    ct, soft = hand_eq15(x.double(), draws[0].double(), eq22(11), N_IDX, N2_IDX, torch.ones(SHAPE, dtype=torch.float64),
+                         (model.w.detach().double(), model.v.detach().double()), soft_start=soft_start)
+    torch.testing.assert_close(terms["ct"].double(), ct, rtol=1e-4, atol=0)
+    torch.testing.assert_close(terms["soft"].double(), soft, rtol=1e-4, atol=0)

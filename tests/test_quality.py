@@ -78,17 +78,29 @@ def test_quality_writes_every_result_with_sane_values(setup):
     assert set(clean["arch"]) == set(classifiers.ARCHS)
     assert clean["accuracy"].between(0, 1).all()
     assert len(clean) == len(classifiers.ARCHS) * (1 + 2 * len(T_STARS))
-    purified = clean[clean["purifier"] != "none"]
+    purified = clean[clean["defence"] != "none"]
     assert sorted(set(purified["t_star"])) == [float(t) for t in T_STARS]
-    assert set(purified["purifier"]) == {"bcm", "denoise"}
+    assert set(purified["family"]) == {"bcm(eps_inv=0.11)", "denoise"}
     # the BCM mode inverts upwards from eps_inv, capped at t*/2 for small strengths
-    assert clean.loc[(clean["purifier"] == "bcm") & (clean["t_star"] == 0.1), "eps_inv"].eq(0.05).all()
+    assert clean.loc[clean["t_star"] == 0.1, "defence"].isin(["bcm(eps_inv=0.05, t_star=0.1)",
+                                                               "denoise(t_star=0.1)"]).all()
+    assert set(clean.loc[clean["family"] == "denoise", "nfe"]) == {1}
 
     images, labels = load_cifar10("test", setup / "data")
     for arch in classifiers.ARCHS:
         model = classifiers.load_classifier(arch, "small", setup / "cls")
-        row = clean[(clean["arch"] == arch) & (clean["purifier"] == "none")]
+        row = clean[(clean["arch"] == arch) & (clean["defence"] == "none")]
         assert row["accuracy"].item() == classifiers.accuracy(model, images, labels, progress=False)
+
+
+def test_quality_measures_any_registry_defence(setup):
+    _run(setup, "--skip-samples", "--skip-reconstruction", "--defence", "jpeg:quality=40", "vote:n=2,base=denoise",
+         "--t-stars", "0.5")
+    clean = pd.read_csv(setup / "out" / "purified_clean.csv").set_index(["arch", "defence"])
+    assert set(clean.index.get_level_values("defence")) == {
+        "none", "jpeg(quality=40)", "vote(base=denoise(t_star=0.5), how=majority, n=2)"}
+    assert clean.loc[("vgg", "vote(base=denoise(t_star=0.5), how=majority, n=2)"), "nfe"] == 2
+    assert "`jpeg(quality=40)`" in (setup / "out" / "purified_clean.md").read_text()
 
 
 def test_quality_is_reproducible_and_parts_can_be_skipped(setup):

@@ -76,3 +76,11 @@ def test_bad_schedules_are_rejected(tiny_bcm):
         invert(tiny_bcm, torch.zeros(1, 3, 32, 32), (6.0, 0.07))
     with pytest.raises(ValueError, match="noise scales"):
         sample_zigzag(tiny_bcm, torch.zeros(1, 3, 32, 32), times=(0.8, 80.0), noise_scales=())
+
+
+def test_initial_noise_is_T_times_a_standard_normal():
+    """x_T ~ N(0, T^2 I) (spec §4): exactly T times the generator's standard normal draw, T = 80 by default."""
+    shape = (2, 3, 4, 4)
+    want = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(initial_noise(shape, generator=torch.Generator().manual_seed(0)), 80.0 * want)
+    torch.testing.assert_close(initial_noise(shape, T=2.5, generator=torch.Generator().manual_seed(0)), 2.5 * want)

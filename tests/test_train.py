@@ -236,3 +236,18 @@ def test_resume_with_another_number_of_processes_gives_each_rank_its_own_stream(
         assert torch.equal(torch.load(tmp_path / f"resumed{rank}-2.pt", weights_only=True)["rng"], state["rng"][rank]["cpu"])
     resumed = Trainer(tiny_preset(batch_size=12), tmp_path, images=images, device="cpu", resume=True)  # 2 -> 1
     assert resumed.step == 4 and not any(torch.equal(torch.get_rng_state(), s["cpu"]) for s in state["rng"])
+
+
+def test_batch_is_on_the_minus_one_one_scale_with_horizontal_flips(tmp_path, monkeypatch):
+    """uint8 0..255 -> [-1, 1] (x / 127.5 - 1, spec §1) and hflip mirrors the width axis (left-right), for the
+    images whose flip draw is below 0.5."""
+    images = torch.arange(4 * 3 * 16 * 16).remainder(256).to(torch.uint8).view(4, 3, 16, 16)  # holds 0 and 255
+    trainer = Trainer(tiny_preset(batch_size=4), tmp_path, images=images)
+    assert trainer.preset.train.hflip
+    monkeypatch.setattr(torch, "randint", lambda low, high, size, **kw: torch.arange(size[0]))
+    monkeypatch.setattr(torch, "rand", lambda n, **kw: torch.tensor([0.1, 0.9, 0.3, 0.7])[:n])  # flip 0 and 2
+    x = trainer.batch()
+    scaled = images.float() / 127.5 - 1
+    assert scaled.min() == -1 and scaled.max() == 1
+    want = torch.stack([scaled[0].flip(-1), scaled[1], scaled[2].flip(-1), scaled[3]])
+    torch.testing.assert_close(x, want, rtol=0, atol=1e-6)

@@ -115,6 +115,13 @@ def test_parse_defence_specs(text, parsed):
     assert parse_defence(text) == parsed
 
 
+def test_the_shipped_defence_files_resolve_by_name(bcm_path):
+    assert parse_defence("diffpure") == ("diffusion", {"t_star": 1.0, "steps": 100, "solver": "sde"})
+    name, options = parse_defence("bcm-vote10")
+    assert make_defence(name, checkpoint=bcm_path, **options).spec() == \
+        "vote(base=bcm(eps_inv=0.1, t_star=0.5), how=majority, n=10)"
+
+
 def test_parse_defence_reads_yaml_files_and_rejects_bad_specs(tmp_path):
     path = tmp_path / "strong.yaml"
     path.write_text("name: vote\nbase: bcm\nn: 5\nt_star: 2.0\n")

@@ -174,12 +174,13 @@ def test_convergence_study_writes_one_row_group_per_budget(checkpoints, tmp_path
     assert "| 3 x 2 | 6 |" in (tmp_path / "convergence.md").read_text()
 
 
-def test_sanity_check_fails_without_gradients(tiny_bcm):
+def test_sanity_check_fails_without_gradients(tiny_bcm, monkeypatch):
     """A defence that hides its gradient (a hard quantizer without BPDA) must fail the gradient check."""
 
     class Args:
         batch_size, attack_seed, eval_seed, bf16_on = 10, 0, 1, False
 
+    monkeypatch.setattr(bench.adaptive, "SANITY_BUDGETS", [(2, 1), (3, 1), (4, 2), (5, 2)])  # fast
     classifier = TemplateClassifier().eval()
     images, labels = template_data(classifier, n=10)
     purifier = BCMPurifier(tiny_bcm, t_star=0.5)

@@ -38,3 +38,17 @@ def tiny_images() -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     small = torch.rand(64, 3, 8, 8, generator=g)
     return (torch.nn.functional.interpolate(small, size=32, mode="bilinear") * 255).to(torch.uint8)
+
+
+def write_image_folder(root, n: int = 30) -> None:
+    """``n`` smooth random PNG test images in torchvision's ImageFolder layout under ``root/test/<class>/``."""
+    from PIL import Image
+
+    from purify.data import CLASSES
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.nn.functional.interpolate(torch.rand(n, 3, 8, 8, generator=g), size=32, mode="bilinear")
+    for i, image in enumerate((images * 255).to(torch.uint8)):
+        folder = root / "test" / CLASSES[i % 10]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:04d}.png")

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from PIL import Image
 
 import bench.losscurve
 import bench.perf
@@ -26,11 +25,10 @@ import purify.export
 import purify.train
 from attacks import craft, make_attack, paper_pgd
 from classifiers.config import ArchConfig, Archs, TrainConfig
-from conftest import tiny_preset
-from purify import BCM, BCMPurifier
+from conftest import tiny_preset, write_image_folder
+from purify import BCMPurifier
 from purify.checkpoint import save_checkpoint
 from purify.config import to_dict
-from purify.data import CLASSES
 from purify.network import NetworkConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -81,12 +79,7 @@ def files(tmp_path, tiny_bcm, monkeypatch):
     (root / "evil.pt").write_bytes(pickle.dumps(Evil(tmp_path / "pwned"), protocol=2))
     (root / "mismatched-cls").mkdir()
     (root / "mismatched-cls" / "preact-small.pt").write_bytes((root / "cls" / "wrn-small.pt").read_bytes())
-    g = torch.Generator().manual_seed(0)
-    images = torch.nn.functional.interpolate(torch.rand(30, 3, 8, 8, generator=g), size=32, mode="bilinear")
-    for i, image in enumerate((images * 255).to(torch.uint8)):
-        folder = root / "data" / "test" / CLASSES[i % 10]
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:04d}.png")
+    write_image_folder(root / "data")
     (root / "unknown-key.yaml").write_text(yaml.safe_dump({**to_dict(preset), "trian": {}}))
     (root / "a-file").write_text("not a folder")
     (root / "bad.csv").write_text("a,b\n1,2\n")

@@ -1,7 +1,6 @@
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
 
 import bench.transfer
 import classifiers
@@ -15,8 +14,7 @@ from purify.base import Defence
 from purify.defences import JPEG, Vote
 from purify.checkpoint import save_checkpoint
 from purify.config import to_dict
-from purify.data import CLASSES
-from conftest import tiny_preset
+from conftest import tiny_preset, write_image_folder
 from test_attacks import TemplateClassifier, template_data
 
 TINY = TrainConfig(archs=Archs(preact=ArchConfig(width=0.0625), wrn=ArchConfig(width=1, depth=10),
@@ -57,12 +55,7 @@ def checkpoints(tmp_path, tiny_bcm):
     preset = tiny_preset()
     preset.purifier.t_star = 0.5
     save_checkpoint({"kind": "bcm", "config": to_dict(preset), "ema": tiny_bcm.state_dict()}, tmp_path / "bcm.pt")
-    g = torch.Generator().manual_seed(0)
-    images = torch.nn.functional.interpolate(torch.rand(30, 3, 8, 8, generator=g), size=32, mode="bilinear")
-    for i, image in enumerate((images * 255).to(torch.uint8)):
-        folder = tmp_path / "data" / "test" / CLASSES[i % 10]
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:04d}.png")
+    write_image_folder(tmp_path / "data")
     return ["--classifier-dir", str(tmp_path / "cls"), "--bcm", str(tmp_path / "bcm.pt"),
             "--data-root", str(tmp_path / "data"), "--no-progress", "--batch-size", "16", "--no-bf16"]
 

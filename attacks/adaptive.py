@@ -141,6 +141,8 @@ def predict_draws(model: nn.Module, images: torch.Tensor, ids: torch.Tensor, eva
         raise ValueError(f"evals must be >= 1, got {evals}")
     device = next(model.parameters()).device
     out = torch.empty(evals, len(images), dtype=torch.long)
+    if model.training:  # batch norm in training mode would use and update batch statistics
+        raise ValueError("predict_draws needs a model in eval mode (call .eval() first)")
     for start in range(0, len(images), batch_size):
         x = images[start:start + batch_size]
         x = (x.float() / 255 if x.dtype == torch.uint8 else x.float()).to(device)

@@ -81,7 +81,8 @@ class Setting:
         self.defence = entry.defence
         self.images, self.labels, self.ids = images, labels, ids
         self.defended = self.defence.wrap(classifier)
-        self.attacked = nn.Sequential(self.defence if self.defence.differentiable else BPDA(self.defence), classifier)
+        self.attacked = nn.Sequential(self.defence if self.defence.differentiable else BPDA(self.defence),
+                                      classifier).eval()
         self.protocol = get_protocol(args.protocol)
         self.eot = self.protocol.eot if self.defence.randomized else 1
         self.checkpoint_id = checkpoint_id

@@ -128,7 +128,7 @@ def attack_step_cost(defence: Defence, classifier: nn.Module, images: torch.Tens
     """Seconds per image of one attack step, forward + backward through ``defence`` (BPDA where it is not
     differentiable; one draw of a vote's base) and ``classifier``, on a batch of ``batch`` images."""
     base = defence.base if isinstance(defence, Vote) else defence
-    model = nn.Sequential(base if base.differentiable else BPDA(base), classifier)
+    model = nn.Sequential(base if base.differentiable else BPDA(base), classifier).eval()
     x = (images[:batch].float() / 255 if images.dtype == torch.uint8 else images[:batch].float()).to(device)
     x = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
     with autocast(device, bf16):

@@ -56,8 +56,10 @@ class Defence(nn.Module):
         return self.purify(images)
 
     def wrap(self, classifier: nn.Module) -> nn.Module:
-        """A module that defends, then classifies."""
-        return nn.Sequential(self, classifier)
+        """A module that defends, then classifies, in the classifier's train/eval mode: a fresh ``nn.Sequential``
+        is in training mode, and an attack that restores its model's mode (torchattacks) would otherwise put the
+        classifier's batch norm into training mode, where every later forward pass updates its statistics."""
+        return nn.Sequential(self, classifier).train(classifier.training)
 
     def extra_repr(self) -> str:
         return self.spec()

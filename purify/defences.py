@@ -134,7 +134,7 @@ class Vote(Defence):
         raise ValueError("a vote decides labels, it does not return images: use vote.wrap(classifier)")
 
     def wrap(self, classifier: nn.Module) -> nn.Module:
-        return VotedClassifier(self, classifier)
+        return VotedClassifier(self, classifier).train(classifier.training)
 
 
 class VotedClassifier(nn.Module):

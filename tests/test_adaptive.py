@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import bench.adaptive
-from attacks import BPDA, autoattack_rand, correct_by_scoring, eot_pgd, predict_draws, run_autoattack, score
+from attacks import BPDA, autoattack_rand, correct_by_scoring, craft, eot_pgd, predict_draws, run_autoattack, score
 from purify import BCMPurifier, image_noise
 from test_attacks import TemplateClassifier, template_data
 from test_bench import checkpoints  # noqa: F401 (fixture)
@@ -261,3 +261,22 @@ def test_autoattack_rand_uses_the_given_iterations_and_draws():
     adversary = autoattack_rand(TemplateClassifier().eval(), eps=8 / 255, iters=7, eot=3)
     assert adversary.apgd.n_iter == 7 and adversary.apgd.eot_iter == 3
     assert adversary.version == "rand" and adversary.norm == "Linf" and adversary.epsilon == pytest.approx(8 / 255)
+
+
+def test_an_attack_through_the_defence_leaves_the_classifier_in_eval_mode(tiny_bcm):
+    """A fresh nn.Sequential is in training mode and torchattacks restores its model's mode after attacking:
+    the wrapped classifier's batch norm would then update its running statistics on every later evaluation
+    (this corrupted every setting after the first one of an adaptive grid)."""
+    from test_bench import tiny_classifier
+
+    classifier = tiny_classifier("preact", 0)
+    stats = {k: v.clone() for k, v in classifier.state_dict().items() if "running" in k}
+    defended = BCMPurifier(tiny_bcm, t_star=0.5).wrap(classifier)
+    assert not defended.training
+    images = torch.rand(4, 3, 32, 32)
+    craft(eot_pgd(defended, 8 / 255, 2, 2 / 255, 2), images, torch.arange(4), progress=False)
+    assert not classifier.training
+    predict_draws(defended, images, torch.arange(4), 2)
+    assert all(torch.equal(v, classifier.state_dict()[k]) for k, v in stats.items())
+    with pytest.raises(ValueError, match="eval mode"):
+        predict_draws(defended.train(), images, torch.arange(4), 1)

@@ -184,7 +184,7 @@ def test_sanity_check_fails_without_gradients(tiny_bcm, monkeypatch):
     classifier = TemplateClassifier().eval()
     images, labels = template_data(classifier, n=10)
     purifier = BCMPurifier(tiny_bcm, t_star=0.5)
-    masked = nn.Sequential(BPDA(lambda x: x, lambda x: torch.round(x * 4) / 4), classifier)
+    masked = nn.Sequential(BPDA(lambda x: x, lambda x: torch.round(x * 4) / 4), classifier).eval()
     checks = dict((name, ok) for name, ok, _ in bench.adaptive.sanity_checks(
         masked, purifier, (images * 255).to(torch.uint8), labels, torch.arange(10), 8, Args()))
     assert checks["gradients through the purifier are finite and non-zero"] is False
@@ -245,7 +245,7 @@ class _DrawModel(nn.Module):
 def test_each_row_of_predict_draws_is_one_evaluation_with_that_draws_noise():
     import contextlib
 
-    model = _DrawModel()
+    model = _DrawModel().eval()
 
     @contextlib.contextmanager
     def noise(batch_ids, draw):

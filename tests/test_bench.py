@@ -171,7 +171,7 @@ def test_transfer_cli_end_to_end_and_resume(checkpoints, tmp_path, capsys, monke
     (["--targets", "wrn", "vit"], "unknown target 'vit'"),
     (["--eps", "5"], "invalid eps '5'"),
     (["--eps", "eight"], "invalid eps 'eight'"),
-    (["--defence", "diffpure"], "unknown defence 'diffpure'"),
+    (["--defence", "nosuch"], "unknown defence 'nosuch'"),
     (["--defence", "jpeg:quality"], "write key=value"),
 ])
 def test_cli_rejects_unknown_names_and_eps(argv, message, capsys):

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 import classifiers
 from attacks import BPDA, EPS_GRID, autocast
-from purify import DEFENCES, BCMPurifier, Defence, image_noise, make_defence, parse_defence
+from purify import DEFENCES, Defence, image_noise, make_defence, parse_defence
 from purify.checkpoint import atomic_write
 from purify.defences import Vote, needs_bcm
 from purify.data import default_data_root, load_cifar10, seeded_subset, train_val_split
@@ -138,19 +138,6 @@ def attack_step_cost(defence: Defence, classifier: nn.Module, images: torch.Tens
         loss = model(x).float().logsumexp(1).sum()
     torch.autograd.grad(loss, x)
     return (time.perf_counter() - started) / len(x)
-
-
-def load_purifier(path: str | os.PathLike, preset: str, device: torch.device, mode: str = "bcm",
-                  t_star: float | None = None, seed: int | None = 0) -> BCMPurifier:
-    """The ``mode`` purifier of the BCM checkpoint at ``path`` at strength ``t_star`` (default: the value its
-    preset records), seeded, channels-last. A missing file names the commands that make it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(missing_bcm_message(path, preset))
-    strength = {} if t_star is None else {"t_star": t_star}
-    purifier = BCMPurifier.from_checkpoint(path, device=device, mode=mode, seed=seed, **strength)
-    purifier.bcm.to(memory_format=torch.channels_last)
-    return purifier
 
 
 def load_classifiers(names: Iterable[str], preset: str, checkpoint_dir: str | os.PathLike | None,

@@ -61,6 +61,7 @@ class TransferGrid:
         self._images: tuple[tuple, torch.Tensor] | None = None  # last crafted (cell, images); cells run in order
         self._purified: tuple[tuple, list[torch.Tensor]] | None = None  # last purified (cell, entry): one per draw
         self._accuracy: dict[tuple, float] = {}
+        self._step_costs: dict[tuple, float] = {}  # per (entry, target): seconds per image of one attack step
         self.purify_seconds: dict[tuple, float] = {}  # per (cell, entry): wall time of its purification
 
     @staticmethod
@@ -118,11 +119,11 @@ class TransferGrid:
 
     def step_cost(self, entry: Entry, target: str) -> float:
         """Seconds per image of one attack step through ``entry``'s defence and ``target`` (measured once)."""
-        key = ("step", id(entry), target)
-        if key not in self._accuracy:
-            self._accuracy[key] = attack_step_cost(entry.defence, self.targets[target], self.images, self.device,
-                                                   self.bf16)
-        return self._accuracy[key]
+        key = (id(entry), target)
+        if key not in self._step_costs:
+            self._step_costs[key] = attack_step_cost(entry.defence, self.targets[target], self.images, self.device,
+                                                     self.bf16)
+        return self._step_costs[key]
 
 
 def run_cells(grid: TransferGrid, table: ResultTable, cells: list[tuple[str, int]], entries: list[Entry],

@@ -326,40 +326,57 @@ def positive_int(value: str) -> int:
 def add_common_arguments(parser: argparse.ArgumentParser, n: int | None = None, batch_size: int = 250,
                          seed_help: str = "seed of the test subset, of PGD's random start and of the purifier's "
                                           "noise") -> None:
-    """Options shared by the bench commands: models, data, hardware (``n``, ``batch_size``: the command's
-    defaults; ``seed_help``: what ``--seed`` seeds in this command)."""
-    parser.add_argument("--preset", default="small", choices=PRESETS,
-                        help="classifier preset AND BCM preset: 'small' = classifiers 'small' + BCM cifar10-small "
-                             "(CPU scale, shipped), 'paper' = classifiers 'paper' + BCM cifar10-paper (default: small)")
-    parser.add_argument("--bcm", default=None, metavar="PATH",
-                        help="BCM checkpoint (default: checkpoints/bcm/cifar10-<preset>.pt in the repository)")
-    parser.add_argument("--classifier-dir", default=str(classifiers.registry.DEFAULT_CHECKPOINT_DIR), metavar="DIR",
-                        help="folder of the classifier checkpoints <arch>-<preset>.pt "
-                             "(default: checkpoints/classifiers in the repository)")
+    """Options shared by the bench commands that evaluate trained models on CIFAR-10: presets and checkpoints,
+    data, hardware (``n``, ``batch_size``: the command's defaults; ``seed_help``: what ``--seed`` seeds)."""
+    add_preset_arguments(parser)
     parser.add_argument("--n", type=positive_int, default=n,
                         help=f"number of images: a seeded subset when smaller than the split "
                              f"(default: {'all' if n is None else n})")
     parser.add_argument("--seed", type=int, default=0, help=f"{seed_help} (default: 0)")
     parser.add_argument("--data-root", default=None,
                         help=f"CIFAR-10 root (default: $BCM_DATA, else the download cache; now {default_data_root()})")
+    add_runtime_arguments(parser, batch_size)
+
+
+def add_preset_arguments(parser: argparse.ArgumentParser, checkpoints: bool = True) -> None:
+    """``--preset`` and, with ``checkpoints``, where the trained BCM and classifiers are read from."""
+    parser.add_argument("--preset", default="small", choices=PRESETS,
+                        help="classifier preset AND BCM preset: 'small' = classifiers 'small' + BCM cifar10-small "
+                             "(CPU scale, shipped), 'paper' = classifiers 'paper' + BCM cifar10-paper (default: small)")
+    if checkpoints:
+        parser.add_argument("--bcm", default=None, metavar="PATH",
+                            help="BCM checkpoint: an exported release file or a training checkpoint (default: "
+                                 "checkpoints/bcm/cifar10-<preset>.pt in the repository)")
+        parser.add_argument("--classifier-dir", default=str(classifiers.registry.DEFAULT_CHECKPOINT_DIR),
+                            metavar="DIR", help="folder of the classifier checkpoints <arch>-<preset>.pt "
+                                                "(default: checkpoints/classifiers in the repository)")
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser, batch_size: int | None = 250, device: bool = True,
+                          progress: bool = True) -> None:
+    """Precision, threads and, where the command has them, ``--batch-size``, ``--device`` and ``--no-progress``."""
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                         help="bfloat16 autocast for crafting the attack and for purifying (accuracies are always "
                              "measured in float32); default: the classifier preset's bf16 setting, which for the "
                              "small preset means on only where the device runs bf16 natively (CUDA with bf16, CPUs "
                              "with AMX/AVX-512-BF16; elsewhere bf16 is emulated and 3-10x slower)")
-    parser.add_argument("--batch-size", type=positive_int, default=batch_size,
-                        help=f"images per batch (default: {batch_size})")
-    parser.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1'")
+    if batch_size is not None:
+        parser.add_argument("--batch-size", type=positive_int, default=batch_size,
+                            help=f"images per batch (default: {batch_size})")
+    if device:
+        parser.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1'")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    if progress:
+        parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def resolve_bf16(args: argparse.Namespace) -> bool:
-    """``--bf16``/``--no-bf16`` when given, else the classifier preset's setting on ``--device``."""
+def resolve_bf16(args: argparse.Namespace, device: torch.device | None = None) -> bool:
+    """``--bf16``/``--no-bf16`` when given, else the classifier preset's setting on ``device`` (default:
+    ``--device``)."""
     if args.bf16 is not None:
         return args.bf16
-    return classifiers.load_preset(args.preset).use_bf16(pick_device(args.device))
+    return classifiers.load_preset(args.preset).use_bf16(device or pick_device(args.device))
 
 
 def check_defences(specs: list[str]) -> list[str]:

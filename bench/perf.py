@@ -32,8 +32,10 @@ from classifiers import ARCHS, build_classifier
 from purify import BCM, BCMPurifier, DiffusionPurifier, load_preset
 from purify.checkpoint import atomic_write
 from purify.presets import REPO_ROOT
-from purify.runtime import cpu_capability, native_bf16
+from purify.runtime import cpu_capability
 from purify.train import Trainer
+
+from .common import BCM_PRESETS, add_preset_arguments, add_runtime_arguments, positive_int, resolve_bf16
 
 
 def timed(fn, repeats: int) -> float:
@@ -138,37 +140,40 @@ def defence_comparison(bcm: BCM, classifier: torch.nn.Module, batch: int, step_b
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.perf", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="cifar10-small", help="BCM preset name or YAML path")
-    parser.add_argument("--classifier-preset", default="small", help="classifier preset to compare against")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
-    parser.add_argument("--train-steps", type=int, default=10, help="BCT steps timed through the trainer")
-    parser.add_argument("--eval-batch", type=int, default=256, help="batch size of the forward measurements")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats (the best is kept)")
-    parser.add_argument("--compare-batch", type=int, default=64,
+    parser.add_argument("--config", default=None,
+                        help="BCM preset name or YAML path (default: the --preset's, e.g. cifar10-small)")
+    parser.add_argument("--train-steps", type=positive_int, default=10, help="BCT steps timed through the trainer")
+    parser.add_argument("--eval-batch", type=positive_int, default=256,
+                        help="batch size of the forward measurements")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed repeats (the best is kept)")
+    parser.add_argument("--compare-batch", type=positive_int, default=64,
                         help="batch of the defence comparison's forward measurements (default: 64)")
-    parser.add_argument("--compare-step-batch", type=int, default=8,
+    parser.add_argument("--compare-step-batch", type=positive_int, default=8,
                         help="batch of its attack-step measurements; 100 steps of activations are kept for the "
                              "backward pass of the diffusion defence (default: 8)")
     parser.add_argument("--only", choices=("all", "training", "defences"), default="all",
                         help="measure everything, only the training/throughput part, or only the defence "
                              "comparison (default: all)")
     parser.add_argument("--out", default=str(REPO_ROOT / "results" / "perf"), help="output folder")
+    # untrained weights (speed does not depend on them) on the CPU: no checkpoint, batch-size or device options
+    add_preset_arguments(parser, checkpoints=False)
+    add_runtime_arguments(parser, batch_size=None, device=False, progress=False)
     args = parser.parse_args(argv)
-    if min(args.threads, args.train_steps, args.eval_batch, args.repeats, args.compare_batch,
-           args.compare_step_batch) < 1:
-        parser.error("--threads, --train-steps, --eval-batch, --repeats, --compare-batch and --compare-step-batch "
-                     "must be positive")
+    args.config = args.config or BCM_PRESETS[args.preset]
     if Path(args.out).exists() and not Path(args.out).is_dir():
         parser.error(f"--out {args.out} is a file; give the folder to write perf-<config>.csv/.md into")
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
     torch.manual_seed(0)
 
     try:
         preset = load_preset(args.config)
-        classifiers.load_preset(args.classifier_preset)
+        classifiers.load_preset(args.preset)
     except (OSError, ValueError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     name = Path(args.config).stem
+    compare_bf16 = resolve_bf16(args, torch.device("cpu"))  # the defence comparison's precision
     batch = preset.train.batch_size
     rows = []
 
@@ -194,26 +199,25 @@ def main(argv: list[str] | None = None) -> None:
                 forward_throughput(BCMPurifier(bcm, seed=0), args.eval_batch, channels_last, bf16, args.repeats),
                 "images/s")
             for arch in ARCHS:
-                add(f"classifier forward: {arch} ({args.classifier_preset})", kind,
-                    forward_throughput(build_classifier(arch, args.classifier_preset), args.eval_batch,
+                add(f"classifier forward: {arch} ({args.preset})", kind,
+                    forward_throughput(build_classifier(arch, args.preset), args.eval_batch,
                                        channels_last, bf16, args.repeats), "images/s")
 
     if args.only in ("all", "defences"):
-        bf16 = native_bf16(torch.device("cpu"))
-        defence_comparison(BCM(preset.model), build_classifier("wrn", args.classifier_preset), args.compare_batch,
-                           args.compare_step_batch, bf16, args.repeats, add)
+        defence_comparison(BCM(preset.model), build_classifier("wrn", args.preset), args.compare_batch,
+                           args.compare_step_batch, compare_bf16, args.repeats, add)
 
     table = pd.DataFrame(rows)
-    table.insert(0, "threads", args.threads)
+    table.insert(0, "threads", threads)
     table.insert(1, "cpu_capability", cpu_capability())
     out = Path(args.out)
     suffix = "" if args.only == "all" else f"-{args.only}"
     atomic_write(out / f"perf-{name}{suffix}.csv", lambda tmp: table.to_csv(tmp, index=False))
-    header = (f"# Throughput, preset `{name}`, {args.threads} thread(s)\n\n"
+    header = (f"# Throughput, preset `{name}`, {threads} thread(s)\n\n"
               f"CPU: {_cpu_name()} ({cpu_capability()}); load average at the end: {os.getloadavg()[0]:.2f}. "
-              f"Command: `python -m bench.perf --config {args.config} --threads {args.threads} --only {args.only}`."
-              f" The defence comparison uses the small `wrn` classifier and runs bf16 autocast where the CPU has it "
-              f"natively.\n\n")
+              f"Command: `python -m bench.perf --config {args.config} --threads {threads} --only {args.only}`."
+              f" The defence comparison uses the `{args.preset}` `wrn` classifier and runs "
+              f"{'under bf16 autocast' if compare_bf16 else 'in float32'}.\n\n")
     atomic_write(out / f"perf-{name}{suffix}.md",
                  lambda tmp: Path(tmp).write_text(header + table.to_markdown(index=False) + "\n"))
     print(f"wrote {out}/perf-{name}{suffix}.csv and .md")

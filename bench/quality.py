@@ -43,12 +43,11 @@ from purify.runtime import pick_device
 from purify.sampling import (ANCESTRAL_2, COMBINED_4, INVERSION_SCHEDULES, ZIGZAG_3, initial_noise, reconstruct,
                              reconstruction_mse, sample_ancestral, sample_combined, sample_onestep, sample_zigzag)
 
-from .common import (DEFENCE_HELP, Entry, build_defences, check_defences, load_classifiers, load_split, purify_images,
+from .common import (DEFENCE_HELP, Entry, add_common_arguments, build_defences, check_defences, default_bcm_path,
+                     load_classifiers, load_split, missing_bcm_message, positive_int, purify_images, resolve_bf16,
                      run_command, vote_accuracy, write_text)
 
 DATASET = "CIFAR-10 (JPEG q75 copy)"
-DEFAULT_BCM = REPO_ROOT / "checkpoints" / "bcm" / "cifar10-small.pt"
-EXPORT_COMMAND = "python -m purify.export runs/<run>/checkpoint.pt checkpoints/bcm/cifar10-small.pt"
 # Section 4.2 / spec §5: per-dimension MSE on the [0, 1] scale, CIFAR-10 test, inversion NFE 1-4.
 PAPER_MSE = {1: 0.00526, 2: 0.00451, 3: 0.00377, 4: 0.00362}
 T_STARS = (0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 80.0)
@@ -63,7 +62,7 @@ def pixel_mean(images: torch.Tensor, chunk: int = 5000) -> torch.Tensor:
 
 
 def reconstruction_table(bcm: BCM, images: torch.Tensor, mean_image: torch.Tensor, seed: int,
-                         batch_size: int, device: torch.device) -> pd.DataFrame:
+                         batch_size: int, device: torch.device, progress: bool = True) -> pd.DataFrame:
     """MSE per NFE (mean and standard error over images) next to the paper and the mean-image baseline.
 
     The inversion noise restarts from ``seed`` for every NFE, so each image starts from the same noise.
@@ -76,7 +75,7 @@ def reconstruction_table(bcm: BCM, images: torch.Tensor, mean_image: torch.Tenso
         mse = torch.cat([reconstruction_mse(bcm, x_all[i:i + batch_size].to(device), times, bcm.config.eps,
                                             generator).cpu()
                          for i in tqdm(range(0, len(x_all), batch_size), desc=f"reconstruction NFE {nfe}",
-                                       leave=False)])
+                                       leave=False, disable=not progress)])
         rows.append({"nfe": nfe, "inversion_times": " -> ".join(f"{t:g}" for t in times),
                      "mse": mse.mean().item(), "mse_sem": (mse.std() / math.sqrt(len(mse))).item(),
                      "paper_mse": PAPER_MSE[nfe], "mean_image_mse": baseline})
@@ -110,8 +109,9 @@ def sample_grids(bcm: BCM, count: int, seed: int, device: torch.device) -> dict[
 
 def purified_clean_table(entries: list[Entry], models: dict[str, nn.Module], images: torch.Tensor,
                          labels: torch.Tensor, ids: torch.Tensor, seed: int, batch_size: int,
-                         device: torch.device) -> pd.DataFrame:
-    """Accuracy of every classifier on the unpurified images and after every defence.
+                         device: torch.device, bf16: bool = False, progress: bool = True) -> pd.DataFrame:
+    """Accuracy of every classifier on the unpurified images and after every defence (purified under bf16
+    autocast with ``bf16``, classified in float32).
 
     Each defence purifies the images once (a vote: once per draw) and the purified images are shared by all
     classifiers; a randomized defence's noise is drawn per image from ``seed`` and ``ids``."""
@@ -119,11 +119,11 @@ def purified_clean_table(entries: list[Entry], models: dict[str, nn.Module], ima
              "accuracy": classifiers.accuracy(model, images, labels, batch_size, device, progress=False)}
             for arch, model in models.items()]
     x = to_float(images)
-    for entry in tqdm(entries, desc="clean accuracy after each defence"):
+    for entry in tqdm(entries, desc="clean accuracy after each defence", disable=not progress):
         defence = entry.defence
         vote = defence if isinstance(defence, Vote) else None
         base, draws = (vote.base, vote.n) if vote else (defence, 1)
-        purified = [purify_images(base, x, ids, seed, device, batch_size, progress=False, draw=d)
+        purified = [purify_images(base, x, ids, seed, device, batch_size, bf16, progress=False, draw=d)
                     for d in range(draws)]
         for arch, model in models.items():
             accuracy = (vote_accuracy(model, purified, labels, vote.how, batch_size) if vote else
@@ -198,36 +198,24 @@ def write_csv(table: pd.DataFrame, path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bcm", default=str(DEFAULT_BCM),
-                        help="BCM checkpoint: an exported release file or a training checkpoint (EMA weights "
-                             "are used); default checkpoints/bcm/cifar10-small.pt")
-    parser.add_argument("--n", type=int, default=1000, help="number of test images (seeded subset)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the test subset and of all noise")
     parser.add_argument("--t-stars", type=float, nargs="+", default=list(T_STARS),
                         help="purification strengths t* of the clean-accuracy part, for every defence with one")
     parser.add_argument("--defence", nargs="+", default=["bcm", "denoise"], metavar="SPEC",
                         help=f"{DEFENCE_HELP}; built on --bcm (default: bcm denoise)")
-    parser.add_argument("--grid", type=int, default=64, help="samples per sample grid (a square number reads best)")
-    parser.add_argument("--batch-size", type=int, default=250, help="images per batch")
-    parser.add_argument("--classifier-preset", default="small", help="classifier preset (small or paper)")
-    parser.add_argument("--classifier-dir", help="folder of {arch}-{preset}.pt classifier checkpoints "
-                                                 "(default: the repository's checkpoints/classifiers)")
+    parser.add_argument("--grid", type=positive_int, default=64,
+                        help="samples per sample grid (a square number reads best)")
     parser.add_argument("--allow-missing-classifiers", action="store_true",
                         help="skip classifiers whose checkpoint is missing, with a warning, instead of failing")
     parser.add_argument("--skip-samples", action="store_true", help="do not write the sample grids")
     parser.add_argument("--skip-reconstruction", action="store_true", help="do not measure reconstruction")
     parser.add_argument("--skip-classifiers", action="store_true", help="do not measure purified clean accuracy")
     parser.add_argument("--out", default=str(REPO_ROOT / "results" / "quality"), help="output folder")
-    parser.add_argument("--data-root", help="CIFAR-10 root (default: $BCM_DATA or the download cache)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    add_common_arguments(parser, n=1000, seed_help="seed of the test subset and of all noise")
     args = parser.parse_args(argv)
     args.command = shlex.join(["python", "-m", "bench.quality", *(sys.argv[1:] if argv is None else argv)])
-    if not Path(args.bcm).is_file():
-        parser.error(f"no BCM checkpoint at {args.bcm}; export one from a training run with `{EXPORT_COMMAND}`, "
-                     f"or point --bcm at an exported or training BCM checkpoint")
-    if args.n <= 0 or args.batch_size <= 0 or args.grid <= 0 or (args.threads is not None and args.threads <= 0):
-        parser.error("--n, --batch-size, --grid and --threads must be positive")
+    args.bcm = Path(args.bcm) if args.bcm else default_bcm_path(args.preset)
+    if not args.bcm.is_file():
+        parser.error(missing_bcm_message(args.bcm, args.preset))
     try:
         args.defence = check_defences(args.defence)
     except ValueError as err:
@@ -248,7 +236,7 @@ def quality(args: argparse.Namespace) -> None:
         raise ValueError(f"--t-stars must lie in ({eps}, {T}], got {bad}")
     models = {}
     if not args.skip_classifiers:
-        models = load_classifiers(classifiers.ARCHS, args.classifier_preset, args.classifier_dir, device,
+        models = load_classifiers(classifiers.ARCHS, args.preset, args.classifier_dir, device,
                                   allow_missing=args.allow_missing_classifiers)
         if not models:
             print("warning: no classifier checkpoint found; skipping purified clean accuracy", file=sys.stderr)
@@ -273,7 +261,8 @@ def quality(args: argparse.Namespace) -> None:
             started = time.perf_counter()
             train_images = load_cifar10("train", args.data_root)[0]
             mean_image = pixel_mean(train_images)
-            table = reconstruction_table(bcm, images, mean_image, args.seed, args.batch_size, device)
+            table = reconstruction_table(bcm, images, mean_image, args.seed, args.batch_size, device,
+                                         not args.no_progress)
             table = table.assign(**meta)
             write_csv(table, out / "reconstruction.csv")
             write_text(out / "reconstruction.md",
@@ -292,16 +281,18 @@ def quality(args: argparse.Namespace) -> None:
 
         if models:
             started = time.perf_counter()
-            args.preset = "small"  # build_defences reads the BCM from --bcm
             entries = build_defences(args, args.defence, device, t_stars=args.t_stars)
-            table = purified_clean_table(entries, models, images, labels, ids, args.seed, args.batch_size, device)
+            bf16 = resolve_bf16(args, device)
+            table = purified_clean_table(entries, models, images, labels, ids, args.seed, args.batch_size, device,
+                                         bf16, not args.no_progress)
             table = table.assign(**meta)
             write_csv(table, out / "purified_clean.csv")
             write_text(out / "purified_clean.md",
                        f"# Clean accuracy after each defence (%)\n\n{about}\n\n"
                        f"`bcm`: invert from eps_inv (capped at t*/2) to t* in one step, then denoise in one step; "
                        f"`denoise`: add noise `t* z`, then denoise in one step; `none`: unpurified; `nfe`: "
-                       f"network evaluations per image. Classifiers: `{args.classifier_preset}` preset.\n\n"
+                       f"network evaluations per image. Classifiers: `{args.preset}` preset; purified "
+                       f"{'under bf16 autocast' if bf16 else 'in float32'}, classified in float32.\n\n"
                        f"{purified_clean_markdown(table)}\n")
             plot_purified_clean(table, out / "purified_clean.png",
                                 f"Clean accuracy after purification, {DATASET}, n={n}, BCM step {step}")

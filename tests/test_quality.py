@@ -115,7 +115,7 @@ def test_quality_is_reproducible_and_parts_can_be_skipped(setup):
 def test_missing_checkpoints_give_clear_errors_or_are_skipped(setup, capsys):
     with pytest.raises(SystemExit):
         bench.quality.main(["--bcm", str(setup / "missing.pt")])
-    assert "python -m purify.export runs/<run>/checkpoint.pt checkpoints/bcm/cifar10-small.pt" in \
+    assert "python -m purify.export runs/bcm-small/checkpoint.pt checkpoints/bcm/cifar10-small.pt" in \
         capsys.readouterr().err
 
     (setup / "cls" / "wrn-small.pt").unlink()

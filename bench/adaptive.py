@@ -293,8 +293,10 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.adaptive", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", nargs="+", default=["preact"], metavar="ARCH",
-                        help=f"classifier(s) behind the defence, from {', '.join(classifiers.ARCHS)} (default: preact)")
+    parser.add_argument("--target", nargs="+", default=["preact"], metavar="NAME",
+                        help=f"classifier(s) behind the defence: ARCH from {', '.join(classifiers.ARCHS)}, or "
+                             f"ARCH:VARIANT for one fine-tuned by `python -m classifiers.finetune --recipe VARIANT`, "
+                             f"e.g. preact:bcm-fgsm (default: preact)")
     parser.add_argument("--defence", nargs="+", default=["bcm"], metavar="SPEC",
                         help=f"{DEFENCE_HELP}. Not vote: the vote scoring of every row is the vote of N evaluations "
                              f"(default: bcm)")

@@ -19,10 +19,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import classifiers
+from classifiers.registry import checkpoint_path
 from attacks import BPDA, EPS_GRID, autocast
 from purify import DEFENCES, Defence, image_noise, make_defence, parse_defence
 from purify.checkpoint import atomic_write
 from purify.defences import Vote, needs_bcm
+from purify.purifier import shipped_bcm_path
 from purify.data import default_data_root, load_cifar10, seeded_subset, train_val_split
 from purify.runtime import pick_device
 
@@ -59,7 +61,7 @@ class Entry:
 
 
 def default_bcm_path(preset: str) -> Path:
-    return REPO_ROOT / "checkpoints" / "bcm" / f"{BCM_PRESETS[preset]}.pt"
+    return shipped_bcm_path(BCM_PRESETS[preset])
 
 
 def missing_bcm_message(path: Path, preset: str) -> str:
@@ -142,12 +144,14 @@ def attack_step_cost(defence: Defence, classifier: nn.Module, images: torch.Tens
 
 def load_classifiers(names: Iterable[str], preset: str, checkpoint_dir: str | os.PathLike | None,
                      device: torch.device, allow_missing: bool = False) -> dict[str, nn.Module]:
-    """Trained classifiers by short name, eval mode, channels-last (faster convolutions on CPUs); with
-    ``allow_missing``, a missing checkpoint is skipped with a warning instead of stopping."""
+    """Trained classifiers by name (``ARCH`` or ``ARCH:VARIANT``, see ``split_name``), eval mode, channels-last
+    (faster convolutions on CPUs); with ``allow_missing``, a missing checkpoint is skipped with a warning
+    instead of stopping."""
     models = {}
     for name in names:
+        arch, variant = split_name(name)
         try:
-            models[name] = classifiers.load_classifier(name, preset, checkpoint_dir, device).to(
+            models[name] = classifiers.load_classifier(arch, preset, checkpoint_dir, device, variant).to(
                 memory_format=torch.channels_last)
         except FileNotFoundError as err:
             if not allow_missing:
@@ -165,8 +169,16 @@ def run_command(parser: argparse.ArgumentParser, command, args: argparse.Namespa
         parser.exit(2, f"{parser.prog}: error: {err}\n")
 
 
+def split_name(name: str) -> tuple[str, str | None]:
+    """A classifier name: ``ARCH`` (``{arch}-{preset}.pt``) or ``ARCH:VARIANT``, a fine-tuned variant
+    (``{arch}-{preset}-{variant}.pt``, written by ``classifiers.finetune``) -> (arch, variant or None)."""
+    arch, _, variant = name.partition(":")
+    return arch, variant or None
+
+
 def classifier_path(name: str, preset: str, checkpoint_dir: str | os.PathLike) -> Path:
-    return Path(checkpoint_dir) / f"{name}-{preset}.pt"
+    arch, variant = split_name(name)
+    return checkpoint_path(arch, preset, checkpoint_dir, variant)
 
 
 SPLITS = ("test", "val")
@@ -389,8 +401,8 @@ def check_defences(specs: list[str]) -> list[str]:
 
 
 def check_names(names: list[str], what: str) -> list[str]:
-    """Deduplicated short model names, or ValueError listing the valid ones."""
-    unknown = [name for name in names if name not in classifiers.ARCHS]
+    """Deduplicated model names (``ARCH`` or ``ARCH:VARIANT``), or ValueError listing the valid ones."""
+    unknown = [name for name in names if split_name(name)[0] not in classifiers.ARCHS]
     if unknown:
         raise ValueError(f"unknown {what} {', '.join(map(repr, unknown))}; "
                          f"valid names are {', '.join(classifiers.ARCHS)}")

@@ -161,9 +161,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eps", nargs="+", default=["8"], metavar="K",
                         help="attack budget(s) k of eps = k/255 from the paper's grid 0 4 8 12 16 24 32, or 'all' "
                              "(default: 8)")
-    parser.add_argument("--targets", nargs="+", default=list(classifiers.ARCHS), metavar="ARCH",
-                        help=f"models the examples are transferred to "
-                             f"(default: all four: {' '.join(classifiers.ARCHS)})")
+    parser.add_argument("--targets", nargs="+", default=list(classifiers.ARCHS), metavar="NAME",
+                        help=f"models the examples are transferred to: ARCH, or ARCH:VARIANT for a fine-tuned one "
+                             f"(classifiers.finetune) (default: all four: {' '.join(classifiers.ARCHS)})")
     parser.add_argument("--defence", nargs="+", default=["bcm"], metavar="SPEC",
                         help=f"{DEFENCE_HELP} (default: bcm, e.g. --defence bcm denoise:t_star=0.3 jpeg:quality=75 "
                              f"diffusion vote:n=10)")

@@ -31,8 +31,10 @@ def build_classifier(arch: str, preset: str = "paper", config: TrainConfig | Non
     return build_architecture(arch, config.arch(arch))
 
 
-def checkpoint_path(arch: str, preset: str, checkpoint_dir: str | os.PathLike = DEFAULT_CHECKPOINT_DIR) -> Path:
-    return Path(checkpoint_dir) / f"{arch}-{preset}.pt"
+def checkpoint_path(arch: str, preset: str, checkpoint_dir: str | os.PathLike = DEFAULT_CHECKPOINT_DIR,
+                    variant: str | None = None) -> Path:
+    """``{checkpoint_dir}/{arch}-{preset}.pt``, or ``{arch}-{preset}-{variant}.pt`` for a fine-tuned variant."""
+    return Path(checkpoint_dir) / f"{arch}-{preset}{'' if variant is None else '-' + variant}.pt"
 
 
 def train_command(arch: str, preset: str) -> str:
@@ -40,8 +42,9 @@ def train_command(arch: str, preset: str) -> str:
 
 
 def load_classifier(arch: str, preset: str = "small", checkpoint_dir: str | os.PathLike | None = None,
-                    device: str | torch.device = "cpu") -> nn.Module:
-    """The trained classifier ``arch``/``preset`` from ``checkpoint_dir/{arch}-{preset}.pt``, in eval mode.
+                    device: str | torch.device = "cpu", variant: str | None = None) -> nn.Module:
+    """The trained classifier ``arch``/``preset`` from ``checkpoint_dir/{arch}-{preset}.pt`` (a ``variant``:
+    ``{arch}-{preset}-{variant}.pt``, e.g. one fine-tuned through a purifier), in eval mode.
 
     ``checkpoint_dir`` defaults to the repository's ``checkpoints/classifiers`` (independent of the CWD).
     Raises FileNotFoundError naming the training command when the file is missing, and ValueError when the
@@ -50,11 +53,14 @@ def load_classifier(arch: str, preset: str = "small", checkpoint_dir: str | os.P
     _check_arch(arch)
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; valid presets are {', '.join(PRESETS)}")
-    path = checkpoint_path(arch, preset, checkpoint_dir if checkpoint_dir is not None else DEFAULT_CHECKPOINT_DIR)
+    path = checkpoint_path(arch, preset, checkpoint_dir if checkpoint_dir is not None else DEFAULT_CHECKPOINT_DIR,
+                           variant)
     if not path.is_file():
-        raise FileNotFoundError(f"no trained {arch}/{preset} classifier at {path}; train it with "
-                                f"`{train_command(arch, preset)}` (add --out-dir {path.parent} if that is "
-                                f"not the default checkpoints/classifiers)")
+        command = (train_command(arch, preset) if variant is None else
+                   f"python -m classifiers.finetune --arch {arch} --preset {preset} --recipe {variant}")
+        name = f"{arch}/{preset}" + ("" if variant is None else f" ({variant})")
+        raise FileNotFoundError(f"no trained {name} classifier at {path}; train it with `{command}` (add "
+                                f"--out-dir {path.parent} if that is not the default checkpoints/classifiers)")
     state = load_checkpoint(path, required=("arch", "preset", "config", "model"))
     if (state["arch"], state["preset"]) != (arch, preset):
         raise ValueError(f"{path} holds a {state['arch']}/{state['preset']} classifier, "

@@ -17,12 +17,13 @@ import csv
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from purify.checkpoint import load_checkpoint, save_checkpoint
+from purify.checkpoint import load_checkpoint, load_state_dict_strict, save_checkpoint
 from purify.config import from_dict, to_dict
 from purify.data import augment, default_data_root, load_cifar10, seeded_subset, to_float, train_val_split
 from purify.runtime import Budget, CSVLog, pick_device, rng_state, seed_everything, set_rng_state
@@ -68,7 +69,10 @@ def train(arch: str, preset: str = "small", *, config: TrainConfig | None = None
           results_dir=REPO_ROOT / "results" / "classifiers", device: str = "auto", seed: int = 0,
           threads: int | None = None, max_minutes: float | None = None, resume: bool = False,
           train_subset: int | None = None, test_subset: int | None = None, progress: bool = True,
-          bf16: bool | None = None) -> dict:
+          bf16: bool | None = None, variant: str | None = None, init_weights: dict | None = None,
+          inputs: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+          evaluate: Callable[[nn.Module, torch.Tensor, torch.Tensor], float] | None = None,
+          metadata: dict | None = None) -> dict:
     """Train ``arch`` with ``preset`` (or an explicit ``config``); return a summary dict.
 
     ``bf16`` forces bfloat16 autocast on or off; by default the preset decides (``small``: on only where the
@@ -77,6 +81,13 @@ def train(arch: str, preset: str = "small", *, config: TrainConfig | None = None
     Stops early (saving a resumable state) when ``max_minutes`` runs out or on KeyboardInterrupt.
     ``train_subset``/``test_subset`` use seeded subsets of the data (smoke tests); the validation split
     is always taken from the full training set first.
+
+    Fine-tuning (``classifiers.finetune``) uses the rest: ``variant`` names the result
+    (``{arch}-{preset}-{variant}.pt``, its own state and logs); ``init_weights`` are the weights to start from;
+    ``inputs(model, x, y)`` maps each augmented batch in [0, 1] to what the classifier is trained on (e.g. the
+    purified adversarial images), called with the model in training mode and without autocast; ``evaluate(model,
+    x, y)`` is the accuracy in [0, 1] that selects the checkpoint on the validation split and is reported on the
+    test images (default: clean accuracy); ``metadata`` is stored in the checkpoint.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; valid names are {', '.join(ARCHS)}")
@@ -84,9 +95,10 @@ def train(arch: str, preset: str = "small", *, config: TrainConfig | None = None
     if threads:
         torch.set_num_threads(threads)
     seed_everything(seed)
-    out_path = checkpoint_path(arch, preset, out_dir)
-    state_path = Path(run_dir) / f"{arch}-{preset}-state.pt"
-    log_path = Path(results_dir) / f"{arch}-{preset}-train.csv"
+    out_path = checkpoint_path(arch, preset, out_dir, variant)
+    state_path = Path(run_dir) / f"{out_path.stem}-state.pt"
+    log_path = Path(results_dir) / f"{out_path.stem}-train.csv"
+    evaluate = evaluate or (lambda model, x, y: accuracy(model, x, y, device=device, progress=False))
 
     images, labels = load_cifar10("train", data_root)
     train_idx, val_idx = train_val_split(len(images), config.n_val, seed=SPLIT_SEED)
@@ -96,7 +108,11 @@ def train(arch: str, preset: str = "small", *, config: TrainConfig | None = None
     bf16 = config.use_bf16(device) if bf16 is None else bf16
     train_x, train_y = train_x.to(device), train_y.to(device)  # uint8 on the device; batches augmented there
 
-    model = build_classifier(arch, config=config).to(device)
+    model = build_classifier(arch, config=config)
+    if init_weights is not None:
+        load_state_dict_strict(model, {k: v.float() if v.is_floating_point() else v for k, v in init_weights.items()},
+                               "init_weights")
+    model = model.to(device)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
@@ -151,8 +167,11 @@ def train(arch: str, preset: str = "small", *, config: TrainConfig | None = None
                        disable=not progress, mininterval=1.0 if sys.stderr.isatty() else 30.0)
             for i in bar:
                 idx = order[i * batch_size:(i + 1) * batch_size]
-                x = augment(to_float(train_x[idx]), generator).contiguous(memory_format=memory_format)
+                x = augment(to_float(train_x[idx]), generator)
                 y = train_y[idx]
+                if inputs is not None:
+                    x = inputs(model, x, y)
+                x = x.contiguous(memory_format=memory_format)
                 with _autocast(device, bf16):
                     logits = model(x)
                 loss = criterion(logits.float(), y)
@@ -170,12 +189,13 @@ def train(arch: str, preset: str = "small", *, config: TrainConfig | None = None
                     break
             bar.close()
             if step % steps_per_epoch == 0:  # a complete epoch: validate and keep the best weights
-                val_acc = accuracy(model, val_x, val_y, device=device, progress=False)
+                val_acc = evaluate(model, val_x, val_y)
+                model.train()
                 if val_acc > best_val:
                     best_val = val_acc
                     save_checkpoint({"arch": arch, "preset": preset, "config": to_dict(config),
                                      "model": _fp16_weights(model), "epoch": epoch + 1,
-                                     "val_acc": val_acc}, out_path)
+                                     "val_acc": val_acc, **(metadata or {})}, out_path)
                 log.write(step=step, epoch=epoch + 1, lr=f"{scheduler.get_last_lr()[0]:.5g}",
                           train_loss=f"{loss_sum / max(seen, 1):.4f}", train_acc=f"{correct / max(seen, 1):.4f}",
                           val_acc=f"{val_acc:.4f}", best_val_acc=f"{best_val:.4f}", test_acc="",
@@ -197,14 +217,14 @@ def train(arch: str, preset: str = "small", *, config: TrainConfig | None = None
     # Test accuracy of the shipped checkpoint exactly as bench loads it (fp16 weights back in fp32).
     test_x, test_y = load_cifar10("test", data_root)
     keep = seeded_subset(len(test_x), test_subset, seed)
-    best = load_classifier(arch, preset, checkpoint_dir=out_path.parent, device=device)
-    summary["test_acc"] = accuracy(best, test_x[keep], test_y[keep], device=device, progress=progress)
+    best = load_classifier(arch, preset, checkpoint_dir=out_path.parent, device=device, variant=variant)
+    summary["test_acc"] = evaluate(best, test_x[keep], test_y[keep])
     log.write(step=step, epoch=epochs, lr="", train_loss="", train_acc="", val_acc="",
               best_val_acc=f"{best_val:.4f}", test_acc=f"{summary['test_acc']:.4f}", minutes=f"{minutes():.2f}",
               images_per_s="")
     if train_subset is None and test_subset is None:
-        _record_result(Path(results_dir) / f"{preset}.csv", summary)
-    print(f"{arch}/{preset}: test accuracy {summary['test_acc']:.4f} on {len(keep)} CIFAR-10 test images "
+        _record_result(Path(results_dir) / f"{preset}{'' if variant is None else '-' + variant}.csv", summary)
+    print(f"{out_path.stem}: test accuracy {summary['test_acc']:.4f} on {len(keep)} CIFAR-10 test images "
           f"(from {data_root or default_data_root()}), "
           f"best val {best_val:.4f}, {summary['train_minutes']:.1f} min", file=sys.stderr)
     return summary

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
@@ -20,11 +21,16 @@ from .base import Defence, check_images
 from .bcm import BCM
 from .bct import karras_times
 from .checkpoint import bcm_weights, load_checkpoint, load_state_dict_strict
-from .presets import Preset, preset_from_dict
+from .presets import REPO_ROOT, Preset, preset_from_dict
 from .sampling import invert, sample_ancestral, sample_reverse_diffusion
 
 MODES = ("bcm", "denoise")
 SOLVERS = ("sde", "ode")
+
+
+def shipped_bcm_path(preset: str) -> Path:
+    """Where the repository ships the trained BCM of a preset, e.g. ``checkpoints/bcm/cifar10-small.pt``."""
+    return REPO_ROOT / "checkpoints" / "bcm" / f"{preset}.pt"
 
 
 def load_bcm(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[BCM, Preset]:

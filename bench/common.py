@@ -337,10 +337,11 @@ def positive_int(value: str) -> int:
 
 def add_common_arguments(parser: argparse.ArgumentParser, n: int | None = None, batch_size: int = 250,
                          seed_help: str = "seed of the test subset, of PGD's random start and of the purifier's "
-                                          "noise") -> None:
-    """Options shared by the bench commands that evaluate trained models on CIFAR-10: presets and checkpoints,
-    data, hardware (``n``, ``batch_size``: the command's defaults; ``seed_help``: what ``--seed`` seeds)."""
-    add_preset_arguments(parser)
+                                          "noise", classifier_dir: bool = True) -> None:
+    """Options shared by the bench commands that evaluate trained models on CIFAR-10: presets and checkpoints
+    (``--classifier-dir`` only for the commands with classifiers), data, hardware (``n``, ``batch_size``: the
+    command's defaults; ``seed_help``: what ``--seed`` seeds)."""
+    add_preset_arguments(parser, bcm=True, classifier_dir=classifier_dir)
     parser.add_argument("--n", type=positive_int, default=n,
                         help=f"number of images: a seeded subset when smaller than the split "
                              f"(default: {'all' if n is None else n})")
@@ -350,15 +351,16 @@ def add_common_arguments(parser: argparse.ArgumentParser, n: int | None = None, 
     add_runtime_arguments(parser, batch_size)
 
 
-def add_preset_arguments(parser: argparse.ArgumentParser, checkpoints: bool = True) -> None:
-    """``--preset`` and, with ``checkpoints``, where the trained BCM and classifiers are read from."""
+def add_preset_arguments(parser: argparse.ArgumentParser, bcm: bool = True, classifier_dir: bool = True) -> None:
+    """``--preset`` and where the trained BCM (``bcm``) and classifiers (``classifier_dir``) are read from."""
     parser.add_argument("--preset", default="small", choices=PRESETS,
                         help="classifier preset AND BCM preset: 'small' = classifiers 'small' + BCM cifar10-small "
                              "(CPU scale, shipped), 'paper' = classifiers 'paper' + BCM cifar10-paper (default: small)")
-    if checkpoints:
+    if bcm:
         parser.add_argument("--bcm", default=None, metavar="PATH",
                             help="BCM checkpoint: an exported release file or a training checkpoint (default: "
                                  "checkpoints/bcm/cifar10-<preset>.pt in the repository)")
+    if classifier_dir:
         parser.add_argument("--classifier-dir", default=str(classifiers.registry.DEFAULT_CHECKPOINT_DIR),
                             metavar="DIR", help="folder of the classifier checkpoints <arch>-<preset>.pt "
                                                 "(default: checkpoints/classifiers in the repository)")
@@ -368,8 +370,8 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, batch_size: int | Non
                           progress: bool = True) -> None:
     """Precision, threads and, where the command has them, ``--batch-size``, ``--device`` and ``--no-progress``."""
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                        help="bfloat16 autocast for crafting the attack and for purifying (accuracies are always "
-                             "measured in float32); default: the classifier preset's bf16 setting, which for the "
+                        help="bfloat16 autocast for the network passes of attacks and defences (accuracies are "
+                             "always measured in float32); default: the classifier preset's bf16 setting, which for the "
                              "small preset means on only where the device runs bf16 natively (CUDA with bf16, CPUs "
                              "with AMX/AVX-512-BF16; elsewhere bf16 is emulated and 3-10x slower)")
     if batch_size is not None:

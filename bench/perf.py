@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
                              "comparison (default: all)")
     parser.add_argument("--out", default=str(REPO_ROOT / "results" / "perf"), help="output folder")
     # untrained weights (speed does not depend on them) on the CPU: no checkpoint, batch-size or device options
-    add_preset_arguments(parser, checkpoints=False)
+    add_preset_arguments(parser, bcm=False, classifier_dir=False)
     add_runtime_arguments(parser, batch_size=None, device=False, progress=False)
     args = parser.parse_args(argv)
     args.config = args.config or BCM_PRESETS[args.preset]

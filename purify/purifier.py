@@ -106,6 +106,9 @@ class BCMPurifier(_NoisyDefence):
         inversion_times: optional intermediate times between ``eps_inv`` and ``t_star`` (multi-step inversion).
         denoise_times: optional intermediate times between 0 and ``t_star`` (ancestral multi-step denoising).
         mode: ``"bcm"`` (invert, then denoise) or ``"denoise"`` (the baseline: ``x + t* z``, then denoise).
+        rounds: purify this many times in a row, each round from the last one's output with fresh noise
+            (invert, denoise, re-noise: the zigzag idea of Algorithm 4 applied to purification); ``rounds``
+            times the network evaluations.
         seed: when given, noise comes from a generator seeded with it (``reseed()`` restarts the stream), so
             an evaluation is reproducible; otherwise from torch's global RNG. ``with purifier.fixed_noise(z)``
             uses the given noise instead (e.g. ``image_noise``: drawn per image, independent of batching).
@@ -113,9 +116,12 @@ class BCMPurifier(_NoisyDefence):
 
     def __init__(self, bcm: BCM, t_star: float = 80.0, eps_inv: float = 0.11,
                  inversion_times: Sequence[float] = (), denoise_times: Sequence[float] = (),
-                 mode: str = "bcm", seed: int | None = None):
+                 mode: str = "bcm", rounds: int = 1, seed: int | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+            raise ValueError(f"rounds must be a whole number >= 1, got {rounds!r}")
+        self.rounds = rounds
         eps, T = bcm.config.eps, bcm.config.T
         if not eps < t_star <= T:
             raise ValueError(f"t_star must be in ({eps}, {T}], got {t_star}")
@@ -147,7 +153,7 @@ class BCMPurifier(_NoisyDefence):
     @property
     def nfe(self) -> int:
         inversion = len(self.inversion_times) - 1 if self.mode == "bcm" else 0
-        return inversion + len(self.denoise_times)
+        return self.rounds * (inversion + len(self.denoise_times))
 
     def settings(self) -> dict:
         out = {"t_star": self.t_star}
@@ -157,6 +163,8 @@ class BCMPurifier(_NoisyDefence):
                 out["inversion_times"] = self.inversion_times[1:-1]
         if len(self.denoise_times) > 1:
             out["denoise_times"] = self.denoise_times[:-1]
+        if self.rounds > 1:
+            out["rounds"] = self.rounds
         return out
 
     def family(self) -> str:
@@ -164,7 +172,8 @@ class BCMPurifier(_NoisyDefence):
         return super().family().replace(f"eps_inv={self.eps_inv:g}", f"eps_inv={self.eps_inv_option:g}")
 
     def noise_shape(self, image_shape: Sequence[int]) -> tuple[int, ...]:
-        return tuple(image_shape)
+        """One image's noise per round: the image's shape, with a leading round axis for ``rounds > 1``."""
+        return tuple(image_shape) if self.rounds == 1 else (self.rounds, *image_shape)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu", **kwargs) -> "BCMPurifier":
@@ -176,17 +185,21 @@ class BCMPurifier(_NoisyDefence):
         return cls(bcm, **kwargs)
 
     def purify(self, images: torch.Tensor) -> torch.Tensor:
+        noise = self._noise(images)
         x = images * 2 - 1
-        if self.mode == "bcm":
-            x_t = invert(self.bcm, x, self.inversion_times, noise=self._noise(x))
-        else:
-            x_t = x + self.t_star * self._noise(x)
-        x0 = sample_ancestral(self.bcm, x_t, self.denoise_times, eps=self.bcm.config.eps)
-        return ((x0 + 1) / 2).clamp(0, 1)
+        for r in range(self.rounds):
+            z = noise if self.rounds == 1 else noise[:, r]
+            if self.mode == "bcm":
+                x_t = invert(self.bcm, x, self.inversion_times, noise=z)
+            else:
+                x_t = x + self.t_star * z
+            x = sample_ancestral(self.bcm, x_t, self.denoise_times, eps=self.bcm.config.eps).clamp(-1, 1)
+        return (x + 1) / 2
 
     def extra_repr(self) -> str:
         return (f"mode={self.mode}, t_star={self.t_star}, eps_inv={self.eps_inv}, "
-                f"inversion_times={self.inversion_times}, denoise_times={self.denoise_times}, seed={self.seed}")
+                f"inversion_times={self.inversion_times}, denoise_times={self.denoise_times}, rounds={self.rounds}, "
+                f"seed={self.seed}")
 
 
 class DiffusionPurifier(_NoisyDefence):

@@ -36,6 +36,7 @@ def images(n=4, seed=0):
     ("bcm", {"t_star": 2.0, "inversion_times": [1.0]}, "bcm(eps_inv=0.1, inversion_times=[1], t_star=2)", 3, True,
      True),
     ("denoise", {"t_star": 0.3}, "denoise(t_star=0.3)", 1, True, True),
+    ("bcm", {"rounds": 3}, "bcm(eps_inv=0.1, rounds=3, t_star=0.5)", 6, True, True),
     ("diffusion", {"steps": 5}, "diffusion(solver=sde, steps=5, t_star=0.5)", 5, True, True),
     ("diffusion", {"steps": 4, "solver": "ode"}, "diffusion(solver=ode, steps=4, t_star=0.5)", 4, True, True),
     ("jpeg", {"quality": 50}, "jpeg(quality=50)", 0, False, False),
@@ -264,3 +265,20 @@ def test_bcm_defence_from_the_registry_is_the_purifier(bcm_path):
     reference = BCMPurifier.from_checkpoint(bcm_path, seed=0, t_star=2.0, eps_inv=0.3)
     x = images()
     assert torch.equal(defence(x), reference(x))
+
+
+@pytest.mark.parametrize("mode", ["bcm", "denoise"])
+def test_rounds_purify_the_last_rounds_output_again_with_fresh_noise(bcm_path, mode):
+    x = images(3)  # as many images as rounds, so noise indexed [r] instead of [:, r] has the right shape
+    several = make_defence(mode, checkpoint=bcm_path, rounds=3, t_star=1.0)
+    once = make_defence(mode, checkpoint=bcm_path, t_star=1.0)
+    assert several.noise_shape(x.shape[1:]) == (3, *x.shape[1:])
+    noise = torch.randn(3, 3, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+    expected = x
+    for r in range(3):
+        with once.fixed_noise(noise[:, r]):
+            expected = once(expected)
+    with several.fixed_noise(noise):  # up to float32 rounding, which three rounds of the random tiny net amplify
+        torch.testing.assert_close(several(x), expected, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="rounds must be a whole number >= 1"):
+        make_defence(mode, checkpoint=bcm_path, rounds=0)

@@ -3,11 +3,14 @@
 Three measurements on a fixed seeded subset of the CIFAR-10 test set (``--n``, ``--seed``), each a part that
 can be skipped and rerun on its own:
 
-- reconstruction (Section 4.2, spec §5): per-dimension MSE on the [0, 1] scale of inverting a test image with
-  the paper's schedules for NFE 1-4 (Algorithm 5) and generating it back in one step, next to the paper's
-  numbers and to the trivial baseline that predicts every image as the per-pixel mean image of the 50,000
-  training images -> ``reconstruction.csv`` / ``.md``, and a grid of originals (one per class) above their
-  reconstructions at NFE 1 and 4 -> ``reconstruction.png``;
+- reconstruction (Section 4.2, spec §5): per-dimension MSE on the [0, 1] scale (with PSNR, SSIM and seconds per
+  image) of inverting a test image with the paper's schedules for NFE 1-4 (Algorithm 5) and generating it back
+  in one step, next to the inversion baselines with the same network: ODE inversion (the probability-flow ODE
+  with the BCM's u = 0 branch as denoiser, Euler and Heun on EDM's grid, as the paper's EDM baseline) decoded by
+  one BCM step and by the ODE, and, given ``--ct-inversion``, a CT Inversion noiser (spec §8) decoded both ways;
+  with the paper's and the CT Inversion report's numbers and the trivial baseline that predicts every image as
+  the per-pixel mean image of the 50,000 training images -> ``reconstruction.csv`` / ``.md``, and a grid of
+  originals (one per class) above their reconstructions at NFE 1 and 4 -> ``reconstruction.png``;
 - samples (Section 3.3, spec §4): one-step (NFE 1), ancestral (2), zigzag (3) and combined (4) generation
   from the same seeded initial noise, with the Appendix A.2 settings -> ``samples_nfe{1,2,3,4}.png``;
 - clean accuracy after each defence (Section 4.3.4, spec §7): each classifier's accuracy on clean test images
@@ -27,7 +30,9 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Callable, NamedTuple
 
+import kornia
 import pandas as pd
 import torch
 from torch import nn
@@ -38,10 +43,12 @@ from purify import BCM, BCMPurifier
 from purify.checkpoint import atomic_write, load_checkpoint
 from purify.data import load_cifar10, to_float
 from purify.defences import Vote
+from purify.noiser import Noiser, load_noiser
 from purify.presets import REPO_ROOT
 from purify.runtime import pick_device
-from purify.sampling import (ANCESTRAL_2, COMBINED_4, INVERSION_SCHEDULES, ZIGZAG_3, initial_noise, reconstruct,
-                             reconstruction_mse, sample_ancestral, sample_combined, sample_onestep, sample_zigzag)
+from purify.sampling import (ANCESTRAL_2, COMBINED_4, INVERSION_SCHEDULES, ZIGZAG_3, initial_noise, invert,
+                             invert_ode, ode_times, pf_ode_nfe, reconstruct, sample_ancestral, sample_combined,
+                             sample_ode, sample_onestep, sample_zigzag)
 
 from .common import (DEFENCE_HELP, Entry, add_common_arguments, build_defences, check_defences, default_bcm_path,
                      load_classifiers, load_split, missing_bcm_message, positive_int, purify_images, resolve_bf16,
@@ -50,6 +57,20 @@ from .common import (DEFENCE_HELP, Entry, add_common_arguments, build_defences, 
 DATASET = "CIFAR-10 (JPEG q75 copy)"
 # Section 4.2 / spec §5: per-dimension MSE on the [0, 1] scale, CIFAR-10 test, inversion NFE 1-4.
 PAPER_MSE = {1: 0.00526, 2: 0.00451, 3: 0.00377, 4: 0.00362}
+# The paper's EDM baseline (Figure 4): EDM's network, ODE inversion and ODE generation with EDM's Algorithm 1
+# (Heun), 9 and 19 NFE: EDM's Heun count 2N - 1 of N = 5 and 10 steps, which our Heun rows of 5 and 10 steps
+# (2N NFE upwards, where no step ends at t = 0) and our Euler rows of 9 and 19 steps stand next to.
+PAPER_ODE_MSE = {("euler", 9): (9, 0.01326), ("euler", 19): (19, 0.00421),
+                 ("heun", 5): (9, 0.01326), ("heun", 10): (19, 0.00421)}
+ODE_STEPS = tuple(PAPER_ODE_MSE)
+# The ODE inversion starts deterministically from the image as the trajectory's point at the BCM inversion's
+# first time, 0.07: at eps the first slope is exactly 0 (the BCM's boundary f(x, eps, eps) = x), and on 32
+# training images eps gave the same or larger errors (Heun, 10 steps, ODE decoding: 0.00032 against 0.00015).
+ODE_T_MIN = INVERSION_SCHEDULES[1][0]
+CT_INVERSION_DECODER = ("heun", 10)  # the ODE decoder of the CT Inversion rows: that of the ode-heun row, 10 steps
+# CT Inversion report (Hsu), Table 1, CIFAR-10: its noiser with an off-the-shelf CM (1 NFE) or DM (30 steps).
+CT_INVERSION_REFERENCE = {"bcm": "CT Inversion + CM (report): PSNR 18.07, SSIM 0.7911, 1 NFE",
+                          "ode-heun": "CT Inversion + DM (report): PSNR 18.20, SSIM 0.8024, 30 DM steps"}
 T_STARS = (0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 80.0)
 
 
@@ -61,24 +82,102 @@ def pixel_mean(images: torch.Tensor, chunk: int = 5000) -> torch.Tensor:
     return (total / (255.0 * len(images))).float()
 
 
-def reconstruction_table(bcm: BCM, images: torch.Tensor, mean_image: torch.Tensor, seed: int,
-                         batch_size: int, device: torch.device, progress: bool = True) -> pd.DataFrame:
-    """MSE per NFE (mean and standard error over images) next to the paper and the mean-image baseline.
+class Decoder(NamedTuple):
+    name: str
+    nfe: int
+    decode: Callable[[torch.Tensor], torch.Tensor]    # x_T -> image, on a batch
 
-    The inversion noise restarts from ``seed`` for every NFE, so each image starts from the same noise.
+
+class Inversion(NamedTuple):
+    method: str
+    times: str                                        # the inversion's times, as the table shows them
+    nfe: int
+    invert: Callable[[torch.Tensor], torch.Tensor]    # image -> x_T, on a batch (batches in order)
+    decoders: list[Decoder]
+    references: dict[str, tuple[float, str]]          # decoder name -> (paper_mse, reference)
+
+
+def image_metrics(reconstructed: torch.Tensor, x0: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per image, on the [0, 1] scale (inputs on [-1, 1]; the reconstruction clamped to it): MSE per dimension,
+    PSNR in dB and SSIM with an 11x11 Gaussian window (kornia.metrics)."""
+    a, b = (reconstructed.clamp(-1, 1) + 1) / 2, (x0 + 1) / 2
+    return {"mse": (a - b).pow(2).flatten(1).mean(1),
+            "psnr": torch.stack([kornia.metrics.psnr(p[None], q[None], 1.0) for p, q in zip(a, b)]),
+            "ssim": kornia.metrics.ssim(a, b, 11).flatten(1).mean(1)}
+
+
+def _run_batches(fn, inputs: torch.Tensor, batch_size: int, device: torch.device, desc: str,
+                 progress: bool) -> tuple[torch.Tensor, float]:
+    """``fn`` on each batch of ``inputs`` in order (on ``device``), the outputs on the CPU and the seconds taken."""
+    started = time.perf_counter()
+    out = torch.cat([fn(batch.to(device)).cpu() for batch in tqdm(inputs.split(batch_size), desc=desc, leave=False,
+                                                                   disable=not progress)])
+    return out, time.perf_counter() - started
+
+
+def reconstruction_table(bcm: BCM, images: torch.Tensor, mean_image: torch.Tensor, seed: int,
+                         batch_size: int, device: torch.device, progress: bool = True,
+                         noiser: Noiser | None = None) -> pd.DataFrame:
+    """One row per (inversion method, decoder): MSE (mean and standard error over images), PSNR, SSIM and
+    seconds per image (inversion + decoding), next to the paper's / the report's numbers and the mean-image
+    baseline; ``latent_std``, the standard deviation of ``x_T / T`` over every image and dimension, says how
+    close the inversion comes to the Gaussian N(0, I) it should reach (1).
+
+    - ``bcm``: Algorithm 5 with the paper's schedules for NFE 1-4, decoded in one step ``f(x_T, T, 0)``; the
+      inversion noise restarts from ``seed`` for every NFE, so each image starts from the same noise;
+    - ``ode-euler`` / ``ode-heun``: ODE inversion on EDM's grid from ``ODE_T_MIN`` to T (``ODE_STEPS``), decoded in
+      one BCM step and by the same solver on the same grid back down (the inversion's mirror);
+    - ``ct-inversion`` (with ``noiser``): ``x_T = g(x0, eps)`` in one evaluation (the image as the trajectory's
+      point at eps, as the report assumes), decoded in one BCM step and by the ODE decoder of the ``ode-heun``
+      row with ``CT_INVERSION_DECODER``'s steps.
     """
     x_all = to_float(images) * 2 - 1
     baseline = ((to_float(images) - mean_image) ** 2).flatten(1).mean(1).mean().item()
-    rows = []
+    eps, T = bcm.config.eps, bcm.config.T
+    one_step = Decoder("bcm", 1, lambda x_T: sample_onestep(bcm, x_T, T, eps))
+
+    def ode_decoder(solver: str, times: list[float]) -> Decoder:
+        return Decoder(f"ode-{solver}", pf_ode_nfe(times, solver), lambda x_T: sample_ode(bcm, x_T, times, solver, eps))
+
+    inversions = []
     for nfe, times in INVERSION_SCHEDULES.items():
         generator = torch.Generator().manual_seed(seed)
-        mse = torch.cat([reconstruction_mse(bcm, x_all[i:i + batch_size].to(device), times, bcm.config.eps,
-                                            generator).cpu()
-                         for i in tqdm(range(0, len(x_all), batch_size), desc=f"reconstruction NFE {nfe}",
-                                       leave=False, disable=not progress)])
-        rows.append({"nfe": nfe, "inversion_times": " -> ".join(f"{t:g}" for t in times),
-                     "mse": mse.mean().item(), "mse_sem": (mse.std() / math.sqrt(len(mse))).item(),
-                     "paper_mse": PAPER_MSE[nfe], "mean_image_mse": baseline})
+        inversions.append(Inversion(
+            "bcm", " -> ".join(f"{t:g}" for t in times), nfe,
+            lambda x, times=times, generator=generator: invert(bcm, x, times, generator=generator), [one_step],
+            {"bcm": (PAPER_MSE[nfe], f"BCM paper: MSE {PAPER_MSE[nfe]}, {nfe} NFE")}))
+    for solver, steps in ODE_STEPS:
+        times = ode_times(steps, ODE_T_MIN, T)
+        paper_nfe, paper_mse = PAPER_ODE_MSE[(solver, steps)]
+        inversions.append(Inversion(
+            f"ode-{solver}", f"{ODE_T_MIN:g} -> {T:g}, {steps} steps", pf_ode_nfe(times, solver),
+            lambda x, times=times, solver=solver: invert_ode(bcm, x, times, solver, eps),
+            [one_step, ode_decoder(solver, times)],
+            {f"ode-{solver}": (paper_mse, f"EDM ODE inversion + ODE (BCM paper): MSE {paper_mse}, {paper_nfe} NFE")}))
+    if noiser is not None:
+        solver, steps = CT_INVERSION_DECODER
+        inversions.append(Inversion(
+            "ct-inversion", f"g(x0, {eps:g}) -> {T:g}", 1, lambda x: noiser(x, eps),
+            [one_step, ode_decoder(solver, ode_times(steps, ODE_T_MIN, T))],
+            {name: (math.nan, reference) for name, reference in CT_INVERSION_REFERENCE.items()}))
+
+    rows = []
+    for inversion in inversions:
+        latents, inversion_s = _run_batches(inversion.invert, x_all, batch_size, device,
+                                            f"{inversion.method} inversion, NFE {inversion.nfe}", progress)
+        for decoder in inversion.decoders:
+            reconstructed, decoding_s = _run_batches(decoder.decode, latents, batch_size, device,
+                                                     f"{decoder.name} decoding", progress)
+            metrics = image_metrics(reconstructed, x_all)
+            paper_mse, reference = inversion.references.get(decoder.name, (math.nan, ""))
+            rows.append({"method": inversion.method, "decoder": decoder.name, "nfe": inversion.nfe,
+                         "decoder_nfe": decoder.nfe, "total_nfe": inversion.nfe + decoder.nfe,
+                         "inversion_times": inversion.times, "latent_std": (latents.std() / T).item(),
+                         "mse": metrics["mse"].mean().item(),
+                         "mse_sem": (metrics["mse"].std() / math.sqrt(len(x_all))).item(),
+                         "psnr": metrics["psnr"].mean().item(), "ssim": metrics["ssim"].mean().item(),
+                         "s_per_image": (inversion_s + decoding_s) / len(x_all), "paper_mse": paper_mse,
+                         "reference": reference, "mean_image_mse": baseline})
     return pd.DataFrame(rows)
 
 
@@ -135,6 +234,14 @@ def purified_clean_table(entries: list[Entry], models: dict[str, nn.Module], ima
 
 
 # -------------------------------------------------------------------------------------------------- views
+
+def reconstruction_markdown(table: pd.DataFrame) -> str:
+    """The reconstruction rows with each number at a precision that fits it."""
+    view = table[["method", "decoder", "inversion_times", "nfe", "total_nfe", "latent_std", "mse", "mse_sem", "psnr",
+                  "ssim", "s_per_image", "paper_mse", "reference"]]
+    return view.to_markdown(index=False,
+                            floatfmt=("", "", "", ".0f", ".0f", ".3f", ".5f", ".5f", ".2f", ".4f", ".4f", ".5f", ""))
+
 
 def purified_clean_markdown(table: pd.DataFrame) -> str:
     """Accuracy in % with one row per (defence family, t*) and one column per classifier, plus their mean."""
@@ -209,6 +316,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-samples", action="store_true", help="do not write the sample grids")
     parser.add_argument("--skip-reconstruction", action="store_true", help="do not measure reconstruction")
     parser.add_argument("--skip-classifiers", action="store_true", help="do not measure purified clean accuracy")
+    parser.add_argument("--ct-inversion", metavar="PATH",
+                        help="a CT Inversion noiser's training checkpoint (python -m purify.train --config "
+                             "cifar10-small-ctinv): adds its reconstruction rows, decoded by the BCM and by the ODE "
+                             "(without it those rows are skipped)")
     parser.add_argument("--out", default=str(REPO_ROOT / "results" / "quality"), help="output folder")
     add_common_arguments(parser, n=1000, seed_help="seed of the test subset and of all noise")
     args = parser.parse_args(argv)
@@ -216,6 +327,8 @@ def main(argv: list[str] | None = None) -> None:
     args.bcm = Path(args.bcm) if args.bcm else default_bcm_path(args.preset)
     if not args.bcm.is_file():
         parser.error(missing_bcm_message(args.bcm, args.preset))
+    if args.ct_inversion and args.skip_reconstruction:
+        parser.error("--ct-inversion adds reconstruction rows: drop --skip-reconstruction")
     try:
         args.defence = check_defences(args.defence)
     except ValueError as err:
@@ -234,6 +347,15 @@ def quality(args: argparse.Namespace) -> None:
     bad = [t for t in args.t_stars if not eps < t <= T]
     if bad:
         raise ValueError(f"--t-stars must lie in ({eps}, {T}], got {bad}")
+    noiser, ct_note = None, "CT Inversion rows skipped: no `--ct-inversion` checkpoint given."
+    if args.ct_inversion:
+        noiser, noiser_preset = load_noiser(args.ct_inversion, device)
+        if (noiser_preset.model.eps, noiser_preset.model.T) != (eps, T):
+            raise ValueError(f"the noiser {args.ct_inversion} is trained on times [{noiser_preset.model.eps}, "
+                             f"{noiser_preset.model.T}], the BCM on [{eps}, {T}]")
+        noiser = noiser.eval().to(memory_format=torch.channels_last)
+        ct_note = (f"CT Inversion rows: noiser `{args.ct_inversion}` "
+                   f"(step {load_checkpoint(args.ct_inversion).get('step')}).")
     models = {}
     if not args.skip_classifiers:
         models = load_classifiers(classifiers.ARCHS, args.preset, args.classifier_dir, device,
@@ -262,22 +384,38 @@ def quality(args: argparse.Namespace) -> None:
             train_images = load_cifar10("train", args.data_root)[0]
             mean_image = pixel_mean(train_images)
             table = reconstruction_table(bcm, images, mean_image, args.seed, args.batch_size, device,
-                                         not args.no_progress)
+                                         not args.no_progress, noiser)
             table = table.assign(**meta)
             write_csv(table, out / "reconstruction.csv")
             write_text(out / "reconstruction.md",
-                       f"# Reconstruction MSE (inversion, then one-step generation)\n\n{about}\n\n"
-                       f"Per-dimension MSE on the [0, 1] scale, mean over images (`mse_sem`: its standard error); "
-                       f"`paper_mse`: the paper's CIFAR-10 test numbers (official binary release); "
-                       f"`mean_image_mse`: the trivial baseline that predicts every image as the per-pixel mean "
-                       f"image of the {len(train_images):,} training images.\n\n"
-                       f"{table.to_markdown(index=False, floatfmt='.5f')}\n")
+                       f"# Reconstruction (inversion, then generation)\n\n{about}\n\n"
+                       f"Per-dimension MSE on the [0, 1] scale, mean over images (`mse_sem`: its standard error), "
+                       f"PSNR (dB, mean over images) and SSIM (11x11 Gaussian window) from kornia.metrics; "
+                       f"`nfe`: network evaluations of the inversion, `total_nfe` with the decoder's; `latent_std`: "
+                       f"the standard deviation of the inverted `x_T / T` (1 for the Gaussian an inversion should "
+                       f"reach; the ODE decoder undoes the ODE inversion step by step whatever its latent, so "
+                       f"ODE-ODE rows measure the solver's reversibility, the `bcm` decoder whether the latent is one "
+                       f"the BCM generates from); `s_per_image`: measured wall time of inversion and decoding "
+                       f"(float32, shared machine). "
+                       f"Methods: `bcm`, Algorithm 5 with the paper's schedules; `ode-euler` / `ode-heun`, the "
+                       f"probability-flow ODE `dx/dt = (x - f(x, t, 0)) / t` with the same BCM as denoiser on "
+                       f"EDM's grid (rho = 7), starting from the image itself at t = {ODE_T_MIN:g}; `ct-inversion`, "
+                       f"the CT Inversion noiser `g(x0, {eps:g})`. Decoders: `bcm`, one step `f(x_T, T, 0)`; "
+                       f"`ode-*`, the ODE back down. `paper_mse` / `reference`: the BCM paper's CIFAR-10 test "
+                       f"numbers (official binary release; its ODE baseline is EDM's own network) and the CT "
+                       f"Inversion report's, for comparison only. Predicting every image as the per-pixel mean "
+                       f"image of the {len(train_images):,} training images scores MSE "
+                       f"{table['mean_image_mse'].iloc[0]:.5f}. {ct_note}\n\n"
+                       f"{reconstruction_markdown(table)}\n")
             # one column per class (the first image of each), since the subset is sorted by class
             columns = torch.tensor([(labels == c).nonzero()[0].item() for c in labels.unique().tolist()])
             write_png(reconstruction_grid(bcm, images[columns], args.seed, device), out / "reconstruction.png",
                       len(columns))
             timings["reconstruction"] = time.perf_counter() - started
-            print(table[["nfe", "mse", "paper_mse", "mean_image_mse"]].to_string(index=False))
+            print(table[["method", "decoder", "total_nfe", "mse", "psnr", "ssim", "s_per_image", "paper_mse"]]
+                  .to_string(index=False))
+            if noiser is None:
+                print(f"note: {ct_note}", file=sys.stderr)
 
         if models:
             started = time.perf_counter()

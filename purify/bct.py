@@ -1,7 +1,8 @@
-"""Bidirectional Consistency Training (paper Eq. 11-15 and 20-22, Algorithm 1, spec §3).
+"""Bidirectional Consistency Training (paper Eq. 11-15 and 20-22, Algorithm 1, spec §3), and the CT Inversion
+loss of the baseline noiser (spec §8).
 
 Schedules, the index distribution and the distance are small named functions; ``BCTLoss`` puts them
-together so that its body reads like Eq. 15.
+together so that its body reads like Eq. 15, ``CTInversionLoss`` like the CT Inversion report's Algorithm 1.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from torch.func import functional_call
 
 @dataclass
 class LossConfig:
-    kind: str = "bct"            # "bct": Eq. 15; "ct": the CT term alone (iCT baseline); "denoise": EDM warm start
+    kind: str = "bct"            # "bct": Eq. 15; "ct": the CT term alone (iCT baseline); "denoise": EDM warm start;
+    #                              "ctinv": CT Inversion, which trains a noiser g(x_t, t) instead of a BCM (spec §8)
     soft_start: str = "n"        # "n": Eq. 15; "n+1": the authors' public-code variant (spec §3)
     s0: int = 10
     s1: int = 1280
@@ -27,8 +29,8 @@ class LossConfig:
     huber_c: float | None = None  # None: 0.00054 * sqrt(D)
 
     def __post_init__(self):
-        if self.kind not in ("bct", "ct", "denoise"):
-            raise ValueError(f"loss.kind must be 'bct', 'ct' or 'denoise', got {self.kind!r}")
+        if self.kind not in ("bct", "ct", "denoise", "ctinv"):
+            raise ValueError(f"loss.kind must be 'bct', 'ct', 'denoise' or 'ctinv', got {self.kind!r}")
         if self.soft_start not in ("n", "n+1"):
             raise ValueError(f"loss.soft_start must be 'n' or 'n+1', got {self.soft_start!r}")
 
@@ -77,8 +79,9 @@ def huber_constant(sample_shape: torch.Size, huber_c: float | None) -> float:
     return huber_c if huber_c is not None else 0.00054 * math.sqrt(math.prod(sample_shape))
 
 
-class BCTLoss:
-    """Eq. 15 for a batch; ``__call__`` returns per-sample terms ``{"ct", "soft", "loss"}`` and the current N."""
+class CurriculumLoss:
+    """What the consistency losses share: the discretization ``t_1 < ... < t_N(k)`` at training step k (Eq. 21-22)
+    and the pseudo-Huber distance."""
 
     def __init__(self, config: LossConfig, total_steps: int, eps: float, T: float):
         self.config, self.total_steps, self.eps, self.T = config, total_steps, eps, T
@@ -86,6 +89,13 @@ class BCTLoss:
     def discretization(self, step: int) -> torch.Tensor:
         c = self.config
         return karras_times(curriculum_boundaries(step, self.total_steps, c.s0, c.s1), self.eps, self.T, c.rho)
+
+    def distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return pseudo_huber(a, b, huber_constant(a.shape[1:], self.config.huber_c))
+
+
+class BCTLoss(CurriculumLoss):
+    """Eq. 15 for a batch; ``__call__`` returns per-sample terms ``{"ct", "soft", "loss"}`` and the current N."""
 
     def __call__(self, model: nn.Module, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         c, eps = self.config, self.eps
@@ -98,7 +108,7 @@ class BCTLoss:
         z = torch.randn_like(x)
         dropout_seed = int(torch.randint(0, 2**62, ()))
         f = _SharedDropout(model, dropout_seed)
-        d = lambda a, b: pseudo_huber(a, b, huber_constant(x.shape[1:], c.huber_c))  # noqa: E731
+        d = self.distance
 
         with torch.no_grad():
             target = f.frozen(x + _b(t_n) * z, t_n, eps)
@@ -110,6 +120,38 @@ class BCTLoss:
             x_u = f(x + _b(t_start) * z, t_start, t_n2)
             soft = d(f.frozen(x_u, t_n2, eps), target) / (t_start - t_n2).abs()
         return {"loss": ct + soft, "ct": ct, "soft": soft, "N": torch.tensor(times.numel())}
+
+
+class CTInversionLoss(CurriculumLoss):
+    """CT Inversion (Hsu, Algorithm 1; spec §8) for a noiser ``g(x_t, t) -> x_T`` (``purify.noiser``), per sample:
+
+        n ~ p (Eq. 20),  z ~ N(0, I)
+        x_n     = x + t_n z
+        x_{n+1} = x_n + (t_{n+1} - t_n) (x_n - x) / t_n      # an Euler step of the PF ODE with x for E[x_0 | x_n]
+        L       = d(g_sg(x_{n+1}, t_{n+1}), g(x_n, t_n)) / (t_{n+1} - t_n)
+
+    so ``x_{n+1} = x + t_{n+1} z``. The target sits at the larger time, next to the boundary ``g(x_T, T) = x_T``,
+    and carries no gradient at all; both passes share their dropout randomness. The report leaves the weight
+    ``lambda(t_n)``, the distance ``d`` and the index distribution ``P`` open: they are BCT's CT-term choices
+    (iCT's ``1 / (t_{n+1} - t_n)``, pseudo-Huber, Eq. 20) on the same curriculum. Logged as ``ct``; ``soft = 0``.
+    """
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        c = self.config
+        times = self.discretization(step)
+        n = torch.multinomial(index_probabilities(times, c.p_mean, c.p_std), x.shape[0], replacement=True)
+        times = times.to(x.device, torch.float32)
+        t_n, t_n1 = times[n], times[n + 1]
+        z = torch.randn_like(x)
+        g = _SharedDropout(model, int(torch.randint(0, 2**62, ())))
+        d = self.distance
+
+        x_n = x + _b(t_n) * z
+        x_n1 = x_n + _b(t_n1 - t_n) * (x_n - x) / _b(t_n)
+        with torch.no_grad():
+            target = g(x_n1, t_n1)
+        loss = d(target, g(x_n, t_n)) / (t_n1 - t_n)
+        return {"loss": loss, "ct": loss, "soft": torch.zeros_like(loss), "N": torch.tensor(times.numel())}
 
 
 def _b(t: torch.Tensor) -> torch.Tensor:
@@ -127,16 +169,16 @@ class _SharedDropout:
         self.model, self.seed = model, seed
         self.devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
 
-    def __call__(self, x, t, u):
+    def __call__(self, *inputs):
         with torch.random.fork_rng(devices=self.devices):
             torch.manual_seed(self.seed)
-            return self.model(x, t, u)
+            return self.model(*inputs)
 
-    def frozen(self, x, t, u):
+    def frozen(self, *inputs):
         params = {name: p.detach() for name, p in self.model.named_parameters()}
         with torch.random.fork_rng(devices=self.devices):
             torch.manual_seed(self.seed)
-            return functional_call(self.model, params, (x, t, u))
+            return functional_call(self.model, params, inputs)
 
 
 class DenoiserLoss:
@@ -165,4 +207,6 @@ def make_loss(config: LossConfig, total_steps: int, sigma_data: float, eps: floa
     """The training objective named by ``config.kind``."""
     if config.kind == "denoise":
         return DenoiserLoss(config, sigma_data, eps, T)
+    if config.kind == "ctinv":
+        return CTInversionLoss(config, total_steps, eps, T)
     return BCTLoss(config, total_steps, eps, T)

@@ -1,4 +1,5 @@
-"""Sampling and inversion with a BCM (paper Algorithms 2-5, spec §4-5).
+"""Sampling and inversion with a BCM (paper Algorithms 2-5, spec §4-5), and the probability-flow ODE solvers of
+the baselines that use the same network as a denoiser (spec §10).
 
 Every function takes the model ``f(x, t, u)`` first and works on the [-1, 1] data scale. "Time 0" as a
 target is represented by ``eps`` (the model's smallest time). Noise comes from ``generator`` when given.
@@ -9,6 +10,8 @@ import math
 from typing import Callable, Sequence
 
 import torch
+
+from .bct import karras_times
 
 Model = Callable[[torch.Tensor, float, float], torch.Tensor]
 
@@ -144,3 +147,77 @@ def reconstruction_mse(model: Model, x0: torch.Tensor, times: Sequence[float], e
                        generator: torch.Generator | None = None) -> torch.Tensor:
     """Per-image MSE per dimension on the [0, 1] scale of invert-then-one-step-generate (Section 4.2)."""
     return ((reconstruct(model, x0, times, eps, generator) - x0) / 2).pow(2).flatten(1).mean(1)
+
+
+# ------------------------------------------------------------------ probability-flow ODE with the same network
+
+ODE_SOLVERS = ("euler", "heun")
+
+
+def ode_times(steps: int, t_min: float, t_max: float = T_MAX, rho: float = 7.0) -> list[float]:
+    """EDM's time grid (Karras et al. 2022, Eq. 5; the paper's Eq. 22), increasing: ``steps + 1`` times from
+    ``t_min`` to ``t_max`` spaced uniformly in ``t^(1/rho)``, with both ends exact."""
+    if steps < 1:
+        raise ValueError(f"an ODE grid needs at least 1 step, got {steps}")
+    if not 0 < t_min < t_max:
+        raise ValueError(f"an ODE grid needs 0 < t_min < t_max, got t_min={t_min}, t_max={t_max}")
+    times = karras_times(steps + 1, t_min, t_max, rho).tolist()
+    return [float(t_min), *times[1:-1], float(t_max)]
+
+
+def pf_ode_nfe(times: Sequence[float], solver: str) -> int:
+    """Network evaluations of ``solve_pf_ode`` along ``times``: 1 per Euler step, 2 per Heun step, 1 for a Heun
+    step that ends at t = 0 (EDM skips its correction there)."""
+    steps = len(times) - 1
+    return steps if solver == "euler" else 2 * steps - sum(float(t) == 0 for t in times[1:])
+
+
+def solve_pf_ode(model: Model, x: torch.Tensor, times: Sequence[float], solver: str = "heun",
+                 eps: float = EPS) -> torch.Tensor:
+    """Integrate the probability-flow ODE ``dx/dt = (x - D(x, t)) / t`` from ``times[0]`` to ``times[-1]``, up
+    (inversion) or down (generation), with the BCM's ``u = 0`` branch as the denoiser ``D(x, t) = f(x, t, eps)``
+    (spec §10; EDM's Algorithm 1, Karras et al. 2022). Each step ``t_i -> t_{i+1}``, ``h = t_{i+1} - t_i``,
+    ``d_i = (x_i - D(x_i, t_i)) / t_i``:
+
+    - ``"euler"``: ``x_{i+1} = x_i + h d_i``;
+    - ``"heun"``: ``x' = x_i + h d_i``, then ``x_{i+1} = x_i + h (d_i + d') / 2`` with
+      ``d' = (x' - D(x', t_{i+1})) / t_{i+1}``, except on a step that ends at ``t = 0``, which keeps the Euler
+      step (EDM's line 7).
+
+    ``times`` is strictly monotonic and non-negative; only the last time may be 0. NFE: ``pf_ode_nfe``.
+    """
+    if solver not in ODE_SOLVERS:
+        raise ValueError(f"ODE solver must be one of {ODE_SOLVERS}, got {solver!r}")
+    times = [float(t) for t in times]
+    steps = list(zip(times, times[1:]))
+    if not steps or any(t == s for t, s in steps) or len({t < s for t, s in steps}) > 1:
+        raise ValueError(f"ODE times must be strictly monotonic with at least two of them, got {times}")
+    if min(times[:-1]) <= 0 or times[-1] < 0:
+        raise ValueError(f"ODE times must be positive (only the last may be 0), got {times}")
+
+    def slope(x: torch.Tensor, t: float) -> torch.Tensor:
+        return (x - model(x, t, eps)) / t
+
+    for t, s in steps:
+        d = slope(x, t)
+        x_next = x + (s - t) * d
+        if solver == "heun" and s != 0:
+            x_next = x + (s - t) * (d + slope(x_next, s)) / 2
+        x = x_next
+    return x
+
+
+def invert_ode(model: Model, x0: torch.Tensor, times: Sequence[float], solver: str = "heun",
+               eps: float = EPS) -> torch.Tensor:
+    """ODE inversion (DDIM / EDM inversion, the ODE baseline of the paper's Figure 4): the image is the
+    trajectory's point at ``t_1 = times[0]`` (deterministic: ``x(t_1) = x0``, no noise is added), then the PF ODE
+    is integrated up along the increasing ``times`` to ``x(t_N)`` (``solve_pf_ode``)."""
+    return solve_pf_ode(model, x0, _increasing(times, "ODE inversion times"), solver, eps)
+
+
+def sample_ode(model: Model, x_T: torch.Tensor, times: Sequence[float], solver: str = "heun",
+               eps: float = EPS) -> torch.Tensor:
+    """ODE generation: integrate the PF ODE down from ``x_T`` at ``t_N`` along the increasing ``times``
+    ``t_1 < ... < t_N`` read backwards, to ``x(t_1)`` (``t_1 = 0`` is EDM's last Euler step; ``solve_pf_ode``).
+    With the inversion's times it is the inversion's mirror: ``sample_ode(invert_ode(x0, times), times) ~ x0``."""
+    return solve_pf_ode(model, x_T, _increasing(times, "ODE generation times")[::-1], solver, eps)

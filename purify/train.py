@@ -1,5 +1,7 @@
 """Train a BCM with BCT (Algorithm 1): ``python -m purify.train --config cifar10-small --out runs/bcm-small``.
 
+The same trainer trains the CT Inversion noiser of spec §8 (``--config cifar10-small-ctinv``, loss kind ``ctinv``).
+
 RAdam on the online weights, an EMA of them for sampling, periodic atomic checkpoints holding everything
 needed to resume (model, EMA, optimizer, step, RNG state, config), a CSV log of the loss terms, a wall-clock
 budget, bf16 autocast on GPUs that run it natively, and DDP when started by ``torchrun --nproc_per_node=N``.
@@ -25,6 +27,7 @@ from .bct import make_loss
 from .checkpoint import bcm_weights, load_checkpoint, load_state_dict_strict, save_checkpoint
 from .config import to_dict
 from .data import load_cifar10
+from .noiser import KIND as NOISER, Noiser
 from .presets import Preset, load_preset, preset_from_dict
 from .runtime import Budget, CSVLog, native_bf16, pick_device, rng_state, seed_everything, set_rng_state
 
@@ -32,10 +35,18 @@ LOG_FIELDS = ["step", "N", "loss", "ct", "soft", "lr", "images_per_s", "elapsed_
 CHECKPOINT_KEYS = ("kind", "config", "model", "ema", "optimizer", "step", "rng")
 
 
-class LossModule(nn.Module):
-    """The BCM together with its loss, so one DDP forward computes all four passes of a BCT step."""
+def build_model(preset: Preset) -> tuple[str, nn.Module]:
+    """The network a preset trains and the checkpoint kind it is saved under: the CT Inversion noiser
+    ``g(x_t, t)`` for loss kind ``ctinv``, else a BCM ``f(x, t, u)``."""
+    if preset.loss.kind == "ctinv":
+        return NOISER, Noiser(preset.model)
+    return "bcm", BCM(preset.model)
 
-    def __init__(self, bcm: BCM, loss):
+
+class LossModule(nn.Module):
+    """The trained network together with its loss, so one DDP forward computes all passes of a step (four for BCT)."""
+
+    def __init__(self, bcm: nn.Module, loss):
         super().__init__()
         self.bcm, self.loss = bcm, loss
 
@@ -71,13 +82,18 @@ class Trainer:
             raise ValueError(f"batch_size {tc.batch_size} is not divisible by the {self.world} DDP processes")
         seed_everything(tc.seed + self.rank)
 
-        self.bcm = BCM(preset.model).to(self.device)
+        # the trained network: a BCM, or the CT Inversion noiser (kind "noiser"), under the same name
+        self.kind, model = build_model(preset)
+        self.bcm = model.to(self.device)
         if tc.channels_last:
             self.bcm = self.bcm.to(memory_format=torch.channels_last)
         if init_from is not None and start is None:
             # Fine-tuning (spec §3, last bullet): start from a CT or BCM training checkpoint's EMA weights, or
             # from the weights a release file ships.
             source = load_checkpoint(init_from)
+            source_kind = source.get("kind", "bcm")
+            if source_kind != self.kind:  # a BCM and a noiser share the U-Net's shapes: refuse, don't mix them
+                raise ValueError(f"{init_from} is a {source_kind!r} checkpoint; this preset trains a {self.kind!r}")
             load_state_dict_strict(self.bcm, bcm_weights(source, init_from)[0], init_from)
         self.ema = AveragedModel(self.bcm, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
         self.optimizer = torch.optim.RAdam(self.bcm.parameters(), lr=tc.lr)
@@ -160,7 +176,7 @@ class Trainer:
             states = gathered
         if self.rank == 0:
             save_checkpoint({
-                "kind": "bcm", "config": to_dict(self.preset), "model": self.bcm.state_dict(),
+                "kind": self.kind, "config": to_dict(self.preset), "model": self.bcm.state_dict(),
                 "ema": self.ema.module.state_dict(), "ema_n_averaged": int(self.ema.n_averaged),
                 "optimizer": self.optimizer.state_dict(), "step": self.step, "rng": states,
             }, self.checkpoint_path)
@@ -233,7 +249,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m purify.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="cifar10-small",
-                        help="preset name under configs/bcm (cifar10-small, cifar10-paper) or a YAML path")
+                        help="preset name under configs/bcm (cifar10-small, cifar10-paper, cifar10-small-ctinv for "
+                             "the CT Inversion noiser) or a YAML path")
     parser.add_argument("--out", required=True, help="run folder: checkpoint.pt, log.csv and config.yaml go here")
     parser.add_argument("--resume", action="store_true",
                         help="continue from OUT/checkpoint.pt (its stored config wins over --config)")

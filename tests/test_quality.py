@@ -1,6 +1,8 @@
 """bench.quality and bench.losscurve end to end on a tiny BCM, tiny classifiers and 20 ImageFolder images."""
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 import pytest
 import torch
@@ -69,10 +71,13 @@ def test_quality_writes_every_result_with_sane_values(setup):
     assert Image.open(out / "reconstruction.png").size == (10 * 34 + 2, 3 * 34 + 2)  # a class per column, 3 rows
 
     recon = pd.read_csv(out / "reconstruction.csv")
-    assert recon["nfe"].tolist() == [1, 2, 3, 4]
+    bcm = recon[recon["method"] == "bcm"]
+    assert bcm["nfe"].tolist() == [1, 2, 3, 4] and bcm["total_nfe"].tolist() == [2, 3, 4, 5]
     assert (recon["mse"] >= 0).all() and (recon["mean_image_mse"] > 0).all()
-    assert recon["paper_mse"].tolist() == [0.00526, 0.00451, 0.00377, 0.00362]
+    assert bcm["paper_mse"].tolist() == [0.00526, 0.00451, 0.00377, 0.00362]
     assert (recon[["n", "seed", "checkpoint_step"]] == [20, 0, 7]).all().all()
+    _check_reconstruction_rows(recon, ct_inversion=False)
+    assert "CT Inversion rows skipped" in (out / "reconstruction.md").read_text()
 
     clean = pd.read_csv(out / "purified_clean.csv")
     assert set(clean["arch"]) == set(classifiers.ARCHS)
@@ -91,6 +96,50 @@ def test_quality_writes_every_result_with_sane_values(setup):
         model = classifiers.load_classifier(arch, "small", setup / "cls")
         row = clean[(clean["arch"] == arch) & (clean["defence"] == "none")]
         assert row["accuracy"].item() == classifiers.accuracy(model, images, labels, progress=False)
+
+
+def _check_reconstruction_rows(recon: pd.DataFrame, ct_inversion: bool) -> None:
+    """The ODE baselines (and CT Inversion) next to BCM inversion, each decoded by one BCM step and by the ODE,
+    with their exact NFE, sane PSNR / SSIM and the references."""
+    rows = recon.set_index(["method", "inversion_times", "decoder"])
+    want = {("ode-euler", "0.07 -> 80, 9 steps"): 9, ("ode-euler", "0.07 -> 80, 19 steps"): 19,
+            ("ode-heun", "0.07 -> 80, 5 steps"): 10, ("ode-heun", "0.07 -> 80, 10 steps"): 20}
+    for (method, inversion), nfe in want.items():
+        by_bcm, by_ode = rows.loc[(method, inversion, "bcm")], rows.loc[(method, inversion, method)]
+        assert by_bcm["nfe"] == by_ode["nfe"] == nfe and by_ode["decoder_nfe"] == nfe  # the mirror grid
+        assert by_bcm["total_nfe"] == nfe + 1 and by_ode["total_nfe"] == 2 * nfe
+        assert math.isnan(by_bcm["paper_mse"]) and by_ode["paper_mse"] == (0.01326 if nfe in (9, 10) else 0.00421)
+        assert "EDM ODE inversion" in by_ode["reference"]
+    ct = recon[recon["method"] == "ct-inversion"]
+    if ct_inversion:
+        assert ct["decoder"].tolist() == ["bcm", "ode-heun"] and ct["total_nfe"].tolist() == [2, 21]
+        assert ct["reference"].str.contains("PSNR 18.07").tolist() == [True, False]
+    else:
+        assert ct.empty
+    assert len(recon) == 4 + 2 * len(want) + 2 * ct_inversion
+    # PSNR is the mean over images of 10 log10(1 / MSE_i), at least 10 log10(1 / mean MSE) (Jensen)
+    assert (recon["psnr"] >= 10 * (1 / recon["mse"]).map(math.log10) - 1e-6).all()
+    assert recon["ssim"].between(-1, 1).all() and (recon["s_per_image"] > 0).all() and (recon["latent_std"] > 0).all()
+
+
+def test_quality_adds_ct_inversion_rows_from_a_noiser_checkpoint(setup, tiny_images):
+    from purify.train import Trainer
+
+    preset = tiny_preset()
+    preset.loss.kind = "ctinv"
+    Trainer(preset, setup / "ctinv", images=tiny_images[:8]).run(max_steps=1, progress=False)
+    _run(setup, "--skip-samples", "--skip-classifiers", "--ct-inversion", str(setup / "ctinv" / "checkpoint.pt"))
+    _check_reconstruction_rows(pd.read_csv(setup / "out" / "reconstruction.csv"), ct_inversion=True)
+    assert "CT Inversion rows: noiser" in (setup / "out" / "reconstruction.md").read_text()
+
+
+def test_ct_inversion_option_refuses_a_bcm_and_skip_reconstruction(setup, capsys):
+    with pytest.raises(SystemExit):
+        _run(setup, "--skip-samples", "--skip-classifiers", "--ct-inversion", str(setup / "bcm.pt"))
+    assert "not a CT Inversion noiser" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _run(setup, "--skip-reconstruction", "--ct-inversion", str(setup / "bcm.pt"))
+    assert "drop --skip-reconstruction" in capsys.readouterr().err
 
 
 def test_quality_measures_any_registry_defence(setup):

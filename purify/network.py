@@ -1,13 +1,20 @@
 """The U-Net ``F(x, t, u)`` behind a BCM (spec §2): DDPM++/NCSN++-style, with separate t and u embeddings.
 
-Following the paper (Appendix B), ``t`` and ``u`` get the same positional embedding each; the two are
-concatenated and the dense layers that follow are twice as wide as in the single-time network. The rest is
-the usual EDM/Song et al. U-Net: residual blocks with GroupNorm, scale-shift conditioning and dropout,
-self-attention at chosen resolutions, skip connections between encoder and decoder.
+Following the paper (Section 3.1), ``t`` and ``u`` get the same embedding each; the two are concatenated and
+the dense layers that follow are twice as wide as in the single-time network. The rest is the usual EDM/Song
+et al. U-Net: residual blocks with GroupNorm, scale-shift conditioning and dropout, self-attention at chosen
+resolutions, skip connections between encoder and decoder.
+
+Three options turn the DDPM++-style default into the NCSN++ of Song et al. that the paper uses, as EDM's
+``SongUNet`` offers them: Gaussian Fourier features instead of the positional embedding
+(``embedding_type="fourier"``, with ``noise_mult=2``), the FIR filter [1, 3, 3, 1] instead of average pooling
+and nearest-neighbour up-sampling (``resample_filter``), and the residual input path of the encoder
+(``encoder_type="residual"``, NCSN++'s ``progressive_input="residual"``).
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +24,8 @@ from torch import nn
 
 @dataclass
 class NetworkConfig:
-    """Width and depth of the U-Net. Defaults are the CIFAR-10 NCSN++/DDPM++ size (Song et al., EDM)."""
+    """Width, depth and architecture of the U-Net. The sizes default to the CIFAR-10 NCSN++/DDPM++ size (Song et
+    al., EDM); the architecture options to the DDPM++-style network, the NCSN++ values are in the comments."""
 
     image_channels: int = 3
     resolution: int = 32
@@ -28,14 +36,94 @@ class NetworkConfig:
     dropout: float = 0.3                     # iCT's CIFAR-10 setting
     emb_mult: int = 4                        # embedding width = channels * emb_mult (doubled for t and u)
     channels_per_head: int = 64
+    embedding_type: str = "positional"       # of each time: "positional" (DDPM++) or "fourier" (NCSN++)
+    noise_mult: int = 1                      # width of each time's embedding = channels * noise_mult (NCSN++: 2)
+    fourier_scale: float = 16.0              # std of the Fourier frequencies (NCSN++: 16); "fourier" only
+    resample_filter: list[int] = field(default_factory=lambda: [1, 1])  # FIR taps; [1, 3, 3, 1] in NCSN++
+    encoder_type: str = "standard"           # "standard" or "residual" (NCSN++'s residual input path)
+
+    def __post_init__(self):
+        if self.embedding_type not in ("positional", "fourier"):
+            raise ValueError(f"network.embedding_type must be 'positional' or 'fourier', got {self.embedding_type!r}")
+        if self.encoder_type not in ("standard", "residual"):
+            raise ValueError(f"network.encoder_type must be 'standard' or 'residual', got {self.encoder_type!r}")
+        if self.noise_mult < 1:
+            raise ValueError(f"network.noise_mult must be at least 1, got {self.noise_mult}")
+        if not self.fourier_scale > 0:
+            raise ValueError(f"network.fourier_scale must be positive, got {self.fourier_scale}")
+        taps = self.resample_filter
+        if len(taps) < 2 or len(taps) % 2 or sum(taps) <= 0:
+            raise ValueError(f"network.resample_filter must have an even number (>= 2) of taps with a positive sum "
+                             f"(so that resampling halves/doubles the size and can be normalised), got {taps}")
 
 
-def positional_embedding(c_noise: torch.Tensor, channels: int, max_positions: int = 10000) -> torch.Tensor:
-    """Transformer sinusoidal embedding of the noise-conditioning value, as in DDPM++."""
-    freqs = torch.arange(channels // 2, device=c_noise.device, dtype=torch.float32) / (channels // 2 - 1)
-    freqs = (1 / max_positions) ** freqs
-    angles = c_noise.float()[:, None] * freqs[None, :]
+def _cos_sin(angles: torch.Tensor) -> torch.Tensor:
+    """``[cos(angles), sin(angles)]`` along the channel axis: the layout of both time embeddings."""
     return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
+class PositionalEmbedding(nn.Module):
+    """Transformer sinusoidal embedding of the noise-conditioning value, as in DDPM++:
+    ``[cos(x w_i), sin(x w_i)]`` with ``w_i = (1 / max_positions)^(i / (n - 1))``, ``i = 0..n-1``, ``n = channels / 2``.
+    Nothing is stored: the frequencies follow from ``channels``."""
+
+    def __init__(self, channels: int, max_positions: int = 10000):
+        super().__init__()
+        self.channels, self.max_positions = channels, max_positions
+
+    def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
+        half = self.channels // 2
+        freqs = torch.arange(half, device=c_noise.device, dtype=torch.float32) / (half - 1)
+        freqs = (1 / self.max_positions) ** freqs
+        return _cos_sin(c_noise.float()[:, None] * freqs[None, :])
+
+
+class FourierEmbedding(nn.Module):
+    """Gaussian Fourier features of the noise-conditioning value, as in NCSN++ (Song et al. 2021; EDM's
+    ``FourierEmbedding``): ``[cos(2 pi f_i x), sin(2 pi f_i x)]`` with ``channels / 2`` frequencies
+    ``f_i ~ N(0, scale^2)`` drawn once and never trained.
+
+    The frequencies are a buffer, so they are saved in the state_dict and a loaded network embeds exactly as
+    the trained one did. They come from a fixed-seed generator rather than the global RNG, so every build of
+    a config gets the same ones and the global random stream (hence the weight initialisation) is unchanged.
+    """
+
+    def __init__(self, channels: int, scale: float):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.register_buffer("freqs", torch.randn(channels // 2, generator=generator) * scale)
+
+    def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
+        return _cos_sin(c_noise.float()[:, None] * (2 * math.pi * self.freqs)[None, :])
+
+
+class Resample(nn.Module):
+    """Down- or up-sampling by 2 with the separable FIR filter ``taps`` (NCSN++ / EDM).
+
+    The 2-D filter is ``k k^T / (sum k)^2`` (unit gain). Down-sampling is its depthwise convolution at stride 2;
+    up-sampling is the depthwise transposed convolution at stride 2 with 4 times the filter (each output pixel
+    collects a quarter of the taps, so the gain is 1 again). A constant image therefore stays constant, except
+    at the borders, where the zero padding enters (``(len(taps) - 1) // 2`` by default, which halves or doubles
+    the size exactly). ``taps = [1, 1]`` is exactly 2x2 average pooling and nearest-neighbour up-sampling.
+    """
+
+    def __init__(self, direction: str, taps: Sequence[int], padding: int | None = None):
+        super().__init__()
+        if direction not in ("down", "up"):
+            raise ValueError(f"resampling direction must be 'down' or 'up', got {direction!r}")
+        self.direction = direction
+        self.padding = (len(taps) - 1) // 2 if padding is None else padding
+        k = torch.tensor(list(taps), dtype=torch.float32)
+        gain = 1.0 if direction == "down" else 4.0
+        # derived from the config, not a weight: kept out of the state_dict (persistent=False)
+        self.register_buffer("kernel", (gain * torch.outer(k, k) / k.sum() ** 2)[None, None], persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channels = x.shape[1]
+        kernel = self.kernel.to(x.dtype).repeat(channels, 1, 1, 1)
+        if self.direction == "down":
+            return F.conv2d(x, kernel, stride=2, padding=self.padding, groups=channels)
+        return F.conv_transpose2d(x, kernel, stride=2, padding=self.padding, groups=channels)
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -49,9 +137,9 @@ class ResBlock(nn.Module):
     """Residual block with scale-shift conditioning on the embedding and optional resampling and attention."""
 
     def __init__(self, cin: int, cout: int, emb_channels: int, dropout: float, resample: str | None = None,
-                 attention: bool = False, channels_per_head: int = 64):
+                 attention: bool = False, channels_per_head: int = 64, resample_filter: Sequence[int] = (1, 1)):
         super().__init__()
-        self.resample = resample
+        self.resample = Resample(resample, resample_filter) if resample else None
         self.takes_skip = False  # decoder blocks that concatenate an encoder skip are flagged by the UNet
         self.norm0 = _group_norm(cin)
         self.conv0 = nn.Conv2d(cin, cout, 3, padding=1)
@@ -65,11 +153,7 @@ class ResBlock(nn.Module):
         self.attention = SelfAttention(cout, channels_per_head) if attention else None
 
     def _resample(self, x: torch.Tensor) -> torch.Tensor:
-        if self.resample == "down":
-            return F.avg_pool2d(x, 2)
-        if self.resample == "up":
-            return F.interpolate(x, scale_factor=2.0, mode="nearest")
-        return x
+        return x if self.resample is None else self.resample(x)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self._resample(F.silu(self.norm0(x)))
@@ -104,44 +188,72 @@ class SelfAttention(nn.Module):
         return (x + self.proj(out)) * (1 / math.sqrt(2))
 
 
+class InputResidual(nn.Module):
+    """One level of NCSN++'s residual input path (``progressive_input="residual"``; EDM ``encoder_type="residual"``).
+
+    After each down-sampling block of the encoder, the previous level ``a`` of the input pyramid (the image at
+    the first level) is convolved at its own resolution (3x3), FIR down-sampled and added to the block's output
+    ``h``: ``h' = (h + down(conv(a))) / sqrt(2)``. ``h'`` continues through the encoder and is both the skip
+    connection of that block and the next pyramid level. As in EDM's fused version and score_sde, the
+    convolution is padded by 1 + the filter's padding and the filter by nothing, so at the borders the filter
+    reads convolution outputs (of the zero-padded input) rather than zeros.
+    """
+
+    def __init__(self, cin: int, cout: int, resample_filter: Sequence[int]):
+        super().__init__()
+        filter_padding = (len(resample_filter) - 1) // 2
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1 + filter_padding)
+        self.down = Resample("down", resample_filter, padding=0)
+
+    def forward(self, pyramid: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return (h + self.down(self.conv(pyramid))) * (1 / math.sqrt(2))
+
+
 class UNet(nn.Module):
     """``F(x, c_noise(t), c_noise(u))``: a U-Net conditioned on two noise levels."""
 
     def __init__(self, config: NetworkConfig):
         super().__init__()
         self.config = c = config
-        self.noise_channels = c.channels
+        noise_channels = c.channels * c.noise_mult
+        self.map_noise = (FourierEmbedding(noise_channels, c.fourier_scale) if c.embedding_type == "fourier"
+                          else PositionalEmbedding(noise_channels))
         emb = 2 * c.channels * c.emb_mult  # doubled: t and u embeddings are concatenated (spec §2)
-        self.map_layer0 = nn.Linear(2 * c.channels, emb)
+        self.map_layer0 = nn.Linear(2 * noise_channels, emb)
         self.map_layer1 = nn.Linear(emb, emb)
+        block = dict(emb_channels=emb, dropout=c.dropout, channels_per_head=c.channels_per_head,
+                     resample_filter=c.resample_filter)
 
         self.conv_in = nn.Conv2d(c.image_channels, c.channels, 3, padding=1)
         self.encoder = nn.ModuleList()
-        skips, cout, res = [c.channels], c.channels, c.resolution
+        # residual input path, keyed by the index of the down-sampling encoder block it follows; empty otherwise
+        self.encoder_residual = nn.ModuleDict()
+        skips, cout, res, pyramid_channels = [c.channels], c.channels, c.resolution, c.image_channels
         for level, mult in enumerate(c.channel_mult):
             if level > 0:
                 res //= 2
-                self.encoder.append(ResBlock(cout, cout, emb, c.dropout, "down"))
+                self.encoder.append(ResBlock(cout, cout, resample="down", **block))
                 skips.append(cout)
+                if c.encoder_type == "residual":
+                    self.encoder_residual[str(len(self.encoder) - 1)] = InputResidual(
+                        pyramid_channels, cout, c.resample_filter)
+                    pyramid_channels = cout
             for _ in range(c.num_blocks):
                 cin, cout = cout, c.channels * mult
-                self.encoder.append(ResBlock(cin, cout, emb, c.dropout, attention=res in c.attn_resolutions,
-                                             channels_per_head=c.channels_per_head))
+                self.encoder.append(ResBlock(cin, cout, attention=res in c.attn_resolutions, **block))
                 skips.append(cout)
 
         self.decoder = nn.ModuleList()
         for level, mult in reversed(list(enumerate(c.channel_mult))):
             if level == len(c.channel_mult) - 1:
-                self.decoder.append(ResBlock(cout, cout, emb, c.dropout, attention=True,
-                                             channels_per_head=c.channels_per_head))
-                self.decoder.append(ResBlock(cout, cout, emb, c.dropout))
+                self.decoder.append(ResBlock(cout, cout, attention=True, **block))
+                self.decoder.append(ResBlock(cout, cout, **block))
             else:
                 res *= 2
-                self.decoder.append(ResBlock(cout, cout, emb, c.dropout, "up"))
+                self.decoder.append(ResBlock(cout, cout, resample="up", **block))
             for _ in range(c.num_blocks + 1):
                 cin, cout = cout + skips.pop(), c.channels * mult
-                self.decoder.append(ResBlock(cin, cout, emb, c.dropout, attention=res in c.attn_resolutions,
-                                             channels_per_head=c.channels_per_head))
+                self.decoder.append(ResBlock(cin, cout, attention=res in c.attn_resolutions, **block))
                 self.decoder[-1].takes_skip = True
         self.norm_out = _group_norm(cout)
         self.conv_out = nn.Conv2d(cout, c.image_channels, 3, padding=1)
@@ -149,14 +261,15 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, x: torch.Tensor, noise_t: torch.Tensor, noise_u: torch.Tensor) -> torch.Tensor:
-        emb = torch.cat([positional_embedding(noise_t, self.noise_channels),
-                         positional_embedding(noise_u, self.noise_channels)], dim=1)
+        emb = torch.cat([self.map_noise(noise_t), self.map_noise(noise_u)], dim=1)
         emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb.to(x.dtype)))))
 
         h = self.conv_in(x)
-        skips = [h]
-        for block in self.encoder:
+        skips, pyramid = [h], x
+        for index, block in enumerate(self.encoder):
             h = block(h, emb)
+            if str(index) in self.encoder_residual:
+                h = pyramid = self.encoder_residual[str(index)](pyramid, h)
             skips.append(h)
         for block in self.decoder:
             if block.takes_skip:

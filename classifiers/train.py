@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from purify.checkpoint import load_checkpoint, load_state_dict_strict, save_checkpoint
 from purify.config import from_dict, to_dict
 from purify.data import augment, default_data_root, load_cifar10, seeded_subset, to_float, train_val_split
-from purify.runtime import Budget, CSVLog, pick_device, rng_state, seed_everything, set_rng_state
+from purify.runtime import (Budget, CSVLog, any_rank, gather_objects, init_distributed, leave_distributed,
+                            pick_device, rng_state, seed_everything, set_rng_state)
 
 from .architectures import ARCHS, count_parameters
 from .config import PRESETS, REPO_ROOT, SPLIT_SEED, TrainConfig, load_preset
@@ -88,13 +89,19 @@ def train(arch: str, preset: str = "small", *, config: TrainConfig | None = None
     purified adversarial images), called with the model in training mode and without autocast; ``evaluate(model,
     x, y)`` is the accuracy in [0, 1] that selects the checkpoint on the validation split and is reported on the
     test images (default: clean accuracy); ``metadata`` is stored in the checkpoint.
+
+    Under ``torchrun`` (several processes: NCCL on GPUs, gloo on CPUs) the model is wrapped in DDP (with
+    synchronised batch norm on GPUs) and each rank trains on its share of every global batch of
+    ``batch_size`` images; rank 0 validates, writes the checkpoints and the log, and every rank stops at the
+    same step; the resumable state holds each rank's RNG streams.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; valid names are {', '.join(ARCHS)}")
     config = config if config is not None else load_preset(preset)
     if threads:
         torch.set_num_threads(threads)
-    seed_everything(seed)
+    rank, world, device = init_distributed(device)
+    seed_everything(seed + rank)
     out_path = checkpoint_path(arch, preset, out_dir, variant)
     state_path = Path(run_dir) / f"{out_path.stem}-state.pt"
     log_path = Path(results_dir) / f"{out_path.stem}-train.csv"
@@ -115,14 +122,20 @@ def train(arch: str, preset: str = "small", *, config: TrainConfig | None = None
     model = model.to(device)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
+    if world > 1 and device.type == "cuda":  # batch statistics over the global batch, as on one GPU
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    trained = (nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+               if world > 1 else model)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 nesterov=config.nesterov, weight_decay=config.weight_decay)
     epochs = config.epochs_for(arch)
     batch_size = min(config.batch_size, len(train_x))
+    if batch_size % world:
+        raise ValueError(f"the batch of {batch_size} images is not divisible by the {world} DDP processes")
     steps_per_epoch = len(train_x) // batch_size  # drop the last partial batch (BN dislikes tiny batches)
     scheduler = make_scheduler(optimizer, config, epochs, steps_per_epoch)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    generator = torch.Generator().manual_seed(seed)  # augmentation randomness
+    generator = torch.Generator().manual_seed(seed + 1_000_003 * rank)  # augmentation randomness, per rank
     step, best_val, minutes_before = 0, -1.0, 0.0
 
     if resume and state_path.is_file():
@@ -136,25 +149,35 @@ def train(arch: str, preset: str = "small", *, config: TrainConfig | None = None
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, best_val, minutes_before = state["step"], state["best_val_acc"], state["minutes"]
-        set_rng_state(state["rng"])
-        generator.set_state(state["generator"])
-    elif resume:
+        streams = state["rng"] if isinstance(state["rng"], list) else [(state["rng"], state["generator"])]
+        if len(streams) == world:  # the same number of processes: each continues its own streams
+            set_rng_state(streams[rank][0])
+            generator.set_state(streams[rank][1])
+        else:  # another number: fresh streams per rank, distinct from every other rank's and step's
+            seed_everything(seed + 1_000_003 * step + rank)
+            generator.manual_seed(seed + 1_000_003 * (step + world) + rank)
+    elif resume and rank == 0:
         print(f"no state at {state_path}; starting from scratch", file=sys.stderr)
-    log = CSVLog(log_path, LOG_FIELDS, resume_step=step if resume else None)
+    log = CSVLog(log_path, LOG_FIELDS, resume_step=step if resume else None) if rank == 0 else None
     budget, start = Budget(max_minutes), time.monotonic()
 
     def minutes() -> float:
         return minutes_before + (time.monotonic() - start) / 60
 
     def save_state() -> None:
-        save_checkpoint({"arch": arch, "preset": preset, "config": to_dict(config), "model": model.state_dict(),
-                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "step": step, "best_val_acc": best_val, "minutes": minutes(), "rng": rng_state(),
-                         "generator": generator.get_state()}, state_path)
+        """The resumable state (rank 0 writes it; a collective: every rank's RNG streams are gathered)."""
+        streams = gather_objects((rng_state(), generator.get_state()))
+        if rank == 0:
+            save_checkpoint({"arch": arch, "preset": preset, "config": to_dict(config), "model": model.state_dict(),
+                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                             "step": step, "best_val_acc": best_val, "minutes": minutes(), "rng": streams,
+                             "generator": streams[0][1]}, state_path)
 
-    print(f"{arch}/{preset}: {count_parameters(model):,} parameters, {len(train_x)} train / {len(val_x)} val "
-          f"images, {epochs} epochs x {steps_per_epoch} steps, device {device}, "
-          f"{torch.get_num_threads()} threads, {'bf16 autocast' if bf16 else 'float32'}", file=sys.stderr)
+    if rank == 0:
+        print(f"{arch}/{preset}: {count_parameters(model):,} parameters, {len(train_x)} train / {len(val_x)} val "
+              f"images, {epochs} epochs x {steps_per_epoch} steps of {batch_size} images ({world} process(es)), "
+              f"device {device}, {torch.get_num_threads()} threads, {'bf16 autocast' if bf16 else 'float32'}",
+              file=sys.stderr)
     stopped = None
     model.train()
     try:
@@ -164,16 +187,16 @@ def train(arch: str, preset: str = "small", *, config: TrainConfig | None = None
             order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed * 100003 + epoch))
             loss_sum, correct, seen, epoch_start = 0.0, 0, 0, time.monotonic()
             bar = tqdm(range(first, steps_per_epoch), desc=f"{arch} epoch {epoch + 1}/{epochs}",
-                       disable=not progress, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+                       disable=not progress or rank != 0, mininterval=1.0 if sys.stderr.isatty() else 30.0)
             for i in bar:
-                idx = order[i * batch_size:(i + 1) * batch_size]
+                idx = order[i * batch_size:(i + 1) * batch_size][rank::world]  # this rank's share
                 x = augment(to_float(train_x[idx]), generator)
                 y = train_y[idx]
                 if inputs is not None:
                     x = inputs(model, x, y)
                 x = x.contiguous(memory_format=memory_format)
                 with _autocast(device, bf16):
-                    logits = model(x)
+                    logits = trained(x)
                 loss = criterion(logits.float(), y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -184,11 +207,11 @@ def train(arch: str, preset: str = "small", *, config: TrainConfig | None = None
                 correct += (logits.argmax(1) == y).sum().item()
                 seen += len(y)
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
-                if budget.exhausted():
+                if any_rank(rank == 0 and budget.exhausted(), device):  # rank 0's clock stops every rank
                     stopped = f"--max-minutes {max_minutes} reached"
                     break
             bar.close()
-            if step % steps_per_epoch == 0:  # a complete epoch: validate and keep the best weights
+            if step % steps_per_epoch == 0 and rank == 0:  # a complete epoch: validate and keep the best weights
                 val_acc = evaluate(model, val_x, val_y)
                 model.train()
                 if val_acc > best_val:
@@ -210,8 +233,10 @@ def train(arch: str, preset: str = "small", *, config: TrainConfig | None = None
     summary = {"arch": arch, "preset": preset, "params": count_parameters(model), "step": step,
                "epochs": step / steps_per_epoch, "best_val_acc": best_val, "train_minutes": minutes(),
                "threads": torch.get_num_threads(), "finished": stopped is None, "test_acc": None}
-    if stopped is not None:
-        print(f"stopped ({stopped}) at step {step}; continue with --resume", file=sys.stderr)
+    leave_distributed()
+    if stopped is not None or rank != 0:
+        if stopped is not None and rank == 0:
+            print(f"stopped ({stopped}) at step {step}; continue with --resume", file=sys.stderr)
         return summary
 
     # Test accuracy of the shipped checkpoint exactly as bench loads it (fp16 weights back in fp32).

@@ -37,6 +37,50 @@ def cpu_capability() -> str:
     return f"{torch.backends.cpu.get_cpu_capability()}, native bf16 {'yes' if native_bf16('cpu') else 'no'}"
 
 
+def init_distributed(device: str = "auto") -> tuple[int, int, str]:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1) join the process group, NCCL with each rank on its
+    ``LOCAL_RANK`` GPU (set before the group, so NCCL binds the right one), gloo on CPUs; returns
+    ``(rank, world, device)``. A single process returns ``(0, 1, device)`` unchanged."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, device
+    import torch.distributed as dist  # noqa: PLC0415 (only distributed runs need it)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        device = f"cuda:{torch.cuda.current_device()}"
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """``flag`` or-ed over every rank of the process group (``flag`` itself without one): a collective, so
+    every rank must call it at the same point."""
+    import torch.distributed as dist  # noqa: PLC0415
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def gather_objects(obj) -> list:
+    """``obj`` of every rank, in rank order (``[obj]`` without a process group); a collective."""
+    import torch.distributed as dist  # noqa: PLC0415
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def leave_distributed() -> None:
+    """Leave the process group together: a barrier first, so that no rank tears its gloo/NCCL threads down while
+    another is still in a collective (which aborts the other rank)."""
+    import torch.distributed as dist  # noqa: PLC0415
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

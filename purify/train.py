@@ -29,7 +29,8 @@ from .config import to_dict
 from .data import load_cifar10
 from .noiser import KIND as NOISER, Noiser
 from .presets import Preset, load_preset, preset_from_dict
-from .runtime import Budget, CSVLog, native_bf16, pick_device, rng_state, seed_everything, set_rng_state
+from .runtime import (Budget, CSVLog, gather_objects, init_distributed, native_bf16, pick_device, rng_state,
+                      seed_everything, set_rng_state)
 
 LOG_FIELDS = ["step", "N", "loss", "ct", "soft", "lr", "images_per_s", "elapsed_min"]
 CHECKPOINT_KEYS = ("kind", "config", "model", "ema", "optimizer", "step", "rng")
@@ -60,15 +61,8 @@ class Trainer:
     def __init__(self, preset: Preset, out_dir: str | os.PathLike, data_root=None, device: str = "auto",
                  resume: bool = False, init_from: str | None = None, start_step: int = 0,
                  images: torch.Tensor | None = None):
-        self.distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
-        if self.distributed:
-            if torch.cuda.is_available():  # before the process group, so NCCL binds this rank to its own GPU
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-                device = f"cuda:{torch.cuda.current_device()}"
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-            self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        else:
-            self.rank, self.world = 0, 1
+        self.rank, self.world, device = init_distributed(device)
+        self.distributed = self.world > 1
         self.device = pick_device(device)
         self.out_dir = Path(out_dir)
         self.checkpoint_path = self.out_dir / "checkpoint.pt"
@@ -169,11 +163,7 @@ class Trainer:
 
     def save(self) -> None:
         """Atomic checkpoint with everything needed to resume (rank 0 only; RNG states of every rank)."""
-        states = [rng_state()]
-        if self.distributed:
-            gathered = [None] * self.world
-            dist.all_gather_object(gathered, states[0])
-            states = gathered
+        states = gather_objects(rng_state())
         if self.rank == 0:
             save_checkpoint({
                 "kind": self.kind, "config": to_dict(self.preset), "model": self.bcm.state_dict(),

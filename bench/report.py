@@ -57,12 +57,57 @@ def _groups(frame: pd.DataFrame):
     return frame.groupby(SETTINGS, dropna=False, sort=False)
 
 
+def defence_comparison(frame: pd.DataFrame, eps_values=(8, 16)) -> pd.DataFrame:
+    """One row per defence setting: its cost, its clean accuracy after the defence (mean over the targets) and,
+    per source and eps, the accuracy after the defence on the targets other than the source (a transfer
+    attack), with the undefended row (``none``) for reference. Columns named for the README table."""
+    rows = []
+    groups = list(_groups(frame))
+    if groups and "none" not in frame.defence.values:  # every row holds the undefended accuracy too
+        groups.insert(0, (None, groups[0][1].assign(defence="none", nfe=0, defence_s_per_image=0.0,
+                                                    step_s_per_image=math.nan)))
+    for _, group in groups:
+        clean = group[group.eps == 0]
+        if clean.empty:
+            continue
+        defence = group.defence.iloc[0]
+        after = "acc_before" if defence == "none" else "acc_after"
+        entry = {"defence": defence, "NFE": int(group.nfe.iloc[0]),
+                 "ms/image": 1000 * group.defence_s_per_image.mean(),
+                 "attack step ms/image": 1000 * group.step_s_per_image.mean(),
+                 "clean %": 100 * clean.groupby("target")[after].first().mean()}
+        for source in _ordered(group[group.eps != 0].source):
+            for eps in eps_values:
+                cells = group[(group.source == source) & (group.eps == eps) & (group.target != source)]
+                if not cells.empty:
+                    entry[f"from {source}, eps {eps} %"] = 100 * cells[after].mean()
+        rows.append(entry)
+    return pd.DataFrame(rows)
+
+
+def comparison_markdown(frame: pd.DataFrame) -> str:
+    """The defences side by side (``defence_comparison``) with the threat model, or "" for a single setting."""
+    table = defence_comparison(frame)
+    if len(table) < 2:
+        return ""
+    row = frame.iloc[0]
+    return (f"**The defences side by side** ({row.preset} preset, {row.n:,} test images of {DATASET}, "
+            f"{'bf16 autocast' if row.bf16 else 'float32'}). Threat model: black-box transfer, the paper's PGD "
+            f"(round(5k/4) steps of 2/255) crafted on the undefended source; `from S, eps k` = mean accuracy (%) "
+            f"after the defence over the targets other than S; `clean` = mean over all targets; costs measured "
+            f"on the machine that ran it (attack step: forward + backward through defence and target, BPDA for "
+            f"a non-differentiable defence; `-`: not measured).\n\n"
+            f"{table.astype(object).where(table.notna(), None).to_markdown(index=False, floatfmt='.1f', missingval='-')}"
+            f"\n\n")
+
+
 def transfer_markdown(frame: pd.DataFrame) -> str:
-    """One Table-3-style table per setting: rows (source, eps/255), columns targets, cells
-    "before -> after" accuracy in % (just "before" without purification)."""
+    """The defences side by side (when there are several), then one Table-3-style table per setting: rows
+    (source, eps/255), columns targets, cells "before -> after" accuracy in % (just "before" without
+    purification)."""
     if frame.empty:
         return "(no results)\n"
-    parts = []
+    parts = [comparison_markdown(frame)] if comparison_markdown(frame) else []
     for _, group in _groups(frame):
         targets = _ordered(group.target)
         after = group.iloc[0].defence != "none"

@@ -254,3 +254,26 @@ def test_a_vote_in_the_grid_is_the_majority_of_its_draws_by_hand(models, data, t
     assert rows.nfe[spec] == 6 and rows.family[spec] == "vote(base=bcm(eps_inv=1), how=majority, n=3)"
     jpeg = (models["preact"](JPEG(60)(x)).argmax(1) == labels).float().mean().item()
     assert rows.acc_after["jpeg(quality=60)"] == pytest.approx(jpeg)
+
+
+def test_defence_comparison_by_hand():
+    rows = []
+    for defence, nfe, cost, step, after in (("bcm(t_star=1)", 2, 0.01, 0.04, 0.6), ("jpeg(quality=75)", 0, 0.001,
+                                                                                   0.003, 0.3)):
+        for source, eps, target, before in (("preact", 0, "preact", 0.9), ("preact", 0, "wrn", 0.8),
+                                            ("preact", 8, "preact", 0.0), ("preact", 8, "wrn", 0.2)):
+            rows.append(dict(preset="small", defence=defence, n=10, seed=0, bf16=True, source=source, eps=eps,
+                             target=target, family=defence, t_star=1.0, nfe=nfe, acc_before=before,
+                             acc_after=after + (0.1 if target == "wrn" else 0.0) + (0.2 if eps == 0 else 0.0),
+                             defence_s_per_image=cost, step_s_per_image=step, checkpoints=""))
+    table = report.defence_comparison(pd.DataFrame(rows), eps_values=(8,)).set_index("defence")
+    assert list(table.index) == ["none", "bcm(t_star=1)", "jpeg(quality=75)"]
+    # clean: mean over both targets at eps 0; transfer: the targets other than the source (wrn only)
+    assert table.loc["none", "clean %"] == pytest.approx(85.0)
+    assert table.loc["none", "from preact, eps 8 %"] == pytest.approx(20.0)
+    assert table.loc["bcm(t_star=1)", "clean %"] == pytest.approx(100 * (0.8 + 0.9) / 2)
+    assert table.loc["bcm(t_star=1)", "from preact, eps 8 %"] == pytest.approx(70.0)
+    assert table.loc["jpeg(quality=75)", "from preact, eps 8 %"] == pytest.approx(40.0)
+    assert (table.loc["bcm(t_star=1)", "NFE"], table.loc["bcm(t_star=1)", "ms/image"],
+            table.loc["bcm(t_star=1)", "attack step ms/image"]) == pytest.approx((2, 10.0, 40.0))
+    assert "defences side by side" in report.transfer_markdown(numeric(pd.DataFrame(rows)))

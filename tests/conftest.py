@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -52,3 +54,13 @@ def write_image_folder(root, n: int = 30) -> None:
         folder = root / "test" / CLASSES[i % 10]
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:04d}.png")
+
+
+@pytest.fixture(scope="session")
+def data_root():
+    """The CIFAR-10 copy of ``BCM_DATA``, for the tiny training runs on real images; skips without it."""
+    root = os.environ.get("BCM_DATA")
+    if not root:
+        pytest.skip("BCM_DATA is unset: point it at the CIFAR-10 copy (e.g. ../shared/data/cifar10) to run the "
+                    "tiny training runs on real images")
+    return root

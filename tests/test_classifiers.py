@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import pytest
 import torch
@@ -61,15 +60,6 @@ def test_accuracy_accepts_uint8_and_float_images():
     a = classifiers.accuracy(model, images, labels, batch_size=7, progress=False)
     b = classifiers.accuracy(model, images.float() / 255, labels, batch_size=20, progress=False)
     assert a == pytest.approx(b) and 0.0 <= a <= 1.0
-
-
-@pytest.fixture(scope="module")
-def data_root():
-    root = os.environ.get("BCM_DATA")
-    if not root:
-        pytest.skip("BCM_DATA is unset: point it at the CIFAR-10 copy (e.g. ../shared/data/cifar10) to run "
-                    "the tiny training runs on real images")
-    return root
 
 
 def _train(tmp_path, arch="preact", **kwargs):

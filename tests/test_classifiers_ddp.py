@@ -35,14 +35,6 @@ def _run(out, data_root, **options):
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
 
 
-@pytest.fixture(scope="module")
-def data_root():
-    root = os.environ.get("BCM_DATA")
-    if not root:
-        pytest.skip("BCM_DATA is unset: point it at the CIFAR-10 copy to run the tiny DDP training runs")
-    return root
-
-
 def test_ddp_ranks_share_each_batch_stay_in_sync_and_resume_identically(tmp_path, data_root):
     a0, a1 = _run(tmp_path / "a", data_root)
     assert a0["step"] == a1["step"] == 8  # 128 images / 32 per global batch x 2 epochs

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import pytest
 import torch
@@ -128,14 +127,6 @@ def test_cli_reports_bad_input_in_one_line(setup, capsys):
         main(["--arch", "preact", "--recipe", "nosuch", "--checkpoint-dir", str(setup / "ck")])
     assert exit_info.value.code == 2
     assert "unknown recipe 'nosuch'" in capsys.readouterr().err
-
-
-@pytest.fixture(scope="module")
-def data_root():
-    root = os.environ.get("BCM_DATA")
-    if not root:
-        pytest.skip("BCM_DATA is unset: point it at the CIFAR-10 copy to run the tiny fine-tuning runs")
-    return root
 
 
 def test_finetune_writes_a_variant_that_bench_loads_and_resumes_identically(setup, data_root):

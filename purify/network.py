@@ -2,14 +2,18 @@
 
 Following the paper (Section 3.1), ``t`` and ``u`` get the same embedding each; the two are concatenated and
 the dense layers that follow are twice as wide as in the single-time network. The rest is the usual EDM/Song
-et al. U-Net: residual blocks with GroupNorm, scale-shift conditioning and dropout, self-attention at chosen
-resolutions, skip connections between encoder and decoder.
+et al. U-Net: residual blocks with GroupNorm, conditioning on the embedding and dropout, self-attention at
+chosen resolutions, skip connections between encoder and decoder. ``time_inputs=1`` builds the single-time
+network ``F(x, t)`` of a consistency model instead (``purify.bcm.ConsistencyModel``), and ``add_u_input`` turns
+its weights into a two-time network's with the same output (fine-tuning a BCM from a CT model, spec §3).
 
-Three options turn the DDPM++-style default into the NCSN++ of Song et al. that the paper uses, as EDM's
+Five options turn the DDPM++-style default into the NCSN++ of Song et al. that the paper uses, as EDM's
 ``SongUNet`` offers them: Gaussian Fourier features instead of the positional embedding
 (``embedding_type="fourier"``, with ``noise_mult=2``), the FIR filter [1, 3, 3, 1] instead of average pooling
-and nearest-neighbour up-sampling (``resample_filter``), and the residual input path of the encoder
-(``encoder_type="residual"``, NCSN++'s ``progressive_input="residual"``).
+and nearest-neighbour up-sampling (``resample_filter``), the residual input path of the encoder
+(``encoder_type="residual"``, NCSN++'s ``progressive_input="residual"``), one added conditioning vector per
+block instead of a scale and a shift (``conditioning="additive"``, EDM's ``adaptive_scale=False``) and
+attention only after the last decoder block of a level (``decoder_attention="last"``).
 """
 from __future__ import annotations
 
@@ -41,12 +45,22 @@ class NetworkConfig:
     fourier_scale: float = 16.0              # std of the Fourier frequencies (NCSN++: 16); "fourier" only
     resample_filter: list[int] = field(default_factory=lambda: [1, 1])  # FIR taps; [1, 3, 3, 1] in NCSN++
     encoder_type: str = "standard"           # "standard" or "residual" (NCSN++'s residual input path)
+    conditioning: str = "scale-shift"        # of each block on the embedding: "scale-shift" or "additive" (NCSN++)
+    decoder_attention: str = "every"         # at attn_resolutions, in "every" decoder block or the "last" of each
+    #                                          level (NCSN++); the encoder attends in every block at them either way
+    time_inputs: int = 2                     # 2: F(x, t, u) of a BCM; 1: F(x, t) of a consistency model
 
     def __post_init__(self):
         if self.embedding_type not in ("positional", "fourier"):
             raise ValueError(f"network.embedding_type must be 'positional' or 'fourier', got {self.embedding_type!r}")
         if self.encoder_type not in ("standard", "residual"):
             raise ValueError(f"network.encoder_type must be 'standard' or 'residual', got {self.encoder_type!r}")
+        if self.conditioning not in ("scale-shift", "additive"):
+            raise ValueError(f"network.conditioning must be 'scale-shift' or 'additive', got {self.conditioning!r}")
+        if self.decoder_attention not in ("every", "last"):
+            raise ValueError(f"network.decoder_attention must be 'every' or 'last', got {self.decoder_attention!r}")
+        if self.time_inputs not in (1, 2):
+            raise ValueError(f"network.time_inputs must be 1 (t) or 2 (t and u), got {self.time_inputs!r}")
         if self.noise_mult < 1:
             raise ValueError(f"network.noise_mult must be at least 1, got {self.noise_mult}")
         if not self.fourier_scale > 0:
@@ -134,16 +148,24 @@ def _group_norm(channels: int) -> nn.GroupNorm:
 
 
 class ResBlock(nn.Module):
-    """Residual block with scale-shift conditioning on the embedding and optional resampling and attention."""
+    """Residual block conditioned on the embedding ``e``, with optional resampling and attention:
+
+        h = conv0(resample(silu(norm0(x))))
+        h = silu(norm1(h) * (1 + scale) + shift),  [scale, shift] = affine(e)     (conditioning "scale-shift")
+        h = silu(norm1(h + affine(e)))                                             (conditioning "additive", NCSN++)
+        out = (skip(resample(x)) + conv1(dropout(h))) / sqrt(2), then self-attention if any.
+    """
 
     def __init__(self, cin: int, cout: int, emb_channels: int, dropout: float, resample: str | None = None,
-                 attention: bool = False, channels_per_head: int = 64, resample_filter: Sequence[int] = (1, 1)):
+                 attention: bool = False, channels_per_head: int = 64, resample_filter: Sequence[int] = (1, 1),
+                 conditioning: str = "scale-shift"):
         super().__init__()
         self.resample = Resample(resample, resample_filter) if resample else None
         self.takes_skip = False  # decoder blocks that concatenate an encoder skip are flagged by the UNet
+        self.additive = conditioning == "additive"
         self.norm0 = _group_norm(cin)
         self.conv0 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.affine = nn.Linear(emb_channels, 2 * cout)
+        self.affine = nn.Linear(emb_channels, cout if self.additive else 2 * cout)
         self.norm1 = _group_norm(cout)
         self.dropout = nn.Dropout(dropout)
         self.conv1 = nn.Conv2d(cout, cout, 3, padding=1)
@@ -158,8 +180,12 @@ class ResBlock(nn.Module):
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self._resample(F.silu(self.norm0(x)))
         h = self.conv0(h)
-        scale, shift = self.affine(emb)[:, :, None, None].chunk(2, dim=1)
-        h = F.silu(torch.addcmul(shift, self.norm1(h), scale + 1))
+        params = self.affine(emb)[:, :, None, None]
+        if self.additive:
+            h = F.silu(self.norm1(h + params))
+        else:
+            scale, shift = params.chunk(2, dim=1)
+            h = F.silu(torch.addcmul(shift, self.norm1(h), scale + 1))
         h = self.conv1(self.dropout(h))
         x = self._resample(x)
         if self.skip is not None:
@@ -210,7 +236,8 @@ class InputResidual(nn.Module):
 
 
 class UNet(nn.Module):
-    """``F(x, c_noise(t), c_noise(u))``: a U-Net conditioned on two noise levels."""
+    """``F(x, c_noise(t), c_noise(u))``: a U-Net conditioned on two noise levels (on one, ``F(x, c_noise(t))``,
+    with ``time_inputs=1``)."""
 
     def __init__(self, config: NetworkConfig):
         super().__init__()
@@ -218,11 +245,12 @@ class UNet(nn.Module):
         noise_channels = c.channels * c.noise_mult
         self.map_noise = (FourierEmbedding(noise_channels, c.fourier_scale) if c.embedding_type == "fourier"
                           else PositionalEmbedding(noise_channels))
-        emb = 2 * c.channels * c.emb_mult  # doubled: t and u embeddings are concatenated (spec §2)
-        self.map_layer0 = nn.Linear(2 * noise_channels, emb)
+        # doubled for a BCM: the t and u embeddings are concatenated (spec §2)
+        emb = c.time_inputs * c.channels * c.emb_mult
+        self.map_layer0 = nn.Linear(c.time_inputs * noise_channels, emb)
         self.map_layer1 = nn.Linear(emb, emb)
         block = dict(emb_channels=emb, dropout=c.dropout, channels_per_head=c.channels_per_head,
-                     resample_filter=c.resample_filter)
+                     resample_filter=c.resample_filter, conditioning=c.conditioning)
 
         self.conv_in = nn.Conv2d(c.image_channels, c.channels, 3, padding=1)
         self.encoder = nn.ModuleList()
@@ -251,17 +279,22 @@ class UNet(nn.Module):
             else:
                 res *= 2
                 self.decoder.append(ResBlock(cout, cout, resample="up", **block))
-            for _ in range(c.num_blocks + 1):
+            for index in range(c.num_blocks + 1):
                 cin, cout = cout + skips.pop(), c.channels * mult
-                self.decoder.append(ResBlock(cin, cout, attention=res in c.attn_resolutions, **block))
+                attention = res in c.attn_resolutions and (c.decoder_attention == "every" or index == c.num_blocks)
+                self.decoder.append(ResBlock(cin, cout, attention=attention, **block))
                 self.decoder[-1].takes_skip = True
         self.norm_out = _group_norm(cout)
         self.conv_out = nn.Conv2d(cout, c.image_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x: torch.Tensor, noise_t: torch.Tensor, noise_u: torch.Tensor) -> torch.Tensor:
-        emb = torch.cat([self.map_noise(noise_t), self.map_noise(noise_u)], dim=1)
+    def forward(self, x: torch.Tensor, noise_t: torch.Tensor, noise_u: torch.Tensor | None = None) -> torch.Tensor:
+        labels = [noise_t] if noise_u is None else [noise_t, noise_u]
+        if len(labels) != self.config.time_inputs:
+            raise ValueError(f"this U-Net takes {self.config.time_inputs} noise level(s) (network.time_inputs), "
+                             f"got {len(labels)}")
+        emb = torch.cat([self.map_noise(label) for label in labels], dim=1)
         emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb.to(x.dtype)))))
 
         h = self.conv_in(x)
@@ -276,3 +309,31 @@ class UNet(nn.Module):
                 h = torch.cat([h, skips.pop()], dim=1)
             h = block(h, emb)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def add_u_input(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights of a two-time U-Net (``time_inputs=2``) built from a single-time one's (``time_inputs=1``, the
+    same config otherwise) so that ``F(x, t, u) = F(x, t)`` for every ``u``: the fine-tuning start of spec §3's
+    last bullet, as the authors' ImageNet code starts a BCM from iCT (there with a separate projection layer).
+
+    With ``e(s) = silu(W1 silu(W0 m(s) + b0) + b1)`` the single-time embedding of noise level ``s`` (``m``: its
+    Fourier or positional features) and ``A`` a block's conditioning layer, the doubled layers become
+    block-diagonal copies and every block reads only the ``t`` half of the embedding:
+
+        map_layer0:  [[W0, 0], [0, W0]], [b0; b0]     ->  the embedding is [e(t); e(u)]
+        map_layer1:  [[W1, 0], [0, W1]], [b1; b1]
+        affine:      [A, 0], its bias unchanged       ->  A e(t) + b, as in the single-time network
+
+    Every other weight is copied. The ``u`` half starts as a copy of the trained ``t`` embedding (the authors'
+    code copies its t embedding layers likewise); the zero columns of ``A`` get gradients from the first step,
+    so training teaches the blocks to read ``u``. Keys may carry a prefix (``net.`` in a BCM's state_dict).
+    """
+    widened = {}
+    for key, value in state.items():
+        layer, name = key.split(".")[-2:]
+        if layer in ("map_layer0", "map_layer1"):
+            value = torch.block_diag(value, value) if name == "weight" else torch.cat([value, value])
+        elif layer == "affine" and name == "weight":
+            value = torch.cat([value, torch.zeros_like(value)], dim=1)
+        widened[key] = value
+    return widened

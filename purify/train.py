@@ -1,10 +1,13 @@
 """Train a BCM with BCT (Algorithm 1): ``python -m purify.train --config cifar10-small --out runs/bcm-small``.
 
-The same trainer trains the CT Inversion noiser of spec §8 (``--config cifar10-small-ctinv``, loss kind ``ctinv``).
+The same trainer trains the CT Inversion noiser of spec §8 (``--config cifar10-small-ctinv``, loss kind ``ctinv``)
+and single-time consistency models (``network.time_inputs: 1`` with loss kind ``ct``), from which a BCM can be
+fine-tuned (``--init-from``, spec §3).
 
 RAdam on the online weights, an EMA of them for sampling, periodic atomic checkpoints holding everything
 needed to resume (model, EMA, optimizer, step, RNG state, config), a CSV log of the loss terms, a wall-clock
-budget, bf16 autocast on GPUs that run it natively, and DDP when started by ``torchrun --nproc_per_node=N``.
+budget, bf16 autocast on GPUs that run it natively (the passes a consistency loss compares stay float32), and
+DDP when started by ``torchrun --nproc_per_node=N``.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from .bcm import BCM
+from .bcm import CONSISTENCY_KIND, BCM, ConsistencyModel, bcm_weights_from_consistency_model
 from .bct import make_loss
 from .checkpoint import bcm_weights, load_checkpoint, load_state_dict_strict, save_checkpoint
 from .config import to_dict
@@ -34,11 +37,18 @@ from .runtime import (Budget, CSVLog, gather_objects, init_distributed, native_b
 
 LOG_FIELDS = ["step", "N", "loss", "ct", "soft", "lr", "images_per_s", "elapsed_min"]
 CHECKPOINT_KEYS = ("kind", "config", "model", "ema", "optimizer", "step", "rng")
+SINGLE_TIME_LOSSES = ("ct", "denoise")  # the loss kinds that evaluate the model at u = eps only
 
 
 def build_model(preset: Preset) -> tuple[str, nn.Module]:
-    """The network a preset trains and the checkpoint kind it is saved under: the CT Inversion noiser
-    ``g(x_t, t)`` for loss kind ``ctinv``, else a BCM ``f(x, t, u)``."""
+    """The network a preset trains and the checkpoint kind it is saved under: a single-time consistency model
+    ``f(x, t)`` for a network without the ``u`` input, the CT Inversion noiser ``g(x_t, t)`` for loss kind
+    ``ctinv``, else a BCM ``f(x, t, u)``."""
+    if preset.model.network.time_inputs == 1:
+        if preset.loss.kind not in SINGLE_TIME_LOSSES:
+            raise ValueError(f"loss.kind {preset.loss.kind!r} needs a network with both times (network.time_inputs "
+                             f"2); a t-only network trains as a consistency model with loss.kind 'ct'")
+        return CONSISTENCY_KIND, ConsistencyModel(preset.model)
     if preset.loss.kind == "ctinv":
         return NOISER, Noiser(preset.model)
     return "bcm", BCM(preset.model)
@@ -60,10 +70,12 @@ class Trainer:
 
     def __init__(self, preset: Preset, out_dir: str | os.PathLike, data_root=None, device: str = "auto",
                  resume: bool = False, init_from: str | None = None, start_step: int = 0,
-                 images: torch.Tensor | None = None):
+                 images: torch.Tensor | None = None, bf16: bool | None = None):
         self.rank, self.world, device = init_distributed(device)
         self.distributed = self.world > 1
         self.device = pick_device(device)
+        # bf16 autocast: by default only on GPUs that run it natively; on CPUs training stays float32
+        self.bf16 = (self.device.type == "cuda" and native_bf16(self.device)) if bf16 is None else bf16
         self.out_dir = Path(out_dir)
         self.checkpoint_path = self.out_dir / "checkpoint.pt"
 
@@ -83,12 +95,18 @@ class Trainer:
             self.bcm = self.bcm.to(memory_format=torch.channels_last)
         if init_from is not None and start is None:
             # Fine-tuning (spec §3, last bullet): start from a CT or BCM training checkpoint's EMA weights, or
-            # from the weights a release file ships.
+            # from the weights a release file ships; a single-time consistency model gains the u input first.
             source = load_checkpoint(init_from)
             source_kind = source.get("kind", "bcm")
-            if source_kind != self.kind:  # a BCM and a noiser share the U-Net's shapes: refuse, don't mix them
+            weights = bcm_weights(source, init_from)[0]
+            if source_kind == CONSISTENCY_KIND and self.kind == "bcm":
+                if "config" not in source:
+                    raise ValueError(f"{init_from} holds no config: it cannot be checked against this preset")
+                source_model = preset_from_dict(source["config"], f"{init_from} config").model
+                weights = bcm_weights_from_consistency_model(source_model, weights, preset.model, init_from)
+            elif source_kind != self.kind:  # a BCM and a noiser share the U-Net's shapes: refuse, don't mix them
                 raise ValueError(f"{init_from} is a {source_kind!r} checkpoint; this preset trains a {self.kind!r}")
-            load_state_dict_strict(self.bcm, bcm_weights(source, init_from)[0], init_from)
+            load_state_dict_strict(self.bcm, weights, init_from)
         self.ema = AveragedModel(self.bcm, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
         self.optimizer = torch.optim.RAdam(self.bcm.parameters(), lr=tc.lr)
         self.loss = make_loss(preset.loss, tc.total_steps, preset.model.sigma_data, preset.model.eps, preset.model.T)
@@ -131,10 +149,8 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         self.bcm.train()
         x = self.batch()
-        # bf16 only on GPUs that run it natively; on CPUs BCT stays in float32 (its loss compares outputs that
-        # differ by tiny amounts at small t)
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                    if self.device.type == "cuda" and native_bf16(self.device) else contextlib.nullcontext())
+        # the losses run their compared passes in float32 inside (purify.bct.float32_passes)
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
         with autocast:
             terms = self.module(x, self.step)
         loss = terms["loss"].mean()
@@ -246,7 +262,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="continue from OUT/checkpoint.pt (its stored config wins over --config)")
     parser.add_argument("--init-from", metavar="CKPT",
                         help="fine-tune: start from a training checkpoint's EMA weights (e.g. a CT-only run, spec "
-                             "§3) or from the weights a release file ships")
+                             "§3) or from the weights a release file ships; a single-time consistency model's "
+                             "(network.time_inputs 1, loss kind ct) gains the u input so that f(x, t, eps) starts "
+                             "as its prediction")
     parser.add_argument("--start-step", type=int, default=0, metavar="K",
                         help="with --init-from: continue the curriculum from step K (e.g. a release file's step) "
                              "with a fresh optimizer, when the run folder that trained the weights is gone")
@@ -255,6 +273,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-root", help="CIFAR-10 root (default: $BCM_DATA or the download cache)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="bfloat16 autocast for the passes the loss does not compare (BCT: the soft term's online "
+                             "pass; the denoiser loss: all); the compared passes run in float32 either way "
+                             "(default: on for GPUs that run bf16 natively, off on CPUs)")
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be positive, got {args.threads}")
@@ -272,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     try:  # unknown preset, bad YAML key, corrupt or mismatched checkpoint: one line, no traceback
         preset = load_preset(args.config)
         trainer = Trainer(preset, out, data_root=args.data_root, device=args.device, resume=args.resume,
-                          init_from=args.init_from, start_step=args.start_step)
+                          init_from=args.init_from, start_step=args.start_step, bf16=args.bf16)
     except (OSError, ValueError) as err:  # also an --out that cannot be a folder
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     if trainer.rank == 0:

@@ -53,13 +53,15 @@ def test_separate_t_and_u_embeddings_change_the_output(tiny_bcm):
 
 
 def test_presets_build():
-    """Paper preset: the CIFAR-10 NCSN++ U-Net (ch 128, mult 2-2-2, 4 blocks, attention at 16, Fourier
-    embedding, FIR [1, 3, 3, 1], residual encoder path) with the BCM's doubled embedding layers; small preset:
-    the CPU network."""
+    """Paper preset: the CIFAR-10 NCSN++ U-Net (ch 128, mult 2-2-2, 4 blocks, attention at 16 after the last
+    decoder block, Fourier embedding, FIR [1, 3, 3, 1], residual encoder path, additive conditioning) with the
+    BCM's doubled embedding layers; small preset: the CPU network."""
     paper, small = load_preset("cifar10-paper"), load_preset("cifar10-small")
     n_paper = parameter_count(BCM(paper.model))
     n_small = parameter_count(BCM(small.model))
-    assert n_paper == 71_615_491  # EDM's NCSN++ 56.4M + doubled t/u embedding layers + ours (docs/training.md)
+    # EDM's NCSN++ 56,395,523 + the doubled t/u embedding layers 1,180,672 + the blocks' conditioning layers
+    # reading the doubled embedding 4,325,376 (docs/training.md)
+    assert n_paper == 56_395_523 + 1_180_672 + 4_325_376 == 61_901_571
     assert 1_000_000 < n_small < 5_000_000
     assert paper.train.batch_size == 1024 and paper.train.total_steps == 400_000
     assert paper.train.ema_decay == 0.99993 and paper.purifier.t_star == 80.0

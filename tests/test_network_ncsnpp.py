@@ -1,5 +1,6 @@
-"""The NCSN++ options of the U-Net (issue 16): Fourier embedding, FIR resampling, residual encoder path; the
-paper preset uses all three, and the default network (the shipped small BCM) is unchanged by them."""
+"""The NCSN++ options of the U-Net (issue 16): Fourier embedding, FIR resampling, residual encoder path, additive
+conditioning, attention after the last decoder block of a level; the paper preset uses all five, and the default
+network (the shipped small BCM) is unchanged by them."""
 import dataclasses
 import io
 import math
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 
 from conftest import tiny_network
 from purify.bcm import BCM, BCMConfig
-from purify.network import FourierEmbedding, InputResidual, NetworkConfig, Resample, UNet
+from purify.network import FourierEmbedding, InputResidual, NetworkConfig, Resample, ResBlock, SelfAttention, UNet
 from purify.presets import load_preset
 from purify.purifier import load_bcm, shipped_bcm_path
 
@@ -28,6 +29,7 @@ def test_paper_preset_is_ncsnpp_and_runs_forward_and_backward_on_cpu():
     network = load_preset("cifar10-paper").model.network
     assert (network.embedding_type, network.noise_mult, network.fourier_scale) == ("fourier", 2, 16.0)
     assert network.resample_filter == [1, 3, 3, 1] and network.encoder_type == "residual"
+    assert (network.conditioning, network.decoder_attention, network.time_inputs) == ("additive", "last", 2)
     torch.manual_seed(0)
     bcm = BCM(load_preset("cifar10-paper").model).train()  # dropout 0.3 active
     net = bcm.net
@@ -40,6 +42,11 @@ def test_paper_preset_is_ncsnpp_and_runs_forward_and_backward_on_cpu():
     for resample in resamplers:
         gain = 4 if resample.direction == "up" else 1
         assert torch.equal(resample.kernel[0, 0], gain * torch.outer(fir, fir) / 64)
+    blocks = [m for m in net.modules() if isinstance(m, ResBlock)]
+    assert len(blocks) == 33 and all(b.additive and b.affine.out_features == b.conv0.out_channels for b in blocks)
+    # NCSN++'s attention: the four 16x16 encoder blocks, the first 8x8 middle block, the last 16x16 decoder block
+    attention = [m for m in net.modules() if isinstance(m, SelfAttention)]
+    assert len(attention) == 6 and all(a.heads == 1 for a in attention)
 
     perturb_zero_init(bcm)
     x = torch.randn(2, 3, 32, 32)
@@ -158,6 +165,76 @@ def test_residual_encoder_path_changes_the_output_and_has_the_pyramid_shapes():
         assert not torch.allclose(standard(x, t, u), out, rtol=1e-3, atol=1e-4)
 
 
+def _norm1_inputs_and_output(block: ResBlock, x: torch.Tensor, emb: torch.Tensor):
+    seen = []
+    hook = block.norm1.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        out = block(x, emb)
+    hook.remove()
+    return seen[0], out
+
+
+def test_additive_conditioning_shifts_by_the_embedding_without_a_scale():
+    """NCSN++ (EDM's adaptive_scale=False): the block adds one vector A e + b per channel to conv0's output before
+    norm1, h = silu(norm1(conv0(.) + A e + b)); scale-shift leaves norm1's input alone and modulates its output."""
+    torch.manual_seed(0)
+    x, emb = torch.randn(2, 4, 8, 8), torch.randn(2, 6)
+    other = emb + torch.randn(2, 6)
+    additive = ResBlock(4, 8, emb_channels=6, dropout=0.0, conditioning="additive").eval()
+    perturb_zero_init(additive)
+    assert additive.affine.out_features == 8  # one vector: no scale half
+    norm_in, out = _norm1_inputs_and_output(additive, x, emb)
+    norm_in_other, out_other = _norm1_inputs_and_output(additive, x, other)
+    shift = additive.affine(emb) - additive.affine(other)
+    torch.testing.assert_close(norm_in - norm_in_other, shift.detach()[:, :, None, None].expand(2, 8, 8, 8))
+    assert not torch.allclose(out, out_other, atol=1e-4)
+    with torch.no_grad():  # the whole block by hand
+        h = additive.conv0(F.silu(additive.norm0(x))) + additive.affine(emb)[:, :, None, None]
+        h = additive.conv1(F.silu(additive.norm1(h)))
+        torch.testing.assert_close(out, (additive.skip(x) + h) / math.sqrt(2))
+
+    scale_shift = ResBlock(4, 8, emb_channels=6, dropout=0.0).eval()
+    perturb_zero_init(scale_shift)
+    assert scale_shift.affine.out_features == 16  # a scale and a shift per channel
+    norm_in, out = _norm1_inputs_and_output(scale_shift, x, emb)
+    norm_in_other, out_other = _norm1_inputs_and_output(scale_shift, x, other)
+    assert torch.equal(norm_in, norm_in_other) and not torch.allclose(out, out_other, atol=1e-4)
+
+
+def _attention_sites(config: NetworkConfig) -> list[tuple[str, int, int]]:
+    """(part, resolution, index of the block in the encoder's or decoder's list) of every attention layer that
+    runs in a forward pass."""
+    net = UNet(config).eval()
+    sites, hooks = [], []
+    for part in ("encoder", "decoder"):
+        for index, block in enumerate(getattr(net, part)):
+            if block.attention is not None:
+                hooks.append(block.attention.register_forward_hook(
+                    lambda m, args, out, part=part, position=index: sites.append((part, args[0].shape[-1], position))))
+    with torch.no_grad():
+        net(torch.randn(1, 3, 32, 32), torch.zeros(1), torch.zeros(1))
+    for hook in hooks:
+        hook.remove()
+    return sites
+
+
+def test_decoder_attention_every_block_or_last_of_each_level():
+    """EDM's SongUNet: every encoder block at an attention resolution attends; in the decoder the first block of
+    the lowest level always does, and at an attention resolution only the last block of the level (NCSN++)."""
+    config = dataclasses.replace(tiny_network(), num_blocks=2, attn_resolutions=[16])
+    # encoder: conv, [32: 2 blocks], down, [16: 2 blocks], down, [8: 2 blocks] -> blocks 0-1, 2 (down), 3-4, ...
+    # decoder: [8: in0 (attends), in1, 3 blocks], up, [16: 3 blocks], up, [32: 3 blocks]
+    every = _attention_sites(dataclasses.replace(config, decoder_attention="every"))
+    last = _attention_sites(dataclasses.replace(config, decoder_attention="last"))
+    assert every == [("encoder", 16, 3), ("encoder", 16, 4), ("decoder", 8, 0),
+                     ("decoder", 16, 6), ("decoder", 16, 7), ("decoder", 16, 8)]
+    assert last == [("encoder", 16, 3), ("encoder", 16, 4), ("decoder", 8, 0), ("decoder", 16, 8)]
+    # two attention resolutions: one decoder attention per level, after its last block
+    both = _attention_sites(dataclasses.replace(config, attn_resolutions=[16, 32], decoder_attention="last"))
+    assert [site for site in both if site[0] == "decoder"] == [("decoder", 8, 0), ("decoder", 16, 8),
+                                                              ("decoder", 32, 12)]
+
+
 @pytest.mark.parametrize("bad, field", [
     ({"embedding_type": "gaussian"}, "embedding_type"),
     ({"encoder_type": "skip"}, "encoder_type"),
@@ -166,6 +243,12 @@ def test_residual_encoder_path_changes_the_output_and_has_the_pyramid_shapes():
     ({"resample_filter": [1, -1]}, "resample_filter"),
     ({"noise_mult": 0}, "noise_mult"),
     ({"fourier_scale": 0.0}, "fourier_scale"),
+    ({"conditioning": "film"}, "conditioning"),
+    ({"conditioning": "adaptive"}, "conditioning"),
+    ({"decoder_attention": "first"}, "decoder_attention"),
+    ({"decoder_attention": True}, "decoder_attention"),
+    ({"time_inputs": 3}, "time_inputs"),
+    ({"time_inputs": 0}, "time_inputs"),
 ])
 def test_bad_ncsnpp_options_are_one_line_errors_naming_the_field(bad, field):
     with pytest.raises(ValueError, match=f"network.{field}") as err:
@@ -191,6 +274,8 @@ def test_small_preset_and_shipped_checkpoint_are_unchanged():
     small preset) and computes what it computed before: denoising at t = 1 and inverting 0.3 -> 6."""
     bcm, preset = load_bcm(shipped_bcm_path("cifar10-small"))  # strict load
     assert preset.model.network == load_preset("cifar10-small").model.network
+    network = preset.model.network  # the checkpoint's config predates the options: it gets their defaults
+    assert (network.conditioning, network.decoder_attention, network.time_inputs) == ("scale-shift", "every", 2)
     assert list(BCM(load_preset("cifar10-small").model).state_dict()) == list(bcm.state_dict())
     assert not [k for k in bcm.state_dict() if "freqs" in k or "encoder_residual" in k]
     g = torch.Generator().manual_seed(0)

@@ -90,6 +90,24 @@ def test_fine_tuning_starts_from_a_ct_checkpoint(tmp_path, tiny_images):
         assert torch.equal(a, b)
 
 
+def test_bf16_decision_is_injectable_and_keeps_the_ct_term_float32(tmp_path, tiny_images):
+    """By default a CPU trainer runs float32; bf16=True autocasts the step (here on the CPU), where the CT term,
+    whose passes are compared, is the float32 one and the soft term, whose x_u pass runs in bf16, is not."""
+    images = _small_images(tiny_images)
+    assert Trainer(tiny_preset(), tmp_path / "default", images=images).bf16 is False
+    logged = []
+    for bf16 in (False, True):
+        torch.manual_seed(0)
+        trainer = Trainer(tiny_preset(), tmp_path / str(bf16), images=images, bf16=bf16)
+        g = torch.Generator().manual_seed(1)  # F = 0 at initialisation would be exact in any precision
+        for p in trainer.bcm.parameters():
+            p.data.add_(torch.randn(p.shape, generator=g) * 0.05)
+        logged.append(trainer.train_step())
+    assert logged[0]["ct"] == pytest.approx(logged[1]["ct"], rel=1e-6)
+    assert logged[1]["soft"] != logged[0]["soft"]
+    assert logged[1]["soft"] == pytest.approx(logged[0]["soft"], rel=2e-2)
+
+
 def test_cli_refuses_to_overwrite_and_to_resume_nothing(tmp_path):
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--resume"])

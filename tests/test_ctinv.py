@@ -17,6 +17,7 @@ from purify.noiser import Noiser, load_noiser
 from purify.presets import load_preset
 from purify.purifier import load_bcm
 from purify.train import Trainer
+from test_train import straight_and_resumed
 
 EPS, T = 0.002, 80.0
 SHAPE = (4, 3, 2, 2)                      # D = 12
@@ -188,28 +189,9 @@ def images(tiny_images):
 
 def test_training_runs_checkpoints_and_resumes_bit_identically(tmp_path, images):
     preset = ctinv_preset(checkpoint_every=3)
-    torch.manual_seed(0)
-    straight = Trainer(preset, tmp_path / "a", images=images)
-    assert isinstance(straight.bcm, Noiser) and isinstance(straight.loss, CTInversionLoss)
-    straight.run(max_steps=6, progress=False)
-
-    torch.manual_seed(0)
-    first = Trainer(preset, tmp_path / "b", images=images)
-    first.run(max_steps=3, progress=False)
-    del first
-    torch.manual_seed(999)  # the resumed run must not depend on the fresh process's RNG
-    resumed = Trainer(preset, tmp_path / "b", images=images, resume=True)
-    assert resumed.step == 3 and isinstance(resumed.bcm, Noiser)
-    resumed.run(max_steps=3, progress=False)
-
-    assert resumed.step == straight.step == 6
-    for (name, a), b in zip(straight.bcm.state_dict().items(), resumed.bcm.state_dict().values()):
-        assert torch.equal(a, b), name
-    for a, b in zip(straight.ema.module.state_dict().values(), resumed.ema.module.state_dict().values()):
-        assert torch.equal(a, b)
-    log_a = list(csv.DictReader(open(tmp_path / "a" / "log.csv")))
-    log_b = list(csv.DictReader(open(tmp_path / "b" / "log.csv")))
-    assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b] and len(log_a) == 6
+    straight, resumed, log_a, _ = straight_and_resumed(preset, tmp_path, images)
+    assert isinstance(straight.bcm, Noiser) and isinstance(resumed.bcm, Noiser)
+    assert isinstance(straight.loss, CTInversionLoss) and len(log_a) == 6
     assert all(r["ct"] == r["loss"] and float(r["soft"]) == 0 and r["N"] == "11" for r in log_a)
 
     state = load_checkpoint(tmp_path / "a" / "checkpoint.pt")

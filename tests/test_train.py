@@ -44,9 +44,9 @@ def test_bct_loss_decreases_on_a_tiny_subset(tmp_path, tiny_images):
     assert len(rows) == 150 and {"ct", "soft", "loss", "N"} <= set(rows[0])
 
 
-def test_resume_continues_from_the_same_step_and_weights(tmp_path, tiny_images):
-    images = _small_images(tiny_images)
-    preset = tiny_preset(checkpoint_every=3)
+def straight_and_resumed(preset, tmp_path, images) -> tuple[Trainer, Trainer, list, list]:
+    """Six steps straight in ``tmp_path/a``; three steps, a fresh process's RNG, a resume and three more in
+    ``tmp_path/b``: both trainers and both CSV logs, which must agree exactly."""
     torch.manual_seed(0)
     straight = Trainer(preset, tmp_path / "a", images=images)
     straight.run(max_steps=6, progress=False)
@@ -68,6 +68,11 @@ def test_resume_continues_from_the_same_step_and_weights(tmp_path, tiny_images):
     log_a = list(csv.DictReader(open(tmp_path / "a" / "log.csv")))
     log_b = list(csv.DictReader(open(tmp_path / "b" / "log.csv")))
     assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b]
+    return straight, resumed, log_a, log_b
+
+
+def test_resume_continues_from_the_same_step_and_weights(tmp_path, tiny_images):
+    straight_and_resumed(tiny_preset(checkpoint_every=3), tmp_path, _small_images(tiny_images))
 
 
 def test_time_budget_stops_with_a_checkpoint(tmp_path, tiny_images):

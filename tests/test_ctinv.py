@@ -1,7 +1,6 @@
 """CT Inversion (spec §8): the noiser's boundary condition and preconditioning, the loss of the report's
 Algorithm 1 by hand (target construction, stop-gradient, shared dropout), and training it with the BCT trainer:
 checkpoints of their own kind, exact resume, loading."""
-import csv
 import math
 
 import pytest

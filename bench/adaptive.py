@@ -58,9 +58,9 @@ from purify import Defence, image_noise, parse_defence
 from purify.checkpoint import atomic_write
 from purify.runtime import pick_device
 
-from .common import (DEFENCE_HELP, RESULTS_DIR, SPLITS, Entry, ResultTable, add_common_arguments, attack_step_cost,
-                     build_defences, check_defences, check_names, classifier_path, combine_ids, file_id,
-                     load_classifiers, load_split, resolve_bf16, run_command, write_text)
+from .common import (DEFENCE_HELP, RESULTS_DIR, Entry, ResultTable, add_common_arguments, add_split_argument,
+                     attack_step_cost, build_defences, check_defences, check_names, classifier_path, combine_ids,
+                     file_id, load_classifiers, load_split, resolve_bf16, run_command, write_text)
 
 SANITY_BUDGETS = [(5, 1), (10, 2), (20, 4), (40, 8)]  # PGD steps x EOT draws; the last but one is the cpu protocol's
 THREATS = ("clean", "transfer", "pgd-eot", "aa-rand", "worst", "pgd-fixed")
@@ -311,9 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--protocol", default="cpu", choices=tuple(PROTOCOLS),
                         help="'cpu': PGD-EOT 20x4, AutoAttack-rand 20x4, N = 10 (about 30 min per 200-image setting on "
                              "2 CPU cores); 'paper': PGD-EOT 200x20, AutoAttack-rand 100x20, N = 10 (GPUs) (default: cpu)")
-    parser.add_argument("--split", default="test", choices=SPLITS,
-                        help="'test': the CIFAR-10 test set of the published tables; 'val': the 1,000 training images "
-                             "held out from the classifiers, where settings are chosen (default: test)")
+    add_split_argument(parser)
     parser.add_argument("--attack-seed", type=int, default=0, help="seed of the attacks' randomness (default: 0)")
     parser.add_argument("--eval-seed", type=int, default=1,
                         help="seed of the defence's noise at evaluation, drawn per image and evaluation (default: 1)")

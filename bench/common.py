@@ -33,11 +33,16 @@ RESULTS_DIR = REPO_ROOT / "results"
 # A bench preset names both the classifier preset and the BCM preset it is evaluated with.
 BCM_PRESETS = {"small": "cifar10-small", "paper": "cifar10-paper"}
 PRESETS = tuple(BCM_PRESETS)
+SPLITS = ("test", "val")
+# The purification strengths a trade-off sweeps by default (bench.tradeoff, bench.quality).
+T_STARS = (0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 80.0)
 # The tidy results schema shared by bench.transfer and bench.tradeoff: one row per evaluated cell. ``defence`` is
 # the defence with its full settings (``Defence.spec()``), so rows of different settings never mix; ``family`` is
 # the same without the strength t*, i.e. one trade-off curve. Costs: network evaluations per image, measured
 # seconds per image of the defence alone and of one attack step (forward + backward) through defence and target.
-KEY = ["preset", "defence", "n", "seed", "bf16", "source", "eps", "target"]
+KEY = ["preset", "split", "defence", "n", "seed", "bf16", "source", "eps", "target"]
+# Columns added to the schema since files were written: an older CSV without them reads with these values.
+LEGACY_DEFAULTS = {"split": "test"}
 COLUMNS = KEY + ["family", "t_star", "nfe", "acc_before", "acc_after", "defence_s_per_image", "step_s_per_image",
                  "checkpoints"]
 DEFENCE_HELP = ("defence(s) after the attack, each NAME or NAME:key=value,... or a YAML file (a path, or a name "
@@ -181,7 +186,6 @@ def classifier_path(name: str, preset: str, checkpoint_dir: str | os.PathLike) -
     return checkpoint_path(arch, preset, checkpoint_dir, variant)
 
 
-SPLITS = ("test", "val")
 
 
 def load_split(split: str, data_root: str | os.PathLike | None, n: int | None, seed: int,
@@ -259,6 +263,10 @@ class ResultTable:
             raise ValueError(f"--out {self.path} is a directory; give the CSV file to write")
         if self.path.is_file():
             frame = pd.read_csv(self.path, dtype=str, keep_default_na=False)
+            missing = [c for c in self.columns if c not in frame.columns]
+            if missing and set(missing) <= set(LEGACY_DEFAULTS) and \
+                    [c for c in self.columns if c in frame.columns] == list(frame.columns):
+                frame = frame.assign(**{c: LEGACY_DEFAULTS[c] for c in missing})[self.columns]
             if list(frame.columns) != self.columns:
                 raise ValueError(f"{self.path} has columns {list(frame.columns)}, expected {self.columns}; "
                                  f"write to another --out or move the old file away")
@@ -349,6 +357,19 @@ def add_common_arguments(parser: argparse.ArgumentParser, n: int | None = None, 
     parser.add_argument("--data-root", default=None,
                         help=f"CIFAR-10 root (default: $BCM_DATA, else the download cache; now {default_data_root()})")
     add_runtime_arguments(parser, batch_size)
+
+
+def add_split_argument(parser: argparse.ArgumentParser) -> None:
+    """``--split``: the images a command evaluates, the test set or the validation split settings are chosen on."""
+    parser.add_argument("--split", default="test", choices=SPLITS,
+                        help="'test': the CIFAR-10 test set of the published tables; 'val': the 1,000 training images "
+                             "held out from the classifiers, where settings are chosen (default: test)")
+
+
+def split_suffix(args: argparse.Namespace) -> str:
+    """What a default output name adds for ``--split``: nothing for the test set, ``-val`` for the validation
+    split, so that results chosen on and reported on never share a file."""
+    return "" if args.split == "test" else f"-{args.split}"
 
 
 def add_preset_arguments(parser: argparse.ArgumentParser, bcm: bool = True, classifier_dir: bool = True) -> None:

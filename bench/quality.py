@@ -50,7 +50,7 @@ from purify.sampling import (ANCESTRAL_2, COMBINED_4, INVERSION_SCHEDULES, ZIGZA
                              invert_ode, ode_times, pf_ode_nfe, reconstruct, sample_ancestral, sample_combined,
                              sample_ode, sample_onestep, sample_zigzag)
 
-from .common import (DEFENCE_HELP, Entry, add_common_arguments, build_defences, check_defences, default_bcm_path,
+from .common import (DEFENCE_HELP, T_STARS, Entry, add_common_arguments, build_defences, check_defences, default_bcm_path,
                      load_classifiers, load_split, missing_bcm_message, positive_int, purify_images, resolve_bf16,
                      run_command, vote_accuracy, write_text)
 
@@ -71,7 +71,6 @@ CT_INVERSION_DECODER = ("heun", 10)  # the ODE decoder of the CT Inversion rows:
 # CT Inversion report (Hsu), Table 1, CIFAR-10: its noiser with an off-the-shelf CM (1 NFE) or DM (30 steps).
 CT_INVERSION_REFERENCE = {"bcm": "CT Inversion + CM (report): PSNR 18.07, SSIM 0.7911, 1 NFE",
                           "ode-heun": "CT Inversion + DM (report): PSNR 18.20, SSIM 0.8024, 30 DM steps"}
-T_STARS = (0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 80.0)
 
 
 # --------------------------------------------------------------------------------------------- measurements

@@ -16,7 +16,8 @@ import classifiers
 
 from .common import RESULTS_DIR, ResultTable, numeric, write_text
 
-SETTINGS = ["preset", "defence", "n", "seed", "bf16"]
+SETTINGS = ["preset", "split", "defence", "n", "seed", "bf16"]
+IMAGES = {"test": "test images", "val": "validation images (training images held out from the classifiers)"}
 DATASET = "CIFAR-10 (JPEG q75 copy)"
 
 
@@ -49,7 +50,7 @@ def _setting(group: pd.DataFrame) -> str:
     row = group.iloc[0]
     defence = "no defence" if row.defence == "none" else f"defence `{row.defence}` ({cost(group)})"
     precision = "bf16 autocast" if row.bf16 else "float32"
-    return (f"{row.preset} preset, {defence}; {row.n:,} test images (seed {row.seed}) of {DATASET}; "
+    return (f"{row.preset} preset, {defence}; {row.n:,} {IMAGES[row.split]} (seed {row.seed}) of {DATASET}; "
             f"PGD and defence in {precision}")
 
 
@@ -91,7 +92,7 @@ def comparison_markdown(frame: pd.DataFrame) -> str:
     if len(table) < 2:
         return ""
     row = frame.iloc[0]
-    return (f"**The defences side by side** ({row.preset} preset, {row.n:,} test images of {DATASET}, "
+    return (f"**The defences side by side** ({row.preset} preset, {row.n:,} {IMAGES[row.split]} of {DATASET}, "
             f"{'bf16 autocast' if row.bf16 else 'float32'}). Threat model: black-box transfer, the paper's PGD "
             f"(round(5k/4) steps of 2/255) crafted on the undefended source; `from S, eps k` = mean accuracy (%) "
             f"after the defence over the targets other than S; `clean` = mean over all targets; costs measured "
@@ -152,12 +153,13 @@ def tradeoff_markdown(frame: pd.DataFrame) -> str:
     """Per setting: mean accuracy over the targets after purification for each t* and eps, the undefended
     accuracy, and the best t*."""
     parts = []
-    for _, group in frame.groupby(["preset", "n", "seed", "bf16", "source"], sort=False):
+    for _, group in frame.groupby(["preset", "split", "n", "seed", "bf16", "source"], sort=False):
         row = group.iloc[0]
         summary = tradeoff_summary(group)
         eps_values = list(summary.columns)
         lines = [f"**Trade-off, {row.preset} preset, PGD crafted on {row.source}, mean over targets "
-                 f"{', '.join(_ordered(group.target))}; {row.n:,} test images (seed {row.seed}) of {DATASET}.** "
+                 f"{', '.join(_ordered(group.target))}; {row.n:,} {IMAGES[row.split]} (seed {row.seed}) of "
+                 f"{DATASET}.** "
                  f"Accuracy (%) after purification at strength t*; the column mean is the criterion for the "
                  f"best t*.", "",
                  "| defence | t* | " + " | ".join(f"eps {e}/255" for e in eps_values) + " | mean |",
@@ -251,7 +253,7 @@ def tradeoff_plot(frame: pd.DataFrame, path: str | Path) -> None:
     fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     row = frame.iloc[0]
     fig.suptitle(f"Clean vs robust accuracy against purification strength t*\n{row.preset} preset, PGD crafted "
-                 f"on {row.source}, {row.n:,} test images of {DATASET}", fontsize=10)
+                 f"on {row.source}, {row.n:,} {IMAGES[row.split]} of {DATASET}", fontsize=10)
     fig.tight_layout(rect=(0, (0.15 + 0.22 * math.ceil(len(handles) / ncol)) / height, 1, 1))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

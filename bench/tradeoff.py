@@ -17,11 +17,10 @@ from pathlib import Path
 import classifiers
 
 from . import report
-from .common import (DEFENCE_HELP, RESULTS_DIR, ResultTable, add_common_arguments, build_defences, check_defences,
-                     check_names, eps_list, numeric, run_command, write_text)
+from .common import (DEFENCE_HELP, RESULTS_DIR, T_STARS, ResultTable, add_common_arguments, add_split_argument,
+                     build_defences, check_defences, check_names, eps_list, numeric, run_command, split_suffix,
+                     write_text)
 from .transfer import grid_from_args, run_cells, setup, this_run
-
-T_STARS = (0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 80.0)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None,
                         help="results CSV, resumed if it exists; .md and .png are written next to it "
                              "(default: results/tradeoff/<preset>-<source>.csv)")
+    add_split_argument(parser)
     add_common_arguments(parser)
     args = parser.parse_args(argv)
     try:
@@ -58,7 +58,7 @@ def tradeoff(args: argparse.Namespace) -> None:
     """Run the command on parsed, validated arguments."""
     started = time.monotonic()
     device = setup(args)
-    out = Path(args.out) if args.out else RESULTS_DIR / "tradeoff" / f"{args.preset}-{args.source}.csv"
+    out = Path(args.out) if args.out else RESULTS_DIR / "tradeoff" / f"{args.preset}-{args.source}{split_suffix(args)}.csv"
     table = ResultTable(out)
     entries = build_defences(args, args.defence, device, t_stars=sorted(set(args.t_stars)))
     grid, ids, meta = grid_from_args(args, [args.source], args.targets, device)

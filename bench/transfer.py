@@ -30,10 +30,10 @@ from purify.defences import Vote
 from purify.runtime import pick_device
 
 from . import report
-from .common import (DEFENCE_HELP, RESULTS_DIR, Entry, ResultTable, add_common_arguments, attack_step_cost,
-                     build_defences, check_defences, check_names, classifier_path, combine_ids, eps_list, file_id,
-                     load_classifiers, load_split, numeric, purify_images, resolve_bf16, run_command, vote_accuracy,
-                     write_text)
+from .common import (DEFENCE_HELP, RESULTS_DIR, Entry, ResultTable, add_common_arguments, add_split_argument,
+                     attack_step_cost, build_defences, check_defences, check_names, classifier_path, combine_ids,
+                     eps_list, file_id, load_classifiers, load_split, numeric, purify_images, resolve_bf16,
+                     run_command, split_suffix, vote_accuracy, write_text)
 
 
 class TransferGrid:
@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None,
                         help="results CSV, resumed if it exists; the Markdown table is written next to it "
                              "(default: results/transfer/<preset>.csv)")
+    add_split_argument(parser)
     add_common_arguments(parser)
     args = parser.parse_args(argv)
     try:
@@ -185,7 +186,7 @@ def transfer(args: argparse.Namespace) -> None:
     """Run the command on parsed, validated arguments."""
     started = time.monotonic()
     device = setup(args)
-    out = Path(args.out) if args.out else RESULTS_DIR / "transfer" / f"{args.preset}.csv"
+    out = Path(args.out) if args.out else RESULTS_DIR / "transfer" / f"{args.preset}{split_suffix(args)}.csv"
     table = ResultTable(out)
     entries = build_defences(args, args.defence, device)
     grid, ids, meta = grid_from_args(args, args.source, args.targets, device)
@@ -211,16 +212,18 @@ def grid_from_args(args: argparse.Namespace, sources: list[str], targets: list[s
     names = list(dict.fromkeys(sources + targets))
     models = load_classifiers(names, args.preset, args.classifier_dir, device)
     ids = {name: file_id(str(classifier_path(name, args.preset, args.classifier_dir))) for name in names}
-    images, labels, image_ids = load_split("test", args.data_root, args.n, args.seed)
+    images, labels, image_ids = load_split(args.split, args.data_root, args.n, args.seed,
+                                           classifiers.load_preset(args.preset).n_val)
     grid = TransferGrid({s: models[s] for s in sources}, {t: models[t] for t in targets}, images, labels,
                         ids=image_ids, seed=args.seed, batch_size=args.batch_size, bf16=resolve_bf16(args),
                         progress=not args.no_progress)
-    return grid, ids, dict(preset=args.preset, n=len(images), seed=args.seed)
+    return grid, ids, dict(preset=args.preset, split=args.split, n=len(images), seed=args.seed)
 
 
 def this_run(frame: pd.DataFrame, args: argparse.Namespace, grid: TransferGrid) -> pd.Series:
     """Rows of ``frame`` with this run's preset, images, seed, precision, sources, eps and targets."""
-    return ((frame.preset == args.preset) & (frame.n == len(grid.images)) & (frame.seed == grid.seed)
+    return ((frame.preset == args.preset) & (frame.split == args.split) & (frame.n == len(grid.images))
+            & (frame.seed == grid.seed)
             & (frame.bf16 == grid.bf16) & frame.source.isin(list(grid.sources)) & frame.eps.isin(args.eps)
             & frame.target.isin(list(grid.targets)))
 

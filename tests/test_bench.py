@@ -1,3 +1,5 @@
+import argparse
+
 import pandas as pd
 import pytest
 import torch
@@ -19,7 +21,7 @@ from test_attacks import TemplateClassifier, template_data
 
 TINY = TrainConfig(archs=Archs(preact=ArchConfig(width=0.0625), wrn=ArchConfig(width=1, depth=10),
                                vgg=ArchConfig(width=0.0625), mobilenet=ArchConfig(width=0.1, stage2_stride=2)))
-META = dict(preset="small", n=30, seed=0)
+META = dict(preset="small", split="test", n=30, seed=0)
 
 
 def tiny_classifier(arch: str, seed: int):
@@ -262,8 +264,8 @@ def test_defence_comparison_by_hand():
                                                                                    0.003, 0.3)):
         for source, eps, target, before in (("preact", 0, "preact", 0.9), ("preact", 0, "wrn", 0.8),
                                             ("preact", 8, "preact", 0.0), ("preact", 8, "wrn", 0.2)):
-            rows.append(dict(preset="small", defence=defence, n=10, seed=0, bf16=True, source=source, eps=eps,
-                             target=target, family=defence, t_star=1.0, nfe=nfe, acc_before=before,
+            rows.append(dict(preset="small", split="test", defence=defence, n=10, seed=0, bf16=True, source=source,
+                             eps=eps, target=target, family=defence, t_star=1.0, nfe=nfe, acc_before=before,
                              acc_after=after + (0.1 if target == "wrn" else 0.0) + (0.2 if eps == 0 else 0.0),
                              defence_s_per_image=cost, step_s_per_image=step, checkpoints=""))
     table = report.defence_comparison(pd.DataFrame(rows), eps_values=(8,)).set_index("defence")
@@ -277,3 +279,29 @@ def test_defence_comparison_by_hand():
     assert (table.loc["bcm(t_star=1)", "NFE"], table.loc["bcm(t_star=1)", "ms/image"],
             table.loc["bcm(t_star=1)", "attack step ms/image"]) == pytest.approx((2, 10.0, 40.0))
     assert "defences side by side" in report.transfer_markdown(numeric(pd.DataFrame(rows)))
+
+
+def test_rows_of_the_two_splits_never_mix_and_older_files_read_as_test(tmp_path):
+    row = dict(META, defence="bcm(t_star=1)", bf16=True, source="preact", eps=8, target="vgg", family="bcm",
+               t_star=1.0, nfe=2, acc_before=0.1, acc_after=0.5, defence_s_per_image=0.01, step_s_per_image=0.04,
+               checkpoints="ab")
+    table = ResultTable(tmp_path / "t.csv")
+    table.add([row, dict(row, split="val", acc_after=0.6)])
+    frame = numeric(ResultTable(tmp_path / "t.csv").frame()).set_index("split")
+    assert frame.acc_after.to_dict() == {"test": 0.5, "val": 0.6}
+    # a file written before the split column existed holds test-set rows
+    legacy = tmp_path / "legacy.csv"
+    pd.DataFrame([row])[[c for c in bench.common.COLUMNS if c != "split"]].to_csv(legacy, index=False)
+    assert ResultTable(legacy).frame().split.tolist() == ["test"]
+    assert "validation images" in report.transfer_markdown(numeric(pd.DataFrame([dict(row, split="val", eps=0)])))
+    with pytest.raises(ValueError, match="has columns"):  # any other mismatch is still an error
+        pd.DataFrame([row]).drop(columns=["split", "nfe"]).to_csv(legacy, index=False)
+        ResultTable(legacy)
+
+
+def test_validation_runs_get_their_own_default_files(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(bench.transfer, "transfer", lambda args: seen.update(vars(args)))
+    bench.transfer.main(["--split", "val"])
+    assert seen["split"] == "val" and bench.common.split_suffix(argparse.Namespace(split="val")) == "-val"
+    assert bench.common.split_suffix(argparse.Namespace(split="test")) == ""

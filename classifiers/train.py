@@ -249,7 +249,8 @@ def train(arch: str, preset: str = "small", *, config: TrainConfig | None = None
               images_per_s="")
     if train_subset is None and test_subset is None:
         _record_result(Path(results_dir) / f"{preset}{'' if variant is None else '-' + variant}.csv", summary)
-    print(f"{out_path.stem}: test accuracy {summary['test_acc']:.4f} on {len(keep)} CIFAR-10 test images "
+    score = "test accuracy" if variant is None else "the selection score on the test images"
+    print(f"{out_path.stem}: {score} {summary['test_acc']:.4f} (of {len(keep)} CIFAR-10 test images given to it) "
           f"(from {data_root or default_data_root()}), "
           f"best val {best_val:.4f}, {summary['train_minutes']:.1f} min", file=sys.stderr)
     return summary

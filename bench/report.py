@@ -108,7 +108,7 @@ def transfer_markdown(frame: pd.DataFrame) -> str:
     purification)."""
     if frame.empty:
         return "(no results)\n"
-    parts = [comparison_markdown(frame)] if comparison_markdown(frame) else []
+    parts = [part for part in (comparison_markdown(frame),) if part]
     for _, group in _groups(frame):
         targets = _ordered(group.target)
         after = group.iloc[0].defence != "none"

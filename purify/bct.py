@@ -14,6 +14,10 @@ from torch import nn
 from torch.func import functional_call
 
 
+CTINV_WEIGHTS = ("inverse-gap", "uniform")
+CTINV_INDICES = ("lognormal", "uniform")
+
+
 @dataclass
 class LossConfig:
     kind: str = "bct"            # "bct": Eq. 15; "ct": the CT term alone (iCT baseline); "denoise": EDM warm start;
@@ -27,12 +31,18 @@ class LossConfig:
     denoise_p_mean: float = -1.2  # EDM's lognormal noise levels, for kind "denoise"
     denoise_p_std: float = 1.2
     huber_c: float | None = None  # None: 0.00054 * sqrt(D)
+    ctinv_weight: str = "inverse-gap"  # kind "ctinv": lambda(t_n) = 1 / (t_{n+1} - t_n) (iCT's), or "uniform" (1)
+    ctinv_index: str = "lognormal"     # kind "ctinv": n ~ Eq. 20 (iCT's), or "uniform" over the N - 1 intervals (CM's)
 
     def __post_init__(self):
         if self.kind not in ("bct", "ct", "denoise", "ctinv"):
             raise ValueError(f"loss.kind must be 'bct', 'ct', 'denoise' or 'ctinv', got {self.kind!r}")
         if self.soft_start not in ("n", "n+1"):
             raise ValueError(f"loss.soft_start must be 'n' or 'n+1', got {self.soft_start!r}")
+        if self.ctinv_weight not in CTINV_WEIGHTS:
+            raise ValueError(f"loss.ctinv_weight must be one of {', '.join(CTINV_WEIGHTS)}, got {self.ctinv_weight!r}")
+        if self.ctinv_index not in CTINV_INDICES:
+            raise ValueError(f"loss.ctinv_index must be one of {', '.join(CTINV_INDICES)}, got {self.ctinv_index!r}")
 
 
 def karras_times(n: int, eps: float, T: float, rho: float = 7.0) -> torch.Tensor:
@@ -145,22 +155,31 @@ class BCTLoss(CurriculumLoss):
 class CTInversionLoss(CurriculumLoss):
     """CT Inversion (Hsu, Algorithm 1; spec §8) for a noiser ``g(x_t, t) -> x_T`` (``purify.noiser``), per sample:
 
-        n ~ p (Eq. 20),  z ~ N(0, I)
+        n ~ P,  z ~ N(0, I)
         x_n     = x + t_n z
         x_{n+1} = x_n + (t_{n+1} - t_n) (x_n - x) / t_n      # an Euler step of the PF ODE with x for E[x_0 | x_n]
-        L       = d(g_sg(x_{n+1}, t_{n+1}), g(x_n, t_n)) / (t_{n+1} - t_n)
+        L       = lambda(t_n) d(g_sg(x_{n+1}, t_{n+1}), g(x_n, t_n))
 
     so ``x_{n+1} = x + t_{n+1} z``. The target sits at the larger time, next to the boundary ``g(x_T, T) = x_T``,
     and carries no gradient at all; both passes share their dropout randomness. The report leaves the weight
-    ``lambda(t_n)``, the distance ``d`` and the index distribution ``P`` open: they are BCT's CT-term choices
-    (iCT's ``1 / (t_{n+1} - t_n)``, pseudo-Huber, Eq. 20) on the same curriculum. Logged as ``ct``; ``soft = 0``.
+    ``lambda(t_n)``, the distance ``d`` and the index distribution ``P`` open. ``d`` is BCT's pseudo-Huber on the same curriculum; ``lambda`` is ``loss.ctinv_weight``: iCT's
+    ``1 / (t_{n+1} - t_n)`` (``inverse-gap``) or the original consistency models' ``1`` (``uniform``); ``P`` is
+    ``loss.ctinv_index``: iCT's Eq. 20 (``lognormal``) or the original's uniform over the intervals. iCT's choices
+    favour small t, next to *its* boundary at eps; here the boundary is at T. With ``c_out = T - t`` an error of G
+    weighs ``(T - t) lambda(t)``: under ``inverse-gap`` (N = 11) ~5,000 times more on the first interval than on
+    the last, under ``uniform`` 80 / 35; and Eq. 20 samples the last interval [45, 80] 0.4% of the time at N = 11,
+    the uniform index 10%. Logged as ``ct``; ``soft = 0``.
     Both passes are compared, so both run in float32 under autocast (``float32_passes``).
     """
 
     def __call__(self, model: nn.Module, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         c = self.config
         times = self.discretization(step)
-        n = torch.multinomial(index_probabilities(times, c.p_mean, c.p_std), x.shape[0], replacement=True)
+        if c.ctinv_index == "lognormal":
+            p = index_probabilities(times, c.p_mean, c.p_std)
+        else:
+            p = torch.full((times.numel() - 1,), 1 / (times.numel() - 1), dtype=times.dtype)
+        n = torch.multinomial(p, x.shape[0], replacement=True)
         times = times.to(x.device, torch.float32)
         t_n, t_n1 = times[n], times[n + 1]
         z = torch.randn_like(x)
@@ -172,7 +191,9 @@ class CTInversionLoss(CurriculumLoss):
         with float32_passes(x):
             with torch.no_grad():
                 target = g(x_n1, t_n1)
-            loss = d(target, g(x_n, t_n)) / (t_n1 - t_n)
+            loss = d(target, g(x_n, t_n))
+        if c.ctinv_weight == "inverse-gap":
+            loss = loss / (t_n1 - t_n)
         return {"loss": loss, "ct": loss, "soft": torch.zeros_like(loss), "N": torch.tensor(times.numel())}
 
 

@@ -89,9 +89,9 @@ def fixed_draws(monkeypatch):
     return z
 
 
-def hand_loss(x, z, w, mask, through_target=False):
+def hand_loss(x, z, w, mask, through_target=False, weight="inverse-gap"):
     """Algorithm 1 of the report, written out: x_n = x + t_n z, x_{n+1} = x_n + (t_{n+1} - t_n)(x_n - x) / t_n,
-    L = d(g_sg(x_{n+1}, t_{n+1}), g(x_n, t_n)) / (t_{n+1} - t_n), d pseudo-Huber."""
+    L = lambda(t_n) d(g_sg(x_{n+1}, t_{n+1}), g(x_n, t_n)), d pseudo-Huber, lambda = 1 / (t_{n+1} - t_n) or 1."""
     times = eq22(11)
     t_n, t_n1 = times[N_IDX].view(-1, 1, 1, 1), times[N_IDX + 1].view(-1, 1, 1, 1)
     x_n = x + t_n * z
@@ -102,7 +102,7 @@ def hand_loss(x, z, w, mask, through_target=False):
 
     target = g(x_n1, t_n1, w if through_target else w.detach())
     distance = ((target - g(x_n, t_n, w)).pow(2).flatten(1).sum(1) + HUBER_C**2).sqrt() - HUBER_C
-    return distance / (t_n1 - t_n).flatten()
+    return distance / (t_n1 - t_n).flatten() if weight == "inverse-gap" else distance
 
 
 def test_ct_inversion_loss_equals_algorithm_1_by_hand(fixed_draws):
@@ -128,6 +128,45 @@ def test_ct_inversion_loss_equals_algorithm_1_by_hand(fixed_draws):
     w = model.w.detach().double().requires_grad_(True)
     want = hand_loss(x.double(), z.double(), w, target_call["mask"].double())
     torch.testing.assert_close(terms["loss"].double(), want, rtol=1e-5, atol=0)
+
+
+def test_uniform_weight_drops_the_inverse_gap(fixed_draws):
+    """``ctinv_weight: uniform`` is lambda = 1: Algorithm 1's distance itself, not divided by t_{n+1} - t_n (which
+    differs from 1 at every sampled interval, so the two weightings cannot agree by accident)."""
+    z = fixed_draws
+    torch.manual_seed(0)
+    model = AnalyticNoiser().train()
+    x = torch.rand(SHAPE, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    terms = CTInversionLoss(LossConfig(kind="ctinv", ctinv_weight="uniform"), 800, EPS, T)(model, x, step=0)
+    w = model.w.detach().double()
+    want = hand_loss(x.double(), z.double(), w, model.calls[0]["mask"].double(), weight="uniform")
+    torch.testing.assert_close(terms["loss"].double(), want, rtol=1e-5, atol=0)
+    assert ((eq22(11)[N_IDX + 1] - eq22(11)[N_IDX]) - 1).abs().min() > 0.01
+    with pytest.raises(ValueError, match="ctinv_weight must be one of inverse-gap, uniform, got 'ict'"):
+        LossConfig(kind="ctinv", ctinv_weight="ict")
+
+
+@pytest.mark.parametrize("index", ["lognormal", "uniform"])
+def test_index_distribution(monkeypatch, index):
+    """``ctinv_index``: n ~ Eq. 20 over the N - 1 intervals (at N = 11 the last one, [45.3, 80], gets 0.4%), or
+    uniform (1/10 each)."""
+    seen = []
+
+    def multinomial(p, n, replacement=False, generator=None):
+        seen.append(p.clone())
+        return N_IDX[:n].clone()
+
+    monkeypatch.setattr(torch, "multinomial", multinomial)
+    CTInversionLoss(LossConfig(kind="ctinv", ctinv_index=index), 800, EPS, T)(AnalyticNoiser(), torch.zeros(SHAPE), 0)
+    (p,) = seen
+    times = eq22(11)
+    cdf = torch.erf((times.log() + 1.1) / (math.sqrt(2) * 2.0))
+    want = (cdf[1:] - cdf[:-1]) / (cdf[-1] - cdf[0]) if index == "lognormal" else torch.full((10,), 0.1, dtype=torch.float64)
+    torch.testing.assert_close(p.double(), want)
+    if index == "lognormal":
+        assert 0.003 < float(p[-1]) < 0.005
+    with pytest.raises(ValueError, match="ctinv_index must be one of lognormal, uniform"):
+        LossConfig(kind="ctinv", ctinv_index="cm")
 
 
 def test_a_tiny_example_by_hand(monkeypatch):

@@ -9,7 +9,9 @@ previous discretisation and can be the worse model (measure both with ``bench.qu
 the shipped weights under ``weights`` and their origin (``ema`` or ``online``) under ``weights_from``; files
 written before held them under ``ema`` and still load. A release file can be re-exported (e.g. to record
 another t*): it keeps its weights and their origin. ``--t-star``/``--eps-inv`` record the purifier defaults
-of the preset (e.g. the best value of its trade-off curve).
+of the preset (e.g. the best value of its trade-off curve). A CT Inversion noiser's training checkpoint (kind
+``noiser``) exports the same way, to a release file that ``purify.noiser.load_noiser`` reads (it has no purifier
+defaults to record).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import argparse
 from pathlib import Path
 
 from .bcm import BCM
+from .noiser import KIND as NOISER_KIND, Noiser
 from .checkpoint import bcm_weights, load_checkpoint, load_state_dict_strict, save_checkpoint
 from .config import to_dict
 from .presets import preset_from_dict
@@ -34,8 +37,11 @@ def export(source: str, target: str, t_star: float | None = None, eps_inv: float
     if weights is not None and weights not in WEIGHT_ENTRIES:
         raise ValueError(f"weights must be 'ema' or 'online', got {weights!r}")
     state = load_checkpoint(source, ("kind", "config", "step"))
-    if state["kind"] != "bcm":
-        raise ValueError(f"{source} is a {state['kind']!r} checkpoint, not a BCM")
+    kind = state["kind"]
+    if kind not in ("bcm", NOISER_KIND):
+        raise ValueError(f"{source} is a {kind!r} checkpoint, not a BCM or a CT Inversion noiser")
+    if kind == NOISER_KIND and (t_star, eps_inv) != (None, None):
+        raise ValueError(f"{source} is a CT Inversion noiser: it has no purifier t* or eps_inv to record")
     if "model" in state:  # a training checkpoint: online weights under ``model``, their EMA under ``ema``
         origin = weights or "ema"
         if WEIGHT_ENTRIES[origin] not in state:
@@ -55,10 +61,11 @@ def export(source: str, target: str, t_star: float | None = None, eps_inv: float
         preset.purifier.eps_inv = float(eps_inv)
     # validate everything before writing anything: the weights fit the preset's network, the purifier defaults
     # give a valid schedule
-    bcm = BCM(preset.model)
-    load_state_dict_strict(bcm, shipped, str(source))
-    BCMPurifier(bcm, preset.purifier.t_star, preset.purifier.eps_inv)
-    release = {"kind": "bcm", "config": to_dict(preset), "weights": shipped, "weights_from": origin,
+    model = Noiser(preset.model) if kind == NOISER_KIND else BCM(preset.model)
+    load_state_dict_strict(model, shipped, str(source))
+    if kind == "bcm":
+        BCMPurifier(model, preset.purifier.t_star, preset.purifier.eps_inv)
+    release = {"kind": kind, "config": to_dict(preset), "weights": shipped, "weights_from": origin,
                "step": state["step"]}
     save_checkpoint(release, target)
     return release
@@ -79,8 +86,9 @@ def main(argv: list[str] | None = None) -> None:
         release = export(args.source, args.target, args.t_star, args.eps_inv, args.weights)
     except (OSError, ValueError) as err:  # missing, corrupt or mismatched checkpoint, unwritable target: one line
         parser.exit(2, f"{parser.prog}: error: {err}\n")
-    print(f"wrote {args.target}: {release['weights_from']} weights of step {release['step']}, "
-          f"purifier {release['config']['purifier']}")
+    what = (f"purifier {release['config']['purifier']}" if release["kind"] == "bcm"
+            else "a CT Inversion noiser")
+    print(f"wrote {args.target}: {release['weights_from']} weights of step {release['step']}, {what}")
 
 
 if __name__ == "__main__":

@@ -251,3 +251,31 @@ def test_noiser_and_bcm_checkpoints_are_not_mixed(tmp_path, images):
         Trainer(ctinv_preset(), tmp_path / "c", images=images, init_from=str(tmp_path / "bcm" / "checkpoint.pt"))
     tuned = Trainer(ctinv_preset(), tmp_path / "d", images=images, init_from=str(tmp_path / "ctinv" / "checkpoint.pt"))
     assert isinstance(tuned.bcm, Noiser)
+
+
+def test_export_ships_the_noisers_ema_weights(tmp_path, images):
+    """``purify.export`` writes a small noiser release file: the EMA weights (or online ones on request), which
+    ``load_noiser`` reads back bit for bit and ``load_bcm`` refuses; it has no t* to record; a release can seed
+    a continued run (``--init-from``, ``--start-step``)."""
+    from purify.export import export
+    run = tmp_path / "ctinv"
+    trainer = Trainer(ctinv_preset(), run, images=images)
+    trainer.run(max_steps=2, progress=False)
+    release = export(str(run / "checkpoint.pt"), str(tmp_path / "noiser.pt"))
+    assert release["kind"] == "noiser" and release["weights_from"] == "ema" and release["step"] == 2
+    assert set(load_checkpoint(tmp_path / "noiser.pt")) == {"kind", "config", "weights", "weights_from", "step"}
+    noiser, _ = load_noiser(tmp_path / "noiser.pt")
+    ema, online = trainer.ema.module.state_dict(), trainer.bcm.state_dict()
+    assert all(torch.equal(noiser.state_dict()[k], ema[k]) for k in ema)
+    assert any(not torch.equal(ema[k], online[k]) for k in ema)  # so the check above tells EMA from online
+    export(str(run / "checkpoint.pt"), str(tmp_path / "online.pt"), weights="online")
+    noiser, _ = load_noiser(tmp_path / "online.pt")
+    assert all(torch.equal(noiser.state_dict()[k], online[k]) for k in online)
+    with pytest.raises(ValueError, match="not a BCM"):
+        load_bcm(tmp_path / "noiser.pt")
+    with pytest.raises(ValueError, match="noiser: it has no purifier t"):
+        export(str(run / "checkpoint.pt"), str(tmp_path / "x.pt"), t_star=1.0)
+    assert not (tmp_path / "x.pt").exists()
+    continued = Trainer(ctinv_preset(), tmp_path / "more", images=images, init_from=str(tmp_path / "online.pt"),
+                        start_step=2)
+    assert continued.step == 2 and all(torch.equal(continued.bcm.state_dict()[k], online[k]) for k in online)

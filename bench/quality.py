@@ -316,8 +316,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-reconstruction", action="store_true", help="do not measure reconstruction")
     parser.add_argument("--skip-classifiers", action="store_true", help="do not measure purified clean accuracy")
     parser.add_argument("--ct-inversion", metavar="PATH",
-                        help="a CT Inversion noiser's training checkpoint (python -m purify.train --config "
-                             "cifar10-small-ctinv): adds its reconstruction rows, decoded by the BCM and by the ODE "
+                        help="a CT Inversion noiser: a training checkpoint (python -m purify.train --config "
+                             "cifar10-small-ctinv) or its release file (e.g. the shipped "
+                             "checkpoints/noiser/cifar10-small-ctinv.pt): adds its reconstruction rows, decoded by the BCM and by the ODE "
                              "(without it those rows are skipped)")
     parser.add_argument("--out", default=str(REPO_ROOT / "results" / "quality"), help="output folder")
     add_common_arguments(parser, n=1000, seed_help="seed of the test subset and of all noise")

@@ -162,14 +162,14 @@ class CTInversionLoss(CurriculumLoss):
 
     so ``x_{n+1} = x + t_{n+1} z``. The target sits at the larger time, next to the boundary ``g(x_T, T) = x_T``,
     and carries no gradient at all; both passes share their dropout randomness. The report leaves the weight
-    ``lambda(t_n)``, the distance ``d`` and the index distribution ``P`` open. ``d`` is BCT's pseudo-Huber on the same curriculum; ``lambda`` is ``loss.ctinv_weight``: iCT's
-    ``1 / (t_{n+1} - t_n)`` (``inverse-gap``) or the original consistency models' ``1`` (``uniform``); ``P`` is
-    ``loss.ctinv_index``: iCT's Eq. 20 (``lognormal``) or the original's uniform over the intervals. iCT's choices
-    favour small t, next to *its* boundary at eps; here the boundary is at T. With ``c_out = T - t`` an error of G
-    weighs ``(T - t) lambda(t)``: under ``inverse-gap`` (N = 11) ~5,000 times more on the first interval than on
-    the last, under ``uniform`` 80 / 35; and Eq. 20 samples the last interval [45, 80] 0.4% of the time at N = 11,
-    the uniform index 10%. Logged as ``ct``; ``soft = 0``.
-    Both passes are compared, so both run in float32 under autocast (``float32_passes``).
+    ``lambda(t_n)``, the distance ``d`` and the index distribution ``P`` open. ``d`` is BCT's pseudo-Huber on the
+    same curriculum; ``lambda`` is ``loss.ctinv_weight``: iCT's ``1 / (t_{n+1} - t_n)`` (``inverse-gap``) or the
+    original consistency models' ``1`` (``uniform``); ``P`` is ``loss.ctinv_index``: iCT's Eq. 20 (``lognormal``)
+    or the original's uniform over the intervals. iCT's choices favour small t, next to *its* boundary at eps;
+    here the boundary is at T. With ``c_out = T - t`` an error of G weighs ``(T - t) lambda(t)``: under
+    ``inverse-gap`` (N = 11) ~5,000 times more on the first interval than on the last, under ``uniform`` 80 / 35;
+    and Eq. 20 samples the last interval [45, 80] 0.4% of the time at N = 11, the uniform index 10%. Logged as
+    ``ct``; ``soft = 0``. Both passes are compared, so both run in float32 under autocast (``float32_passes``).
     """
 
     def __call__(self, model: nn.Module, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:

@@ -161,7 +161,8 @@ def test_index_distribution(monkeypatch, index):
     (p,) = seen
     times = eq22(11)
     cdf = torch.erf((times.log() + 1.1) / (math.sqrt(2) * 2.0))
-    want = (cdf[1:] - cdf[:-1]) / (cdf[-1] - cdf[0]) if index == "lognormal" else torch.full((10,), 0.1, dtype=torch.float64)
+    uniform = torch.full((10,), 0.1, dtype=torch.float64)
+    want = (cdf[1:] - cdf[:-1]) / (cdf[-1] - cdf[0]) if index == "lognormal" else uniform
     torch.testing.assert_close(p.double(), want)
     if index == "lognormal":
         assert 0.003 < float(p[-1]) < 0.005

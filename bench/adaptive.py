@@ -35,6 +35,8 @@ Markdown table and a PNG (accuracy against t*). Reruns resume: finished (setting
     python -m bench.adaptive --sanity --n 50                                   # Carlini et al.'s sanity checks
     python -m bench.adaptive --convergence 20x4 50x4 20x16 100x8 --n 32        # how far the cpu protocol is
                                                                                # from converged
+    python -m bench.adaptive --retime --target preact preact:bcm-fgsm --t-stars 0.5 1 2 5 --n 200
+                                   # re-measure the costs of finished settings in one run, on one machine
 """
 from __future__ import annotations
 
@@ -56,11 +58,11 @@ from attacks import (BPDA, PROTOCOLS, autoattack_rand, autocast, correct_by_scor
 from attacks.pgd import PGD_STEP_SIZE
 from purify import Defence, image_noise, parse_defence
 from purify.checkpoint import atomic_write
-from purify.runtime import pick_device
+from purify.runtime import cpu_capability, cpu_name, pick_device
 
 from .common import (DEFENCE_HELP, RESULTS_DIR, Entry, ResultTable, add_common_arguments, add_split_argument,
                      attack_step_cost, build_defences, check_defences, check_names, classifier_path, combine_ids,
-                     file_id, load_classifiers, load_split, resolve_bf16, run_command, write_text)
+                     file_id, load_classifiers, load_split, resolve_bf16, run_command, text, write_text)
 
 SANITY_BUDGETS = [(5, 1), (10, 2), (20, 4), (40, 8)]  # PGD steps x EOT draws; the last but one is the cpu protocol's
 THREATS = ("clean", "transfer", "pgd-eot", "aa-rand", "worst", "pgd-fixed")
@@ -321,6 +323,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--convergence", nargs="+", default=None, metavar="STEPSxEOT",
                         help="instead of the grid: PGD-EOT with each budget (e.g. 20x4 50x4 20x16 100x8) on the first "
                              "target, t* and eps, scored like the grid, written to convergence.csv/.md next to --out")
+    parser.add_argument("--retime", action="store_true",
+                        help="instead of the grid: re-measure the costs (defend + classify, one attack step) of every "
+                             "selected setting already in --out, in this one process, and write them into its rows, so "
+                             "that costs first measured on different machines or under different load compare")
     parser.add_argument("--out", default=None,
                         help="results CSV, resumed if it exists (default: results/adaptive/<preset>-<split>.csv); "
                              "Markdown, PNG and per-image predictions go next to it")
@@ -338,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
         args.convergence = [budget(b) for b in args.convergence] if args.convergence else None
     except ValueError as err:
         parser.error(str(err))
-    command = sanity if args.sanity else convergence if args.convergence else adaptive
+    command = sanity if args.sanity else convergence if args.convergence else retime if args.retime else adaptive
     run_command(parser, command, args)
 
 
@@ -396,6 +402,37 @@ def adaptive(args: argparse.Namespace) -> None:
                          & frame.defence.isin([e.defence.spec() for e in entries])]))
     print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')} ({time.monotonic() - started:.0f} s)",
           file=sys.stderr)
+
+
+SETTING_COLUMNS = ("preset", "defence", "target", "split", "n", "data_seed", "protocol", "bf16", "checkpoints")
+
+
+def retime(args: argparse.Namespace) -> None:
+    """``--retime``: the costs of every selected setting measured again, one after another in this process, and
+    written into all of that setting's rows in ``--out`` (its accuracies untouched)."""
+    device = pick_device(args.device)
+    out = Path(args.out) if args.out else RESULTS_DIR / "adaptive" / f"{args.preset}-{args.split}.csv"
+    if not out.is_file():
+        raise FileNotFoundError(f"--retime: no results at {out}; run the grid first")
+    models, entries, images, labels, ids, ids_of = build(args, device)
+    table = ResultTable(out, KEY, COLUMNS)
+    machine = f"{cpu_name()} ({cpu_capability()}, {torch.get_num_threads()} thread(s))"
+    for target in args.target:
+        for entry in entries:
+            setting = Setting(args, target, models[target], entry, args.eps[0], images, labels, ids,
+                              ids_of[target, id(entry)])
+            wanted = {c: text(setting.row("clean")[c]) for c in SETTING_COLUMNS}
+            rows = [row for row in table.rows.values() if all(row[c] == v for c, v in wanted.items())]
+            if not rows:
+                print(f"{target}, {entry.defence.spec()}: no rows in {out} to retime; skipped", file=sys.stderr)
+                continue
+            costs = measure_costs(setting, args.batch_size, args.bf16_on)
+            table.add([dict(row, **costs) for row in rows])
+            print(f"{target}, {entry.defence.spec()}: defend + classify {1000 * costs['purify_s_per_image']:.1f} "
+                  f"ms/image, attack step {1000 * costs['step_s_per_image']:.1f} ms/image ({len(rows)} rows)",
+                  file=sys.stderr)
+    write_text(out.with_suffix(".md"), markdown(numeric_adaptive(table.frame())))
+    print(f"retimed on {machine}; wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)
 
 
 def numeric_adaptive(frame: pd.DataFrame) -> pd.DataFrame:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from classifiers import ARCHS, build_classifier
 from purify import BCM, BCMPurifier, DiffusionPurifier, load_preset
 from purify.checkpoint import atomic_write
 from purify.presets import REPO_ROOT
-from purify.runtime import cpu_capability
+from purify.runtime import cpu_capability, cpu_name
 from purify.train import Trainer
 
 from .common import BCM_PRESETS, add_preset_arguments, add_runtime_arguments, positive_int, resolve_bf16
@@ -214,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     suffix = "" if args.only == "all" else f"-{args.only}"
     atomic_write(out / f"perf-{name}{suffix}.csv", lambda tmp: table.to_csv(tmp, index=False))
     header = (f"# Throughput, preset `{name}`, {threads} thread(s)\n\n"
-              f"CPU: {_cpu_name()} ({cpu_capability()}); load average at the end: {os.getloadavg()[0]:.2f}. "
+              f"CPU: {cpu_name()} ({cpu_capability()}); load average at the end: {os.getloadavg()[0]:.2f}. "
               f"Command: `python -m bench.perf --config {args.config} --threads {threads} --only {args.only}`."
               f" The defence comparison uses the `{args.preset}` `wrn` classifier and runs "
               f"{'under bf16 autocast' if compare_bf16 else 'in float32'}.\n\n")
@@ -232,14 +231,6 @@ class _Call(torch.nn.Module):
 
     def forward(self, x):
         return self.fn(x)
-
-
-def _cpu_name() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:  # not Linux
-        return platform.processor() or "unknown"
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import os
+import platform
 import random
 import time
 from pathlib import Path
@@ -35,6 +36,15 @@ def native_bf16(device: torch.device | str) -> bool:
 def cpu_capability() -> str:
     """The CPU's capability as torch reports it (e.g. ``AVX2``, ``AVX512``) and whether bf16 is native."""
     return f"{torch.backends.cpu.get_cpu_capability()}, native bf16 {'yes' if native_bf16('cpu') else 'no'}"
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else what ``platform`` reports)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:  # not Linux
+        return platform.processor() or "unknown"
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
 
 
 def init_distributed(device: str = "auto") -> tuple[int, int, str]:

@@ -135,6 +135,26 @@ def test_bench_adaptive_grid_scores_and_resumes(checkpoints, tmp_path, monkeypat
     assert after.equals(frame.drop(columns=["wall_s", "s_per_image", "purify_s_per_image", "step_s_per_image"]))
 
 
+def test_retime_rewrites_only_the_selected_settings_costs(checkpoints, tmp_path, monkeypatch, capsys):  # noqa: F811
+    out = tmp_path / "adaptive.csv"
+    bench.adaptive.main(adaptive_args(checkpoints, out))
+    before = pd.read_csv(out)
+    monkeypatch.setattr(bench.adaptive, "measure_costs",
+                        lambda setting, batch_size, bf16: {"purify_s_per_image": 0.25, "step_s_per_image": 0.75})
+    bench.adaptive.main([*checkpoints, "--n", "6", "--batch-size", "6", "--t-stars", "1", "2", "--out", str(out),
+                         "--retime"])
+    after = pd.read_csv(out)
+    costs = ["purify_s_per_image", "step_s_per_image"]
+    assert after.drop(columns=costs).equals(before.drop(columns=costs))  # accuracies and keys untouched
+    retimed = after.t_star == 1
+    assert (after.loc[retimed, costs] == [0.25, 0.75]).all().all()
+    assert after.loc[~retimed, costs].equals(before.loc[~retimed, costs])
+    assert "no rows" in capsys.readouterr().err  # t* = 2 was never evaluated: skipped, not invented
+    with pytest.raises(SystemExit) as exit_info:
+        bench.adaptive.main(adaptive_args(checkpoints, tmp_path / "none.csv", "--retime"))
+    assert exit_info.value.code == 2 and "no results" in capsys.readouterr().err
+
+
 def test_bench_adaptive_evaluates_registry_defences_with_bpda_where_needed(checkpoints, tmp_path):  # noqa: F811
     """A deterministic, non-differentiable defence (jpeg) is attacked through BPDA with one draw per step and
     has no fixed-noise ablation; a randomized one keeps its EOT draws; each row names its full settings."""

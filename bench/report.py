@@ -36,13 +36,19 @@ def _ms(seconds: float) -> str:
     return "not measured" if pd.isna(seconds) else f"{1000 * seconds:.3g} ms/image"
 
 
+def defence_seconds(group: pd.DataFrame) -> float:
+    """A defence's measured seconds per image: the median over its cells (each cell times its own purification,
+    so one slowed by another job or a paused process does not move the figure)."""
+    return group.groupby(["defence", "source", "eps"]).defence_s_per_image.first().median()
+
+
 def cost(group: pd.DataFrame) -> str:
     """The cost of a defence as its rows record it: network evaluations and measured seconds per image."""
     row = group.iloc[0]
     evaluations = f"{row.nfe} network evaluation{'s' if row.nfe != 1 else ''} per image"
     if group.defence_s_per_image.isna().all() and group.step_s_per_image.isna().all():
         return f"{evaluations}; seconds not recorded for these rows"
-    return (f"{evaluations}; defence alone {_ms(group.defence_s_per_image.mean())}, one attack step through "
+    return (f"{evaluations}; defence alone {_ms(defence_seconds(group))}, one attack step through "
             f"defence and target {_ms(group.step_s_per_image.mean())} on the machine that ran it")
 
 
@@ -74,7 +80,7 @@ def defence_comparison(frame: pd.DataFrame, eps_values=(8, 16)) -> pd.DataFrame:
         defence = group.defence.iloc[0]
         after = "acc_before" if defence == "none" else "acc_after"
         entry = {"defence": defence, "NFE": int(group.nfe.iloc[0]),
-                 "ms/image": 1000 * group.defence_s_per_image.mean(),
+                 "ms/image": 1000 * defence_seconds(group),
                  "attack step ms/image": 1000 * group.step_s_per_image.mean(),
                  "clean %": 100 * clean.groupby("target")[after].first().mean()}
         for source in _ordered(group[group.eps != 0].source):
@@ -171,7 +177,7 @@ def tradeoff_markdown(frame: pd.DataFrame) -> str:
             strength = "-" if pd.isna(t_star) else f"{t_star:g}"
             lines.append(f"| `{family}` | {strength} | " + " | ".join(_pct(values[e]) for e in eps_values)
                          + f" | {_pct(values.mean())} |")
-        lines.append("\nCost per family (mean over its rows): " + "; ".join(
+        lines.append("\nCost per family (seconds: the median over its cells): " + "; ".join(
             f"`{family}`: {cost(rows)}" for family, rows in group.groupby("family", sort=False)) + ".")
         for family in sorted(group[group.t_star.notna()].family.unique()):
             best = best_t_star(group, family)

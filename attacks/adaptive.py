@@ -7,6 +7,8 @@ exact (both network evaluations are backpropagated). Threat models:
   defence's noise (torchattacks' ``EOTPGD``);
 - ``aa-rand``: AutoAttack's version for randomized defences, APGD-CE then APGD-DLR with EOT (pyautoattack's
   ``AutoAttack(version="rand")``), with the protocol's iterations and draws;
+- ``aa-standard``: AutoAttack's standard version for deterministic defences (APGD-CE, APGD-T, FAB-T, Square at
+  their published budgets; ``AutoAttack(version="standard")``), the evaluation RobustBench reports;
 - ``pgd-fixed``: the fixed-randomness ablation: the defence's noise frozen per image while attacking and while
   evaluating, i.e. PGD against a deterministic purifier;
 - ``BPDA``: a non-differentiable transform evaluated as itself but differentiated as a smooth approximation
@@ -45,8 +47,14 @@ class Protocol:
     def step_size(self, eps: float) -> float:
         return self.pgd_step_ratio * eps
 
-    def describe(self, eps: float) -> str:
-        return (f"PGD-EOT {self.pgd_steps} steps of {self.step_size(eps) * 255:.3g}/255 x {self.eot} EOT draws; "
+    def describe(self, eps: float, randomized: bool = True) -> str:
+        """The attacks as run against a randomized defence, or (``randomized=False``) against a deterministic one:
+        PGD without EOT, AutoAttack's standard version, one evaluation."""
+        step = f"{self.step_size(eps) * 255:.3g}/255"
+        if not randomized:
+            return (f"PGD {self.pgd_steps} steps of {step} (deterministic defence: no EOT); AutoAttack standard "
+                    f"(APGD-CE, APGD-T, FAB-T, Square) at its own budgets; one evaluation decides")
+        return (f"PGD-EOT {self.pgd_steps} steps of {step} x {self.eot} EOT draws; "
                 f"AutoAttack-rand (APGD-CE + APGD-DLR) {self.apgd_iters} iterations x {self.eot} EOT draws; "
                 f"scored over N = {self.evals} evaluations")
 
@@ -77,15 +85,38 @@ def eot_pgd(model: nn.Module, eps: float, steps: int, step_size: float, eot: int
                                random_start=random_start)
 
 
+class _Float32Logits(nn.Module):
+    """``model`` with float32 outputs. Under bf16 autocast the logits are bfloat16, and AutoAttack's Square
+    attack then writes float32 losses into a bfloat16 buffer and fails."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).float()
+
+
 def autoattack_rand(model: nn.Module, eps: float, iters: int, eot: int, seed: int = 0,
                     device: torch.device | str = "cpu"):
     """AutoAttack's randomized version (APGD-CE, then APGD-DLR on the points still robust, with EOT) with
     ``iters`` iterations and ``eot`` draws per gradient (the original: 100 and 20)."""
     if eps <= 0 or iters < 1 or eot < 1:
         raise ValueError(f"AutoAttack-rand needs eps > 0, iters >= 1 and eot >= 1; got {eps}, {iters}, {eot}")
-    adversary = import_autoattack().AutoAttack(model, norm="Linf", eps=eps, version="rand", seed=seed,
-                                               device=device)
+    adversary = import_autoattack().AutoAttack(_Float32Logits(model), norm="Linf", eps=eps, version="rand",
+                                               seed=seed, device=device)
     adversary.apgd.n_iter, adversary.apgd.eot_iter = iters, eot
+    adversary.verbose = False
+    return adversary
+
+
+def autoattack_standard(model: nn.Module, eps: float, seed: int = 0, device: torch.device | str = "cpu"):
+    """AutoAttack's standard version (APGD-CE, APGD-T on 9 target classes, FAB-T, Square with 5,000 queries),
+    unchanged: the reference evaluation of a deterministic model."""
+    if eps <= 0:
+        raise ValueError(f"AutoAttack needs eps > 0, got {eps}")
+    adversary = import_autoattack().AutoAttack(_Float32Logits(model), norm="Linf", eps=eps, version="standard",
+                                               seed=seed, device=device)
     adversary.verbose = False
     return adversary
 

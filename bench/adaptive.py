@@ -11,8 +11,11 @@ defended classifier is evaluated under these threat models (column ``threat``):
              (BPDA, the identity in the backward pass, for defences that are not differentiable: jpeg, bits),
              each step averaging the gradient over the protocol's EOT draws of the defence's noise (one draw
              for a deterministic defence)
-  aa-rand    white box: AutoAttack's randomized version (APGD-CE + APGD-DLR with EOT; pyautoattack)
-  worst      per image the worse of pgd-eot and aa-rand
+  aa-rand    white box, randomized defences: AutoAttack's randomized version (APGD-CE + APGD-DLR with EOT;
+             pyautoattack) with the protocol's iterations and draws
+  aa-standard  white box, deterministic defences (none, jpeg, bits, median): AutoAttack's standard version
+             (APGD-CE, APGD-T, FAB-T, Square) at its published budgets, whatever the protocol
+  worst      per image the worse of pgd-eot and the AutoAttack threat (aa-rand or aa-standard)
   pgd-fixed  ablation for randomized defences: the noise frozen per image while attacking and evaluating (PGD
              against a deterministic purifier; the protocol's PGD steps, no EOT needed)
 
@@ -53,8 +56,8 @@ import torch
 from torch import nn
 
 import classifiers
-from attacks import (BPDA, PROTOCOLS, autoattack_rand, autocast, correct_by_scoring, craft, eot_pgd, get_protocol,
-                     paper_pgd, pgd_steps, predict_draws, run_autoattack)
+from attacks import (BPDA, PROTOCOLS, autoattack_rand, autoattack_standard, autocast, correct_by_scoring, craft,
+                     eot_pgd, get_protocol, paper_pgd, pgd_steps, predict_draws, run_autoattack)
 from attacks.pgd import PGD_STEP_SIZE
 from purify import Defence, image_noise, parse_defence
 from purify.checkpoint import atomic_write
@@ -65,7 +68,8 @@ from .common import (DEFENCE_HELP, RESULTS_DIR, Entry, ResultTable, add_common_a
                      file_id, load_classifiers, load_split, resolve_bf16, run_command, text, write_text)
 
 SANITY_BUDGETS = [(5, 1), (10, 2), (20, 4), (40, 8)]  # PGD steps x EOT draws; the last but one is the cpu protocol's
-THREATS = ("clean", "transfer", "pgd-eot", "aa-rand", "worst", "pgd-fixed")
+THREATS = ("clean", "transfer", "pgd-eot", "aa-rand", "aa-standard", "worst", "pgd-fixed")
+AUTOATTACK_NAMES = {"aa-rand": "AutoAttack-rand", "aa-standard": "AutoAttack standard"}
 KEY = ["preset", "defence", "t_star", "eps_inv", "target", "split", "n", "data_seed", "eps", "protocol", "threat",
        "scoring"]
 COLUMNS = KEY + ["family", "nfe", "attack", "steps", "step_size", "eot", "evals", "attack_seed", "eval_seed", "bf16",
@@ -89,7 +93,10 @@ class Setting:
         self.eot = self.protocol.eot if self.defence.randomized else 1
         self.checkpoint_id = checkpoint_id
         self.noise_shape = self.defence.noise_shape(tuple(images.shape[1:]))
-        self.threats = [t for t in THREATS if t != "pgd-fixed" or self.defence.randomized]
+        # AutoAttack's version for the kind of defence; the fixed-noise ablation only where there is noise
+        self.autoattack = "aa-rand" if self.defence.randomized else "aa-standard"
+        skip = {"aa-standard"} if self.defence.randomized else {"aa-rand", "pgd-fixed"}
+        self.threats = [t for t in THREATS if t not in skip]
 
     def eval_noise(self, ids: torch.Tensor, draw: int):
         """Fresh defence noise per image and evaluation, from the evaluation seed."""
@@ -108,8 +115,9 @@ class Setting:
                   "transfer": (f"PGD on the undefended {self.target}", pgd_steps(self.eps), PGD_STEP_SIZE, 1),
                   "pgd-eot": ("EOTPGD", protocol.pgd_steps, protocol.step_size(eps), self.eot),
                   "aa-rand": ("AutoAttack-rand", protocol.apgd_iters, 0.0, self.eot),
-                  "worst": ("worst of EOTPGD and AutoAttack-rand", protocol.pgd_steps, protocol.step_size(eps),
-                            self.eot),
+                  "aa-standard": ("AutoAttack standard", 100, 0.0, 1),
+                  "worst": (f"worst of EOTPGD and {AUTOATTACK_NAMES[self.autoattack]}", protocol.pgd_steps,
+                            protocol.step_size(eps), self.eot),
                   "pgd-fixed": ("PGD, noise frozen per image", protocol.pgd_steps, protocol.step_size(eps), 1)}
         name, steps, step_size, eot = attack[threat]
         if not self.defence.differentiable and threat not in ("clean", "transfer"):
@@ -146,6 +154,10 @@ class Setting:
             adversary = autoattack_rand(self.attacked, eps, protocol.apgd_iters, self.eot, args.attack_seed,
                                         device)
             return run_autoattack(adversary, self.images, self.labels, args.batch_size, args.bf16_on)
+        if threat == "aa-standard":
+            device = next(self.classifier.parameters()).device
+            adversary = autoattack_standard(self.attacked, eps, args.attack_seed, device)
+            return run_autoattack(adversary, self.images, self.labels, args.batch_size, args.bf16_on)
         raise ValueError(f"unknown threat {threat!r}")
 
     def predictions(self, threat: str, images: torch.Tensor) -> torch.Tensor:
@@ -169,11 +181,12 @@ def run_setting(setting: Setting, table: ResultTable, cache_dir: Path, costs: di
         path = cache_dir / f"{unit_id(base)}.pt"
         rows = [dict(base, scoring=s) for s in ("single", "worst", "vote")]
         if threat == "worst":
-            if "pgd-eot" not in correct or "aa-rand" not in correct:
+            attacks = ("pgd-eot", setting.autoattack)
+            if any(t not in correct for t in attacks):
                 continue
-            per_image = {s: torch.minimum(correct["pgd-eot"][s], correct["aa-rand"][s]) for s in correct["pgd-eot"]}
+            per_image = {s: torch.minimum(*(correct[t][s] for t in attacks)) for s in correct["pgd-eot"]}
             wall = sum(float(table.rows[table.key(dict(setting.row(t), scoring="single"))]["wall_s"])
-                       for t in ("pgd-eot", "aa-rand"))
+                       for t in attacks)
         elif path.is_file() and all(table.done(r) for r in rows):
             stored = torch.load(path, weights_only=True)
             correct[threat] = correct_by_scoring(stored["predictions"].long(), setting.labels)
@@ -223,15 +236,18 @@ def markdown(frame: pd.DataFrame) -> str:
             rows = pd.concat([clean, eps_group])
             first = eps_group.iloc[0]
             proto = PROTOCOLS[protocol]
+            attacks = proto.describe(eps / 255, randomized="aa-standard" not in set(eps_group.threat))
             images = "test images" if split == "test" else "validation images (held-out training images)"
             parts.append(
                 f"**{preset} preset, defence `{family}` ({first.nfe} network evaluations per image) before the "
                 f"{target} classifier; {n:,} {images} "
                 f"(seed {data_seed}) of {DATASET}; L-inf eps = {eps}/255; `{protocol}` protocol: "
-                f"{proto.describe(eps / 255)}; attack seed {first.attack_seed}, evaluation seed {first.eval_seed}; "
+                f"{attacks}; attack seed {first.attack_seed}, evaluation seed {first.eval_seed}; "
                 f"{'bf16 autocast' if bf16 else 'float32'}.** Accuracy (%) as single / worst-of-{proto.evals} / "
                 f"majority-vote-of-{proto.evals}. `transfer` = PGD crafted on the undefended {target}; `worst` = per "
-                f"image the worse of PGD-EOT and AutoAttack-rand; `pgd-fixed` = the defence's noise frozen per image.\n")
+                f"image the worse of PGD-EOT and AutoAttack (`aa-rand` for a randomized defence, `aa-standard`, "
+                f"at its own budgets, for a deterministic one); `pgd-fixed` = the defence's noise frozen per "
+                f"image.\n")
             threats = [t for t in THREATS if t in set(rows.threat)]
             lines = ["| t* | eps_inv | " + " | ".join(threats) + " | attack s/image |",
                      "|---|---|" + "---|" * len(threats) + "---|"]
@@ -241,7 +257,8 @@ def markdown(frame: pd.DataFrame) -> str:
                     acc = {r.scoring: 100 * r.accuracy for r in cells[cells.threat == threat].itertuples()}
                     values.append(" / ".join(f"{acc[s]:.1f}" for s in ("single", "worst", "vote"))
                                   if len(acc) == 3 else "-")
-                wall = cells[(cells.threat.isin(["pgd-eot", "aa-rand"])) & (cells.scoring == "single")].s_per_image
+                attacked = cells.threat.isin(["pgd-eot", *AUTOATTACK_NAMES])
+                wall = cells[attacked & (cells.scoring == "single")].s_per_image
                 values.append(f"{wall.sum():.2f}" if len(wall) else "-")
                 lines.append(f"| {_number(t_star)} | {_number(eps_inv)} | " + " | ".join(values) + " |")
             costs = eps_group.iloc[0]
@@ -264,8 +281,8 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt  # noqa: PLC0415
     scorings = ("single", "worst", "vote")
     fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
-    styles = {"clean": "k-", "transfer": "C0--", "pgd-eot": "C3-", "aa-rand": "C1-", "worst": "C4:",
-              "pgd-fixed": "C2-."}
+    styles = {"clean": "k-", "transfer": "C0--", "pgd-eot": "C3-", "aa-rand": "C1-", "aa-standard": "C1-",
+              "worst": "C4:", "pgd-fixed": "C2-."}
     for ax, scoring in zip(axes, scorings):
         sub = frame[frame.scoring == scoring]
         for (family, target, eps), group in sub[sub.t_star.notna()].groupby(["family", "target", "eps"]):

@@ -6,7 +6,9 @@ defence with its settings before a classifier, e.g. ``bcm(eps_inv=0.3, t_star=1)
 image the defended classifier costs to run, with its clean accuracy. Per configuration, at one eps and one
 scoring of the randomized defences:
 
-- ``robust``: accuracy under the per-image worse of PGD-EOT and AutoAttack-rand (the ``worst`` threat);
+- ``robust``: accuracy under the per-image worse of PGD-EOT and AutoAttack (the ``worst`` threat): its rand
+  version for a randomized defence, its standard version for a deterministic one (e.g. an adversarially
+  trained classifier with no defence), in column ``autoattack`` with the version in ``autoattack_version``;
 - ``clean``: accuracy on the clean images, scored the same way;
 - ``decision_s``: measured seconds per image of one decision: defend + classify, times N for the vote of N
   evaluations of a randomized defence (a deterministic one decides once); ``nfe`` likewise;
@@ -50,11 +52,13 @@ def frontier_table(frame: pd.DataFrame, eps: int, scoring: str) -> pd.DataFrame:
         if clean.empty or worst.empty:
             continue
         row = dict(zip(GROUP, keys))
-        per_attack = {t: group[(group.threat == t) & (group.eps == eps)].accuracy for t in ("pgd-eot", "aa-rand")}
+        per_attack = {t: group[(group.threat == t) & (group.eps == eps)].accuracy
+                      for t in ("pgd-eot", "aa-rand", "aa-standard")}
+        version = "rand" if len(per_attack["aa-rand"]) else "standard"
         draws = int(worst.evals.iloc[0]) if scoring != "single" and randomized(row["defence"]) else 1
         row.update(eps=eps, scoring=scoring, clean=clean.accuracy.iloc[0], robust=worst.accuracy.iloc[0],
-                   pgd_eot=per_attack["pgd-eot"].iloc[0] if len(per_attack["pgd-eot"]) else float("nan"),
-                   aa_rand=per_attack["aa-rand"].iloc[0] if len(per_attack["aa-rand"]) else float("nan"),
+                   pgd_eot=_first(per_attack["pgd-eot"]),
+                   autoattack=_first(per_attack[f"aa-{version}"]), autoattack_version=version,
                    draws=draws, nfe=int(worst.nfe.iloc[0]) * draws,
                    # the setting's costs, measured with each of its attacks: their mean
                    decision_s=group.purify_s_per_image.mean() * draws, attack_step_s=group.step_s_per_image.mean())
@@ -69,6 +73,10 @@ def frontier_table(frame: pd.DataFrame, eps: int, scoring: str) -> pd.DataFrame:
     return table.sort_values(["decision_s", "robust"]).reset_index(drop=True)
 
 
+def _first(values: pd.Series) -> float:
+    return values.iloc[0] if len(values) else float("nan")
+
+
 def markdown(table: pd.DataFrame) -> str:
     """The frontier as a Markdown table with its threat model."""
     if table.empty:
@@ -76,16 +84,19 @@ def markdown(table: pd.DataFrame) -> str:
     first = table.iloc[0]
     protocol = PROTOCOLS[first.protocol]
     header = (f"**Robustness against cost, {first.preset} preset, {first.split} split ({first.n:,} images of "
-              f"{DATASET}), white-box L-inf eps = {first.eps}/255, `{first.protocol}` protocol: "
-              f"{protocol.describe(first.eps / 255)}; `{first.scoring}` scoring.** `robust`: per image the worse "
-              f"of PGD-EOT and AutoAttack-rand; `s/decision`: measured defend + classify seconds per image on the "
-              f"machine that ran it, times the N = {protocol.evals} evaluations a vote takes for a randomized "
-              f"defence; `pareto`: no configuration is as robust for less. Targets (issue 11): robust >= "
-              f"{100 * TARGET_ROBUST:.0f}% with clean >= {100 * TARGET_CLEAN:.0f}%.\n")
+              f"{DATASET}), white-box L-inf eps = {first.eps}/255, `{first.protocol}` protocol: randomized "
+              f"defences: {protocol.describe(first.eps / 255)}; deterministic ones: "
+              f"{protocol.describe(first.eps / 255, randomized=False)}; `{first.scoring}` scoring.** `robust`: "
+              f"per image the worse of PGD-EOT and AutoAttack (`rand` or `standard`, as the AutoAttack column "
+              f"says); `s/decision`: measured defend + classify seconds per image on the machine that ran it, "
+              f"times the N = {protocol.evals} evaluations a vote takes for a randomized defence; `pareto`: no "
+              f"configuration is as robust for less. Targets (issue 11): robust >= {100 * TARGET_ROBUST:.0f}% "
+              f"with clean >= {100 * TARGET_CLEAN:.0f}%.\n")
     view = pd.DataFrame({
         "defence": table.defence.map(lambda d: f"`{d}`"), "classifier": table.target,
         "clean %": 100 * table.clean, "robust %": 100 * table.robust, "PGD-EOT %": 100 * table.pgd_eot,
-        "AA-rand %": 100 * table.aa_rand, "NFE/decision": table.nfe, "ms/decision": 1000 * table.decision_s,
+        "AutoAttack %": 100 * table.autoattack,
+        "AutoAttack": table.autoattack_version, "NFE/decision": table.nfe, "ms/decision": 1000 * table.decision_s,
         "attack step ms": 1000 * table.attack_step_s, "pareto": table.pareto.map({True: "yes", False: ""}),
         "meets target": table.meets_target.map({True: "yes", False: ""})})
     return header + "\n" + view.to_markdown(index=False, floatfmt=".1f") + "\n"
@@ -108,7 +119,7 @@ def plot(table: pd.DataFrame, path: Path) -> None:
     ax.axhline(100 * TARGET_ROBUST, color="k", ls="--", lw=0.8, label=f"target {100 * TARGET_ROBUST:.0f}%")
     ax.set_xscale("log")
     ax.set_xlabel("seconds per image per decision (defend + classify, x N for a vote)")
-    ax.set_ylabel(f"robust accuracy (%), worst of PGD-EOT and AutoAttack-rand")
+    ax.set_ylabel("robust accuracy (%), worst of PGD-EOT and AutoAttack")
     first = table.iloc[0]
     ax.set_title(f"{first.preset} preset, {first.split} split, n = {first.n}, eps {first.eps}/255, "
                  f"`{first.protocol}` protocol, {first.scoring} scoring", fontsize=9)

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 import bench.adaptive
-from attacks import BPDA, autoattack_rand, correct_by_scoring, craft, eot_pgd, predict_draws, run_autoattack, score
+from attacks import (BPDA, autoattack_rand, autoattack_standard, correct_by_scoring, craft, eot_pgd, predict_draws,
+                     run_autoattack, score)
 from purify import BCMPurifier, image_noise
 from test_attacks import TemplateClassifier, template_data
 from test_bench import checkpoints  # noqa: F401 (fixture)
@@ -114,7 +115,7 @@ def test_bench_adaptive_grid_scores_and_resumes(checkpoints, tmp_path, monkeypat
     out = tmp_path / "adaptive.csv"
     bench.adaptive.main(adaptive_args(checkpoints, out))
     frame = pd.read_csv(out)
-    assert len(frame) == 2 * len(bench.adaptive.THREATS) * 3  # 2 t*, every threat, 3 scorings
+    assert len(frame) == 2 * (len(bench.adaptive.THREATS) - 1) * 3  # 2 t*, every threat but aa-standard, 3 scorings
     wide = frame.pivot_table(index=["t_star", "threat"], columns="scoring", values="accuracy")
     assert (wide["worst"] <= wide["single"] + 1e-9).all() and (wide["single"] <= 1).all()
     for t_star in (0.5, 1.0):
@@ -163,15 +164,24 @@ def test_bench_adaptive_evaluates_registry_defences_with_bpda_where_needed(check
                          "--defence", "jpeg:quality=60", "denoise:t_star=0.3"])
     frame = pd.read_csv(out)
     jpeg, denoise = frame[frame.defence == "jpeg(quality=60)"], frame[frame.defence == "denoise(t_star=0.3)"]
-    assert set(jpeg.threat) == set(bench.adaptive.THREATS) - {"pgd-fixed"}
-    assert set(denoise.threat) == set(bench.adaptive.THREATS)
+    # AutoAttack's standard version for the deterministic defence, its rand version for the randomized one
+    assert set(jpeg.threat) == set(bench.adaptive.THREATS) - {"pgd-fixed", "aa-rand"}
+    assert set(denoise.threat) == set(bench.adaptive.THREATS) - {"aa-standard"}
+    assert jpeg[jpeg.threat == "aa-standard"].attack.str.contains("BPDA").all()
+    assert jpeg[jpeg.threat == "worst"].attack.str.contains("AutoAttack standard").all()
+    accuracy = jpeg[jpeg.scoring == "single"].set_index("threat").accuracy
+    assert accuracy["worst"] <= min(accuracy["pgd-eot"], accuracy["aa-standard"]) + 1e-9
     assert jpeg[jpeg.threat == "pgd-eot"].eot.eq(1).all() and denoise[denoise.threat == "pgd-eot"].eot.eq(4).all()
     assert jpeg[jpeg.threat == "pgd-eot"].attack.str.contains("BPDA").all()
     assert jpeg.nfe.eq(0).all() and denoise.nfe.eq(1).all() and jpeg.t_star.isna().all()
     # a deterministic defence scores the same under every scoring
     wide = jpeg.pivot_table(index="threat", columns="scoring", values="accuracy")
     assert (wide["single"] == wide["worst"]).all() and (wide["single"] == wide["vote"]).all()
-    assert "defence `jpeg(quality=60)`" in out.with_suffix(".md").read_text()
+    md = out.with_suffix(".md").read_text()
+    sections = {("jpeg" if "`jpeg(quality=60)`" in part else "denoise"): part for part in md.split("**small preset")[1:]}
+    jpeg_md, denoise_md = sections["jpeg"], sections["denoise"]
+    assert "defence `jpeg(quality=60)`" in jpeg_md and "AutoAttack standard (APGD-CE, APGD-T" in jpeg_md
+    assert "no EOT" in jpeg_md and "x 4 EOT draws" in denoise_md and "AutoAttack-rand" in denoise_md
 
 
 def test_bench_adaptive_rejects_bad_input(checkpoints, tmp_path, capsys):  # noqa: F811
@@ -275,6 +285,31 @@ def test_each_row_of_predict_draws_is_one_evaluation_with_that_draws_noise():
     ids = torch.arange(100, 107)
     got = predict_draws(model, torch.rand(7, 3, 4, 4), ids, evals=4, noise=noise, batch_size=3)
     assert torch.equal(got, (torch.arange(4)[:, None] + ids[None]) % 10)
+
+
+def test_autoattack_standard_is_the_published_version_and_breaks_a_linear_classifier():
+    model = TemplateClassifier().eval()
+    adversary = autoattack_standard(model, eps=32 / 255)
+    assert adversary.attacks_to_run == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert (adversary.apgd.n_iter, adversary.apgd_targeted.n_target_classes, adversary.square.n_queries) == \
+        (100, 9, 5000)
+    images, labels = template_data(model, n=20)
+    adversarial = run_autoattack(adversary, images, labels, batch_size=20)
+    assert (adversarial - images).abs().max() <= 32 / 255 + 1e-5
+    assert (model(adversarial).argmax(1) == labels).float().mean() == 0
+    with pytest.raises(ValueError, match="eps > 0"):
+        autoattack_standard(model, eps=0)
+
+
+def test_autoattack_square_runs_under_bf16_autocast():
+    """Square (the last attack of the standard version, run on the points the gradient attacks left robust)
+    stores its losses in buffers of the logits' dtype: bf16 logits under autocast used to crash it."""
+    model = TemplateClassifier().eval()
+    images, labels = template_data(model, n=8)
+    adversary = autoattack_standard(model, eps=2 / 255)
+    adversary.attacks_to_run, adversary.square.n_queries = ["square"], 20
+    adversarial = run_autoattack(adversary, images, labels, batch_size=8, bf16=True)
+    assert adversarial.dtype == torch.float32 and (adversarial - images).abs().max() <= 2 / 255 + 1e-5
 
 
 def test_autoattack_rand_uses_the_given_iterations_and_draws():

@@ -10,10 +10,11 @@ from bench.frontier import frontier_table
 
 def _rows(defence, target, clean, worst, purify_s, scorings=("single", "vote"), eps=8):
     rows = []
+    autoattack = "aa-rand" if defence.split("(")[0] in ("bcm", "denoise", "diffusion") else "aa-standard"
     for scoring in scorings:
         shift = 0.0 if scoring == "vote" else -0.01  # single differs from vote: the scoring must be picked
-        for threat, accuracy, e in (("clean", clean, 0), ("pgd-eot", worst + 0.02, eps), ("aa-rand", worst + 0.05, eps),
-                                    ("worst", worst, eps)):
+        for threat, accuracy, e in (("clean", clean, 0), ("pgd-eot", worst + 0.02, eps),
+                                    (autoattack, worst + 0.05, eps), ("worst", worst, eps)):
             rows.append(dict(preset="small", defence=defence, family=defence, target=target, split="val", n=200,
                              data_seed=0, protocol="cpu", bf16=True, checkpoints="ab", scoring=scoring, threat=threat,
                              eps=e, accuracy=accuracy + shift, evals=10, nfe=2 if defence.startswith("bcm") else 0,
@@ -33,10 +34,12 @@ def frame():
 def test_vote_decisions_cost_n_evaluations_of_a_randomized_defence_and_one_of_a_deterministic_one(frame):
     table = frontier_table(frame, 8, "vote").set_index(["defence", "target"])
     bcm = table.loc[("bcm(eps_inv=0.3, t_star=1)", "preact")]
-    assert (bcm.clean, bcm.robust, bcm.pgd_eot, bcm.aa_rand) == pytest.approx((0.80, 0.10, 0.12, 0.15))
+    assert (bcm.clean, bcm.robust, bcm.pgd_eot, bcm.autoattack) == pytest.approx((0.80, 0.10, 0.12, 0.15))
+    assert bcm.autoattack_version == "rand"
     assert (bcm.draws, bcm.nfe, bcm.decision_s, bcm.attack_step_s) == pytest.approx((10, 20, 0.1, 0.03))
     jpeg = table.loc[("jpeg(quality=75)", "preact")]
     assert (jpeg.draws, jpeg.nfe, jpeg.decision_s) == pytest.approx((1, 0, 0.001))
+    assert jpeg.autoattack_version == "standard" and jpeg.autoattack == pytest.approx(0.10)
     assert ("bcm(eps_inv=0.3, t_star=2)", "preact") not in table.index  # no worst-case row: not on the plane
 
 
@@ -68,6 +71,7 @@ def test_cli_writes_csv_markdown_and_png_and_rejects_missing_results(frame, tmp_
     assert len(pd.read_csv(out)) == 4 and out.with_suffix(".png").stat().st_size > 0
     md = out.with_suffix(".md").read_text()
     assert "white-box L-inf eps = 8/255, `cpu` protocol" in md and "| preact:bcm-fgsm |" in md
+    assert "| standard " in md and "| rand " in md  # which AutoAttack each row's worst case took
     with pytest.raises(SystemExit) as exit_info:
         bench.frontier.main(["--results", str(tmp_path / "nothing.csv")])
     assert exit_info.value.code == 2 and "run `python -m bench.adaptive` first" in capsys.readouterr().err

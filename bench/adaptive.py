@@ -34,6 +34,8 @@ Markdown table and a PNG (accuracy against t*). Reruns resume: finished (setting
 
     python -m bench.adaptive --target preact --t-stars 0.5 1 2 5 --n 200 --protocol cpu
     python -m bench.adaptive --defence diffusion:steps=20 jpeg median --n 100
+    python -m bench.adaptive --defence diffusion:t_star=0.1 --threats clean pgd-eot --n 50
+                                   # PGD-EOT alone: an upper bound on the robust accuracy of a slow defence
     python -m bench.adaptive --split val --t-stars 0.5 1 2 5 --n 200          # choose settings here, not on test
     python -m bench.adaptive --sanity --n 50                                   # Carlini et al.'s sanity checks
     python -m bench.adaptive --convergence 20x4 50x4 20x16 100x8 --n 32        # how far the cpu protocol is
@@ -96,7 +98,8 @@ class Setting:
         # AutoAttack's version for the kind of defence; the fixed-noise ablation only where there is noise
         self.autoattack = "aa-rand" if self.defence.randomized else "aa-standard"
         skip = {"aa-standard"} if self.defence.randomized else {"aa-rand", "pgd-fixed"}
-        self.threats = [t for t in THREATS if t not in skip]
+        chosen = set(args.threats) | {"worst"} if getattr(args, "threats", None) else set(THREATS)
+        self.threats = [t for t in THREATS if t not in skip and t in chosen]
 
     def eval_noise(self, ids: torch.Tensor, draw: int):
         """Fresh defence noise per image and evaluation, from the evaluation seed."""
@@ -331,6 +334,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="'cpu': PGD-EOT 20x4, AutoAttack-rand 20x4, N = 10 (about 30 min per 200-image setting on "
                              "2 CPU cores); 'paper': PGD-EOT 200x20, AutoAttack-rand 100x20, N = 10 (GPUs) (default: cpu)")
     add_split_argument(parser)
+    parser.add_argument("--threats", nargs="+", default=None, choices=[t for t in THREATS if t != "worst"],
+                        metavar="THREAT",
+                        help="run only these threats (e.g. clean pgd-eot: an upper bound for a defence too slow for "
+                             "AutoAttack); 'worst' is added where pgd-eot and the defence's AutoAttack both ran "
+                             "(default: every threat that applies to the defence)")
     parser.add_argument("--attack-seed", type=int, default=0, help="seed of the attacks' randomness (default: 0)")
     parser.add_argument("--eval-seed", type=int, default=1,
                         help="seed of the defence's noise at evaluation, drawn per image and evaluation (default: 1)")

@@ -184,10 +184,20 @@ def test_bench_adaptive_evaluates_registry_defences_with_bpda_where_needed(check
     assert "no EOT" in jpeg_md and "x 4 EOT draws" in denoise_md and "AutoAttack-rand" in denoise_md
 
 
+def test_threats_option_runs_only_the_chosen_threats(checkpoints, tmp_path):  # noqa: F811
+    out = tmp_path / "some.csv"
+    bench.adaptive.main([*checkpoints, "--n", "4", "--batch-size", "4", "--t-stars", "0.5", "--out", str(out),
+                         "--threats", "clean", "pgd-eot"])
+    assert set(pd.read_csv(out).threat) == {"clean", "pgd-eot"}  # no AutoAttack, hence no worst case
+    bench.adaptive.main([*checkpoints, "--n", "4", "--batch-size", "4", "--t-stars", "0.5", "--out", str(out),
+                         "--threats", "pgd-eot", "aa-rand"])
+    assert set(pd.read_csv(out).threat) == {"clean", "pgd-eot", "aa-rand", "worst"}  # worst once both ran
+
+
 def test_bench_adaptive_rejects_bad_input(checkpoints, tmp_path, capsys):  # noqa: F811
     for bad in (["--eps", "0"], ["--target", "resnet"], ["--protocol", "gpu"], ["--split", "train"],
                 ["--convergence", "5y4"], ["--convergence", "0x4"], ["--n", "0"], ["--defence", "vote"],
-                ["--defence", "nosuch"]):
+                ["--defence", "nosuch"], ["--threats", "worst"], ["--threats", "pgd"]):
         with pytest.raises(SystemExit) as exit_info:
             bench.adaptive.main(adaptive_args(checkpoints, tmp_path / "x.csv", *bad))
         assert exit_info.value.code == 2

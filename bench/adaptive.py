@@ -34,7 +34,7 @@ Markdown table and a PNG (accuracy against t*). Reruns resume: finished (setting
 
     python -m bench.adaptive --target preact --t-stars 0.5 1 2 5 --n 200 --protocol cpu
     python -m bench.adaptive --defence diffusion:steps=20 jpeg median --n 100
-    python -m bench.adaptive --defence diffusion:t_star=0.1 --threats clean pgd-eot --n 50
+    python -m bench.adaptive --defence diffusion:t_star=0.1 --threats clean pgd-eot --n 50 --batch-size 4
                                    # PGD-EOT alone: an upper bound on the robust accuracy of a slow defence
     python -m bench.adaptive --split val --t-stars 0.5 1 2 5 --n 200          # choose settings here, not on test
     python -m bench.adaptive --sanity --n 50                                   # Carlini et al.'s sanity checks

@@ -302,7 +302,8 @@ def plot(frame: pd.DataFrame, path: Path) -> None:
         ax.set_title(f"scoring: {scoring}")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy (%)")
-    axes[-1].legend(fontsize=7, loc="best")
+    if axes[-1].get_legend_handles_labels()[0]:  # a CSV of strengthless defences only (none, jpeg) draws no line
+        axes[-1].legend(fontsize=7, loc="best")
     first = frame.iloc[0]
     fig.suptitle(f"Defences with a strength t*, {first.preset} preset, {first.split} split, n = {first.n}, `{first.protocol}` "
                  f"protocol ({DATASET})", fontsize=10)

@@ -61,6 +61,7 @@ class Recipe:
     warmup_fraction: float = 0.1
     val_n: int = 200              # validation images of the robust selection score (attack != none)
     val_steps: int = 10           # PGD steps of the robust selection score, step eps/4
+    base: str | None = None       # the variant to start from ({arch}-{preset}-{base}.pt); default the standard one
 
     def __post_init__(self):
         if self.attack not in ATTACKS:
@@ -105,14 +106,18 @@ def training_inputs(recipe: Recipe, defence: Defence, model: nn.Module, x: torch
 def finetune(arch: str, recipe_name: str, preset: str = "small", *, bcm: str | None = None,
              checkpoint_dir=DEFAULT_CHECKPOINT_DIR, out_dir=DEFAULT_CHECKPOINT_DIR, device: str = "auto",
              bf16: bool | None = None, **train_options) -> dict:
-    """Fine-tune ``{checkpoint_dir}/{arch}-{preset}.pt`` by ``recipe_name``; returns ``train``'s summary.
+    """Fine-tune ``{checkpoint_dir}/{arch}-{preset}.pt`` (the recipe's ``base``: ``{arch}-{preset}-{base}.pt``) by
+    ``recipe_name``; returns ``train``'s summary.
 
     ``bcm`` is the BCM checkpoint of a BCM defence (default: the preset's shipped one); ``train_options`` go
     to ``classifiers.train.train`` (data_root, run_dir, results_dir, seed, threads, max_minutes, resume,
     train_subset, test_subset, progress)."""
     recipe = load_recipe(recipe_name)
     variant = Path(recipe_name).stem
-    base_path = checkpoint_path(arch, preset, checkpoint_dir)
+    base_path = checkpoint_path(arch, preset, checkpoint_dir, variant=recipe.base)
+    if recipe.base is not None and not base_path.is_file():
+        raise FileNotFoundError(f"recipe {variant!r} starts from {base_path}, which does not exist; train it with "
+                                f"python -m classifiers.finetune --arch {arch} --preset {preset} --recipe {recipe.base}")
     base = load_checkpoint(base_path, required=("arch", "preset", "config", "model"))
     if (base["arch"], base["preset"]) != (arch, preset):
         raise ValueError(f"{base_path} holds a {base['arch']}/{base['preset']} classifier, not {arch}/{preset}")

@@ -10,7 +10,7 @@ from torch import nn
 
 import bench.common
 import classifiers
-from classifiers.finetune import Recipe, finetune, load_recipe, main, training_inputs
+from classifiers.finetune import RECIPE_DIR, Recipe, finetune, load_recipe, main, training_inputs
 from purify import Defence, make_defence
 from purify.checkpoint import load_checkpoint, save_checkpoint
 from purify.config import to_dict
@@ -83,7 +83,9 @@ def test_without_attack_the_classifier_sees_the_defended_images():
 
 
 def test_recipes_are_validated_and_shipped_ones_load(tmp_path):
-    for name in ("bcm-fgsm", "bcm-clean", "adv-fgsm"):
+    shipped = sorted(path.stem for path in RECIPE_DIR.glob("*.yaml"))
+    assert {"bcm-fgsm", "bcm-clean", "adv-fgsm", "bcm-fgsm-from-adv"} <= set(shipped)
+    for name in shipped:
         assert isinstance(load_recipe(name), Recipe)
     with pytest.raises(ValueError, match="attack must be one of"):
         Recipe(attack="cw")
@@ -156,3 +158,20 @@ def test_finetune_writes_a_variant_that_bench_loads_and_resumes_identically(setu
     for key in a["model"]:  # the purifier's noise and FGSM's start come from the saved RNG state
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0, msg=key)
     assert resumed["test_acc"] == straight["test_acc"]
+
+
+def test_a_recipe_base_starts_from_that_variant_and_a_missing_one_names_its_command(setup, data_root):
+    standard = load_checkpoint(setup / "ck" / "preact-small.pt")
+    torch.manual_seed(1)
+    start = classifiers.build_classifier("preact", config=tiny_config()).state_dict()
+    save_checkpoint({**standard, "model": start}, setup / "ck" / "preact-small-robust.pt")
+    recipe = _recipe(setup, name="warm", base="robust", lr=1e-9)  # a step this small leaves the start in place
+    _finetune(setup, recipe, "w", data_root=data_root)
+    state = load_checkpoint(setup / "w" / "preact-small-warm.pt")
+    assert state["finetune"]["base"].endswith("preact-small-robust.pt")
+    conv = next(k for k, v in start.items() if v.dim() == 4)
+    torch.testing.assert_close(state["model"][conv].float(), start[conv], atol=1e-2, rtol=0)
+    assert not torch.allclose(state["model"][conv].float(), standard["model"][conv], atol=1e-2)
+
+    with pytest.raises(FileNotFoundError, match="classifiers.finetune --arch preact --preset small --recipe nosuch"):
+        _finetune(setup, _recipe(setup, name="cold", base="nosuch"), "c", data_root=data_root)

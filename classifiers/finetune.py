@@ -31,7 +31,6 @@ import torchattacks
 from torch import nn
 
 from purify import Defence, make_defence, parse_defence
-from purify.checkpoint import load_checkpoint
 from purify.config import from_dict, load_yaml, to_dict
 from purify.data import seeded_subset, to_float
 from purify.defences import needs_bcm
@@ -41,7 +40,7 @@ from purify.runtime import pick_device
 from .architectures import ARCHS
 from .config import PRESETS, REPO_ROOT, TrainConfig
 from .evaluate import accuracy
-from .registry import DEFAULT_CHECKPOINT_DIR, checkpoint_path
+from .registry import DEFAULT_CHECKPOINT_DIR, checkpoint_path, load_classifier_state
 from .train import _autocast, train
 
 RECIPE_DIR = REPO_ROOT / "configs" / "finetune"
@@ -114,13 +113,7 @@ def finetune(arch: str, recipe_name: str, preset: str = "small", *, bcm: str | N
     train_subset, test_subset, progress)."""
     recipe = load_recipe(recipe_name)
     variant = Path(recipe_name).stem
-    base_path = checkpoint_path(arch, preset, checkpoint_dir, variant=recipe.base)
-    if recipe.base is not None and not base_path.is_file():
-        raise FileNotFoundError(f"recipe {variant!r} starts from {base_path}, which does not exist; train it with "
-                                f"python -m classifiers.finetune --arch {arch} --preset {preset} --recipe {recipe.base}")
-    base = load_checkpoint(base_path, required=("arch", "preset", "config", "model"))
-    if (base["arch"], base["preset"]) != (arch, preset):
-        raise ValueError(f"{base_path} holds a {base['arch']}/{base['preset']} classifier, not {arch}/{preset}")
+    base_path, base = load_classifier_state(arch, preset, checkpoint_dir, recipe.base)
     # the base's own training config (its sizes and data protocol) with the fine-tuning schedule
     config = dataclasses.replace(from_dict(TrainConfig, base["config"], f"{base_path}:config"), lr=recipe.lr,
                                  schedule="onecycle", warmup_fraction=recipe.warmup_fraction)

@@ -41,15 +41,12 @@ def train_command(arch: str, preset: str) -> str:
     return f"python -m classifiers.train --arch {arch} --preset {preset}"
 
 
-def load_classifier(arch: str, preset: str = "small", checkpoint_dir: str | os.PathLike | None = None,
-                    device: str | torch.device = "cpu", variant: str | None = None) -> nn.Module:
-    """The trained classifier ``arch``/``preset`` from ``checkpoint_dir/{arch}-{preset}.pt`` (a ``variant``:
-    ``{arch}-{preset}-{variant}.pt``, e.g. one fine-tuned through a purifier), in eval mode.
+def load_classifier_state(arch: str, preset: str = "small", checkpoint_dir: str | os.PathLike | None = None,
+                          variant: str | None = None) -> tuple[Path, dict]:
+    """The path and checkpoint of the trained ``arch``/``preset`` (``variant``) classifier, checked.
 
-    ``checkpoint_dir`` defaults to the repository's ``checkpoints/classifiers`` (independent of the CWD).
     Raises FileNotFoundError naming the training command when the file is missing, and ValueError when the
-    checkpoint was trained for another architecture or preset.
-    """
+    checkpoint was trained for another architecture or preset."""
     _check_arch(arch)
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; valid presets are {', '.join(PRESETS)}")
@@ -65,6 +62,18 @@ def load_classifier(arch: str, preset: str = "small", checkpoint_dir: str | os.P
     if (state["arch"], state["preset"]) != (arch, preset):
         raise ValueError(f"{path} holds a {state['arch']}/{state['preset']} classifier, "
                          f"not the requested {arch}/{preset}")
+    return path, state
+
+
+def load_classifier(arch: str, preset: str = "small", checkpoint_dir: str | os.PathLike | None = None,
+                    device: str | torch.device = "cpu", variant: str | None = None) -> nn.Module:
+    """The trained classifier ``arch``/``preset`` from ``checkpoint_dir/{arch}-{preset}.pt`` (a ``variant``:
+    ``{arch}-{preset}-{variant}.pt``, e.g. one fine-tuned through a purifier), in eval mode.
+
+    ``checkpoint_dir`` defaults to the repository's ``checkpoints/classifiers`` (independent of the CWD).
+    Raises as ``load_classifier_state`` does.
+    """
+    path, state = load_classifier_state(arch, preset, checkpoint_dir, variant)
     model = build_classifier(arch, config=from_dict(TrainConfig, state["config"], f"{path}:config"))
     # Shipped checkpoints store float weights in fp16 to stay small; the model computes in fp32.
     weights = {k: v.float() if v.is_floating_point() else v for k, v in state["model"].items()}

@@ -50,7 +50,7 @@ from purify.sampling import (ANCESTRAL_2, COMBINED_4, INVERSION_SCHEDULES, ZIGZA
                              invert_ode, ode_times, pf_ode_nfe, reconstruct, sample_ancestral, sample_combined,
                              sample_ode, sample_onestep, sample_zigzag)
 
-from .common import (DEFENCE_HELP, T_STARS, Entry, add_common_arguments, build_defences, check_defences, default_bcm_path,
+from .common import (DEFENCE_HELP, T_STARS, Entry, add_common_arguments, add_split_argument, build_defences, check_defences, default_bcm_path,
                      load_classifiers, load_split, missing_bcm_message, positive_int, purify_images, resolve_bf16,
                      run_command, vote_accuracy, write_text)
 
@@ -322,6 +322,7 @@ def main(argv: list[str] | None = None) -> None:
                              "(without it those rows are skipped)")
     parser.add_argument("--out", default=str(REPO_ROOT / "results" / "quality"), help="output folder")
     add_common_arguments(parser, n=1000, seed_help="seed of the test subset and of all noise")
+    add_split_argument(parser)
     args = parser.parse_args(argv)
     args.command = shlex.join(["python", "-m", "bench.quality", *(sys.argv[1:] if argv is None else argv)])
     args.bcm = Path(args.bcm) if args.bcm else default_bcm_path(args.preset)
@@ -364,11 +365,11 @@ def quality(args: argparse.Namespace) -> None:
             print("warning: no classifier checkpoint found; skipping purified clean accuracy", file=sys.stderr)
 
     out = Path(args.out)
-    images, labels, ids = load_split("test", args.data_root, args.n, args.seed)
+    images, labels, ids = load_split(args.split, args.data_root, args.n, args.seed)
     n = len(images)
-    about = (f"{DATASET}, {n} test images (seeded subset, seed {args.seed}); BCM checkpoint `{args.bcm}` "
+    about = (f"{DATASET}, {n} {args.split} images (seeded subset, seed {args.seed}); BCM checkpoint `{args.bcm}` "
              f"(step {step}). Command: `{args.command}`.")
-    meta = {"n": n, "seed": args.seed, "checkpoint_step": step}
+    meta = {"n": n, "seed": args.seed, "split": args.split, "checkpoint_step": step}
     timings = {}
 
     with torch.inference_mode():

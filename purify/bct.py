@@ -131,7 +131,9 @@ class BCTLoss(CurriculumLoss):
         p = index_probabilities(times, c.p_mean, c.p_std)
         offset = 1 if c.soft_start == "n+1" else 0
         n, n_prime = sample_index_pair(p, x.shape[0], exclude_offset=offset)
-        times = times.to(x.device, torch.float32)
+        # non-blocking copies: the indices are drawn on the host, and a blocking copy would wait for the device
+        times = times.to(x.device, torch.float32, non_blocking=True)
+        n, n_prime = n.to(x.device, non_blocking=True), n_prime.to(x.device, non_blocking=True)
         t_n, t_n1, t_prime = times[n], times[n + 1], times[n_prime]
         z = torch.randn_like(x)
         dropout_seed = int(torch.randint(0, 2**62, ()))
@@ -179,8 +181,8 @@ class CTInversionLoss(CurriculumLoss):
             p = index_probabilities(times, c.p_mean, c.p_std)
         else:
             p = torch.full((times.numel() - 1,), 1 / (times.numel() - 1), dtype=times.dtype)
-        n = torch.multinomial(p, x.shape[0], replacement=True)
-        times = times.to(x.device, torch.float32)
+        n = torch.multinomial(p, x.shape[0], replacement=True).to(x.device, non_blocking=True)
+        times = times.to(x.device, torch.float32, non_blocking=True)
         t_n, t_n1 = times[n], times[n + 1]
         z = torch.randn_like(x)
         g = _SharedDropout(model, int(torch.randint(0, 2**62, ())))

@@ -15,8 +15,10 @@ CONFIG_DIR = REPO_ROOT / "configs" / "bcm"
 @dataclass
 class TrainConfig:
     batch_size: int = 1024           # global batch, split over DDP ranks
-    total_steps: int = 400_000       # K of the curriculum (Eq. 21)
+    total_steps: int = 400_000       # the run's length, and K of the curriculum (Eq. 21) unless set below
+    curriculum_steps: int | None = None  # K of Eq. 21 when it differs from total_steps (training on at the final N)
     lr: float = 1e-4                 # RAdam
+    warmup_steps: int = 0            # linear learning-rate warm-up over the first steps of a fresh optimizer
     ema_decay: float = 0.99993
     grad_clip: float | None = None
     hflip: bool = True
@@ -24,6 +26,7 @@ class TrainConfig:
     checkpoint_every: int = 1000     # steps
     log_every: int = 50              # steps
     seed: int = 0
+    n_val: int = 0                   # training images held out (the classifiers' validation split) when > 0
 
 
 @dataclass

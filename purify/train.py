@@ -29,7 +29,7 @@ from .bcm import CONSISTENCY_KIND, BCM, ConsistencyModel, bcm_weights_from_consi
 from .bct import make_loss
 from .checkpoint import bcm_weights, load_checkpoint, load_state_dict_strict, save_checkpoint
 from .config import to_dict
-from .data import load_cifar10
+from .data import load_cifar10, train_val_split
 from .noiser import KIND as NOISER, Noiser
 from .presets import Preset, load_preset, preset_from_dict
 from .runtime import (Budget, CSVLog, gather_objects, init_distributed, native_bf16, pick_device, rng_state,
@@ -37,6 +37,7 @@ from .runtime import (Budget, CSVLog, gather_objects, init_distributed, native_b
 
 LOG_FIELDS = ["step", "N", "loss", "ct", "soft", "lr", "images_per_s", "elapsed_min"]
 CHECKPOINT_KEYS = ("kind", "config", "model", "ema", "optimizer", "step", "rng")
+VAL_SPLIT_SEED = 0  # classifiers.SPLIT_SEED: train.n_val holds out the same images the classifiers' validation uses
 SINGLE_TIME_LOSSES = ("ct", "denoise")  # the loss kinds that evaluate the model at u = eps only
 
 
@@ -74,6 +75,8 @@ class Trainer:
         self.rank, self.world, device = init_distributed(device)
         self.distributed = self.world > 1
         self.device = pick_device(device)
+        if self.device.type == "cuda":  # fixed shapes every step: let cuDNN pick its fastest convolutions once
+            torch.backends.cudnn.benchmark = True
         # bf16 autocast: by default only on GPUs that run it natively; on CPUs training stays float32
         self.bf16 = (self.device.type == "cuda" and native_bf16(self.device)) if bf16 is None else bf16
         self.out_dir = Path(out_dir)
@@ -109,7 +112,8 @@ class Trainer:
             load_state_dict_strict(self.bcm, weights, init_from)
         self.ema = AveragedModel(self.bcm, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
         self.optimizer = torch.optim.RAdam(self.bcm.parameters(), lr=tc.lr)
-        self.loss = make_loss(preset.loss, tc.total_steps, preset.model.sigma_data, preset.model.eps, preset.model.T)
+        curriculum = tc.curriculum_steps or tc.total_steps
+        self.loss = make_loss(preset.loss, curriculum, preset.model.sigma_data, preset.model.eps, preset.model.T)
         module = LossModule(self.bcm, self.loss)
         self.module = nn.parallel.DistributedDataParallel(module) if self.distributed else module
         if not 0 <= start_step < tc.total_steps:
@@ -118,12 +122,14 @@ class Trainer:
             raise ValueError("start_step needs init_from: it continues the curriculum of the weights it loads")
         # Continuing a released model's curriculum: the weights of step ``start_step`` with a fresh optimizer.
         self.step = start_step
+        self.optimizer_start = start_step  # the step at which the optimizer state began (warm-up counts from it)
         if start is not None:
             load_state_dict_strict(self.bcm, start["model"], str(self.checkpoint_path))
             self.ema.module.load_state_dict(start["ema"])
             self.ema.n_averaged.fill_(start.get("ema_n_averaged", 1))
             self.optimizer.load_state_dict(start["optimizer"])
             self.step = start["step"]
+            self.optimizer_start = start.get("optimizer_start", 0)
             if len(start["rng"]) == self.world:  # the same number of processes: each continues its own stream
                 set_rng_state(start["rng"][self.rank])
             else:  # another number: a fresh stream per rank, distinct from every other rank's and step's
@@ -131,23 +137,36 @@ class Trainer:
 
         if images is None:
             images, _ = load_cifar10("train", data_root)
+            if tc.n_val:  # never train on the images settings are chosen on
+                images = images[train_val_split(len(images), tc.n_val, seed=VAL_SPLIT_SEED)[0]]
         self.images = images.to(self.device)
         self.log = CSVLog(self.out_dir / "log.csv", LOG_FIELDS, resume_step=self.step) if self.rank == 0 else None
 
     def batch(self) -> torch.Tensor:
         """A random batch on the [-1, 1] scale (with random horizontal flips when configured)."""
         per_rank = self.preset.train.batch_size // self.world
-        idx = torch.randint(0, self.images.shape[0], (per_rank,))
-        x = self.images[idx.to(self.images.device)].float() / 127.5 - 1
+        # drawn on the images' device: no host-device copy, so no synchronisation, per step
+        idx = torch.randint(0, self.images.shape[0], (per_rank,), device=self.images.device)
+        x = self.images[idx].float() / 127.5 - 1
         if self.preset.train.hflip:
-            flip = (torch.rand(per_rank) < 0.5).to(x.device)
+            flip = torch.rand(per_rank, device=x.device) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
         if self.preset.train.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def train_step(self) -> dict[str, float]:
+    def learning_rate(self) -> float:
+        """The configured rate, ramped up linearly over ``warmup_steps`` from the optimizer's first step."""
+        tc = self.preset.train
+        if tc.warmup_steps <= 0:
+            return tc.lr
+        return tc.lr * min(1.0, (self.step - self.optimizer_start + 1) / tc.warmup_steps)
+
+    def train_step(self, sync: bool = True) -> dict[str, float | torch.Tensor]:
+        """One optimizer step; with ``sync=False`` the logged terms stay on the device (no host synchronisation)."""
         self.bcm.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate()
         x = self.batch()
         # the losses run their compared passes in float32 inside (purify.bct.float32_passes)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
@@ -165,6 +184,8 @@ class Trainer:
         if self.distributed:  # log the loss of the global batch, not rank 0's share of it
             dist.all_reduce(logged)
             logged /= self.world
+        if not sync:
+            return {"logged": logged, "N": int(terms["N"])}
         loss, ct, soft = logged.tolist()
         return {"loss": loss, "ct": ct, "soft": soft, "N": int(terms["N"])}
 
@@ -172,9 +193,11 @@ class Trainer:
         """Whether every rank stops before the next step: rank 0's clock decides the budget for all (each rank's
         own clock could stop them at different steps, one in the gradient all-reduce, another in the
         checkpoint's gather: a hang), and an interrupt on any rank stops all of them at the same step."""
-        flags = torch.tensor([float(self.rank == 0 and budget.exhausted()), float(interrupted)], device=self.device)
-        if self.distributed:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        flags = [float(self.rank == 0 and budget.exhausted()), float(interrupted)]
+        if not self.distributed:  # decided on the host: no device round trip per step
+            return any(flags)
+        flags = torch.tensor(flags, device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return bool(flags.any())
 
     def save(self) -> None:
@@ -185,6 +208,7 @@ class Trainer:
                 "kind": self.kind, "config": to_dict(self.preset), "model": self.bcm.state_dict(),
                 "ema": self.ema.module.state_dict(), "ema_n_averaged": int(self.ema.n_averaged),
                 "optimizer": self.optimizer.state_dict(), "step": self.step, "rng": states,
+                "optimizer_start": self.optimizer_start,
             }, self.checkpoint_path)
 
     def close(self) -> None:
@@ -205,12 +229,15 @@ class Trainer:
         try:
             with _deferred_interrupts() as interrupted:
                 while self.step < end and not self.should_stop(budget, interrupted()):
-                    terms = self.train_step()
+                    # the loss is read back to the host (a synchronisation) only on the steps that log it
+                    report = self.step + 1 == end or (self.step + 1) % tc.log_every == 0
+                    terms = self.train_step(sync=report)
                     window_steps += 1
                     bar.update(1)
-                    bar.set_postfix(loss=f"{terms['loss']:.4f}", ct=f"{terms['ct']:.4f}",
-                                    soft=f"{terms['soft']:.4f}", N=terms["N"])
-                    if self.log is not None and (self.step % tc.log_every == 0 or self.step == end):
+                    if report:
+                        bar.set_postfix(loss=f"{terms['loss']:.4f}", ct=f"{terms['ct']:.4f}",
+                                        soft=f"{terms['soft']:.4f}", N=terms["N"])
+                    if report and self.log is not None:
                         now = time.monotonic()
                         self.log.write(step=self.step, N=terms["N"], loss=terms["loss"], ct=terms["ct"],
                                        soft=terms["soft"], lr=self.optimizer.param_groups[0]["lr"],

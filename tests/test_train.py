@@ -212,8 +212,8 @@ def _ddp_stop_worker(rank, world, port, out, images, how):
     trainer = _ddp_trainer(rank, world, port, out, images)
     seen, train_step = [], trainer.train_step
 
-    def recording_step():
-        terms = train_step()
+    def recording_step(sync=True):
+        terms = train_step(sync=True)  # every step's terms on the host, to compare them across ranks
         seen.append(terms)
         if how == "sigint" and rank == 1 and trainer.step == 2:
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C reaches one rank only
@@ -274,3 +274,40 @@ def test_batch_is_on_the_minus_one_one_scale_with_horizontal_flips(tmp_path, mon
     assert scaled.min() == -1 and scaled.max() == 1
     want = torch.stack([scaled[0].flip(-1), scaled[1], scaled[2].flip(-1), scaled[3]])
     torch.testing.assert_close(x, want, rtol=0, atol=1e-6)
+
+
+def test_warm_up_ramps_the_rate_from_the_optimizers_first_step_and_survives_a_resume(tmp_path, tiny_images):
+    """lr(k) = lr * min(1, (k - k0 + 1) / warmup) with k0 the step the optimizer state began at: 0 for a fresh
+    run, the start step for a continued curriculum, and unchanged by a resume (the optimizer is not fresh)."""
+    images = _small_images(tiny_images)
+    trainer = Trainer(tiny_preset(lr=1e-3, warmup_steps=4, checkpoint_every=2), tmp_path / "a", images=images)
+    trainer.run(max_steps=5, progress=False)
+    rates = [float(r["lr"]) for r in csv.DictReader(open(tmp_path / "a" / "log.csv"))]
+    assert rates == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+    resumed = Trainer(tiny_preset(), tmp_path / "a", images=images, resume=True)
+    assert resumed.optimizer_start == 0 and resumed.learning_rate() == pytest.approx(1e-3)
+    continued = Trainer(tiny_preset(lr=1e-3, warmup_steps=4), tmp_path / "b", images=images, start_step=10,
+                        init_from=str(tmp_path / "a" / "checkpoint.pt"))
+    assert continued.learning_rate() == pytest.approx(2.5e-4)  # a fresh optimizer warms up again
+
+
+def test_n_val_holds_the_validation_images_out_of_training(tmp_path, monkeypatch):
+    """train.n_val removes the classifiers' validation split (train_val_split, seed 0) from the images BCT sees."""
+    import purify.train
+    from purify.data import train_val_split
+
+    images = torch.arange(200, dtype=torch.uint8).repeat_interleave(3 * 16 * 16).view(200, 3, 16, 16)
+    monkeypatch.setattr(purify.train, "load_cifar10", lambda split, root: (images, torch.zeros(200)))
+    trainer = Trainer(tiny_preset(n_val=20), tmp_path, device="cpu")
+    kept, held_out = train_val_split(200, 20, seed=0)
+    seen = set(trainer.images[:, 0, 0, 0].tolist())
+    assert seen == set(kept.tolist()) and not seen & set(held_out.tolist())
+
+
+def test_curriculum_steps_set_k_apart_from_the_runs_length(tmp_path, tiny_images):
+    """train.curriculum_steps is K of Eq. 21 when given: N doubles every K' = K / (log2(s1/s0) + 1) steps of
+    it and stays at s1 + 1 afterwards, however long the run."""
+    preset = tiny_preset(curriculum_steps=80, total_steps=10_000)
+    preset.loss.s0, preset.loss.s1 = 10, 40  # 3 stages, K' = 26
+    loss = Trainer(preset, tmp_path, images=_small_images(tiny_images)).loss
+    assert [loss.discretization(k).numel() for k in (0, 25, 26, 52, 80, 5000)] == [11, 11, 21, 41, 41, 41]

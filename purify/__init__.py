@@ -6,10 +6,11 @@ from .bct import BCTLoss, LossConfig
 from .defences import DEFENCES, make_defence, parse_defence
 from .network import NetworkConfig
 from .presets import Preset, load_preset
-from .purifier import BCMPurifier, DiffusionPurifier, image_noise
+from .purifier import BCMPurifier, DiffusionPurifier, clamp_straight_through, image_noise
 from .sampling import (invert, reconstruction_mse, sample_ancestral, sample_combined, sample_onestep,
                        sample_zigzag)
 
 __all__ = ["BCM", "BCMConfig", "BCMPurifier", "BCTLoss", "DEFENCES", "Defence", "DiffusionPurifier", "LossConfig",
-           "NetworkConfig", "Preset", "image_noise", "invert", "load_preset", "make_defence", "parse_defence",
-           "reconstruction_mse", "sample_ancestral", "sample_combined", "sample_onestep", "sample_zigzag"]
+           "NetworkConfig", "Preset", "clamp_straight_through", "image_noise", "invert", "load_preset", "make_defence",
+           "parse_defence", "reconstruction_mse", "sample_ancestral", "sample_combined", "sample_onestep",
+           "sample_zigzag"]

@@ -98,9 +98,9 @@ class MedianSmoothing(Defence):
 
 class Vote(Defence):
     """Classify ``n`` independent purifications by the randomized defence ``base`` and decide by majority of
-    the predicted labels (``how="majority"``; ties go to the smallest label) or by the mean logits
-    (``how="logits"``). Cost: ``n`` times the base's. Use ``wrap(classifier)``: a vote decides labels, it
-    does not return images."""
+    the predicted labels (``how="majority"``, the rule ``majority_vote``: the most frequent label, a tie going
+    to the smallest of the tied labels) or by the mean logits (``how="logits"``). Cost: ``n`` times the
+    base's. Use ``wrap(classifier)``: a vote decides labels, it does not return images."""
 
     name = "vote"
 
@@ -137,8 +137,22 @@ class Vote(Defence):
         return VotedClassifier(self, classifier).train(classifier.training)
 
 
+def _vote_shares(labels: torch.Tensor, num_classes: int = -1, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The share of the votes each class gets: ``labels`` (n, ...) -> (..., classes)."""
+    return nn.functional.one_hot(labels, num_classes).to(dtype).mean(0)
+
+
+def majority_vote(labels: torch.Tensor) -> torch.Tensor:
+    """The deployed decision of a majority vote (``Vote`` with ``how="majority"``): for ``labels`` of shape
+    (n, ...), the n predicted labels of each image, the most frequent label of each image, a tie going to the
+    smallest of the tied labels (votes [3, 3, 5, 5] decide 3). That is the argmax of the vote shares
+    ``vote.wrap(classifier)`` returns, as ``torch.argmax`` takes the first of equal maxima."""
+    return _vote_shares(labels).argmax(-1)
+
+
 class VotedClassifier(nn.Module):
-    """``vote.wrap(classifier)``: scores whose argmax is the vote's decision (vote shares, or mean logits)."""
+    """``vote.wrap(classifier)``: scores whose argmax is the vote's decision (the vote shares, whose argmax is
+    ``majority_vote`` of the predicted labels, or the mean logits)."""
 
     def __init__(self, vote: Vote, classifier: nn.Module):
         super().__init__()
@@ -148,8 +162,7 @@ class VotedClassifier(nn.Module):
         logits = torch.stack([self.classifier(self.vote.base(images)) for _ in range(self.vote.n)])
         if self.vote.how == "logits":
             return logits.mean(0)
-        votes = nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
-        return votes.mean(0)
+        return _vote_shares(logits.argmax(-1), logits.shape[-1], logits.dtype)
 
 
 _BCM_DEFENCES = {"bcm": BCMPurifier, "denoise": BCMPurifier, "diffusion": DiffusionPurifier}

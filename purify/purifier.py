@@ -28,6 +28,25 @@ MODES = ("bcm", "denoise")
 SOLVERS = ("sde", "ode")
 
 
+class _StraightThroughClamp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+        return x.clamp(low, high)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return grad, None, None
+
+
+def clamp_straight_through(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """``x.clamp(low, high)`` whose backward is the identity (BPDA with the identity), for the purifiers' output
+    clamps: a plain clamp zeroes the gradient wherever the purified image saturates, so an adaptive attack would
+    get no gradient on exactly the brightest and darkest pixels and understate what a gradient can do there.
+    The forward value is the clamp's, bit for bit: an autograd function rather than
+    ``x + (x.clamp(low, high) - x).detach()``, whose sum rounds for huge values and is NaN for infinite ones."""
+    return _StraightThroughClamp.apply(x, low, high)
+
+
 def shipped_bcm_path(preset: str) -> Path:
     """Where the repository ships the trained BCM of a preset, e.g. ``checkpoints/bcm/cifar10-small.pt``."""
     return REPO_ROOT / "checkpoints" / "bcm" / f"{preset}.pt"
@@ -96,7 +115,8 @@ class _NoisyDefence(Defence):
 
 
 class BCMPurifier(_NoisyDefence):
-    """Purify images in [0, 1] by inverting them to noise level ``t_star`` and denoising back.
+    """Purify images in [0, 1] by inverting them to noise level ``t_star`` and denoising back. The output is
+    clamped into [0, 1] with ``clamp_straight_through``, so gradients reach the input also where it saturates.
 
     Args:
         bcm: a trained BCM (its weights are frozen; gradients still flow to the input).
@@ -193,7 +213,8 @@ class BCMPurifier(_NoisyDefence):
                 x_t = invert(self.bcm, x, self.inversion_times, noise=z)
             else:
                 x_t = x + self.t_star * z
-            x = sample_ancestral(self.bcm, x_t, self.denoise_times, eps=self.bcm.config.eps).clamp(-1, 1)
+            x = sample_ancestral(self.bcm, x_t, self.denoise_times, eps=self.bcm.config.eps)
+            x = clamp_straight_through(x, -1, 1)
         return (x + 1) / 2
 
     def extra_repr(self) -> str:
@@ -207,7 +228,8 @@ class DiffusionPurifier(_NoisyDefence):
     back to 0 in ``steps`` steps (``solver``: ``"sde"`` reverse SDE, or ``"ode"`` probability-flow ODE) on
     the Karras grid (rho = 7) from ``t_star`` down to the model's ``eps``, using the BCM's ``u = 0`` branch as
     the denoiser (``purify.sampling.sample_reverse_diffusion``). ``steps`` network evaluations per image:
-    what a user would pick instead of the BCM purifier, at equal network quality."""
+    what a user would pick instead of the BCM purifier, at equal network quality. Like ``BCMPurifier``, it
+    clamps its output into [0, 1] with ``clamp_straight_through``."""
 
     name = "diffusion"
 
@@ -250,7 +272,7 @@ class DiffusionPurifier(_NoisyDefence):
         x_t = x + self.t_star * (noise[:, 0] if self.solver == "sde" else noise)
         x0 = sample_reverse_diffusion(self.bcm, x_t, self.times, self.solver, noise if self.solver == "sde" else None,
                                       eps=self.bcm.config.eps)
-        return ((x0 + 1) / 2).clamp(0, 1)
+        return clamp_straight_through((x0 + 1) / 2, 0, 1)
 
 
 def image_noise(indices: torch.Tensor, shape: Sequence[int], seed: int, draw: int = 0) -> torch.Tensor:

@@ -12,7 +12,7 @@ from purify import DEFENCES, BCMPurifier, DiffusionPurifier, image_noise, make_d
 from purify.base import Defence
 from purify.checkpoint import save_checkpoint
 from purify.config import to_dict
-from purify.defences import BitDepth, JPEG, MedianSmoothing, Vote
+from purify.defences import BitDepth, JPEG, MedianSmoothing, Vote, majority_vote
 from purify.sampling import sample_reverse_diffusion
 
 
@@ -226,6 +226,18 @@ def test_vote_takes_the_majority_of_n_purifications_and_mean_logits():
     assert mean.argmax(1).item() == 7 and mean[0, 7].item() == pytest.approx(10 / 3)
 
 
+def test_a_tied_majority_vote_goes_to_the_smallest_label():
+    assert majority_vote(torch.tensor([3, 3, 5, 5])).item() == 3
+    assert majority_vote(torch.tensor([5, 5, 3, 3])).item() == 3  # whatever the order of the votes
+    votes = torch.tensor([[7, 1, 4], [2, 9, 4], [7, 9, 0], [2, 1, 0]])  # 4 draws x 3 images, each a 2-2 tie
+    assert majority_vote(votes).tolist() == [2, 1, 0]
+    assert majority_vote(torch.tensor([[5, 1], [3, 1], [5, 6]])).tolist() == [5, 1]  # no tie: the majority
+    # the deployed vote decides the same: its vote shares' argmax
+    a, b = torch.full((1, 3, 4, 4), 3 / 9), torch.full((1, 3, 4, 4), 5 / 9)
+    scores = Vote(_Cycle([b, a, b, a]), n=4).wrap(_Brightness())(torch.rand(1, 3, 4, 4))
+    assert scores[0, 3] == scores[0, 5] == 0.5 and scores.argmax(1).item() == 3
+
+
 def test_reverse_diffusion_matches_the_exact_maps_of_gaussian_data():
     """For data ~ N(0, s^2) the exact denoiser is D(x, t) = s^2/(s^2 + t^2) x; the probability-flow ODE maps
     x_t to x_t s / sqrt(s^2 + t^2), and the reverse SDE turns N(0, s^2 + t^2) samples into N(0, s^2) ones."""
@@ -261,6 +273,18 @@ def test_diffusion_purifier_calls_the_u0_branch_on_a_decreasing_karras_grid(tiny
     rho = 7  # Karras spacing: t^(1/rho) is uniform
     roots = [t ** (1 / rho) for t in ts]
     torch.testing.assert_close(torch.tensor(roots).diff(), torch.full((3,), (roots[-1] - roots[0]) / 3))
+
+
+@pytest.mark.parametrize("solver", ["sde", "ode"])
+def test_diffusion_purifier_returns_images_on_the_inputs_scale(tiny_bcm, monkeypatch, solver):
+    """With a denoiser that knows the clean image (on the network's [-1, 1] scale) every step lands on it, so
+    the purifier must give back its input: the [0, 1] -> [-1, 1] -> [0, 1] round trip, not the [-1, 1] image."""
+    x = images(3)
+    x[0, 0] = 0.0  # the ends of the range too
+    x[0, 1] = 1.0
+    monkeypatch.setattr(tiny_bcm, "forward", lambda x_t, t, u: x * 2 - 1)
+    out = DiffusionPurifier(tiny_bcm, t_star=0.5, steps=4, solver=solver, seed=0)(x)
+    torch.testing.assert_close(out, x, rtol=0, atol=1e-6)
 
 
 def test_bcm_defence_from_the_registry_is_the_purifier(bcm_path):

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from conftest import tiny_preset
-from purify import BCMPurifier
+from purify import BCMPurifier, DiffusionPurifier, clamp_straight_through
 from purify.checkpoint import save_checkpoint
 from purify.config import to_dict
 
@@ -60,6 +60,38 @@ def test_gradients_reach_the_input_and_not_the_bcm(tiny_bcm):
     purifier(x).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     assert all(p.grad is None and not p.requires_grad for p in purifier.parameters())
+
+
+def test_clamp_straight_through_is_the_clamp_forward_and_the_identity_backward():
+    values = [-float("inf"), -3e8, -2.5, -1.0, -0.3, -0.0, 0.0, 0.7, 1.0, 1.5, 300.0, 3e8, float("inf")]
+    weights = torch.arange(1.0, len(values) + 1)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        x = torch.tensor(values).to(dtype).requires_grad_(True)
+        out = clamp_straight_through(x, -1, 1)
+        expected = x.detach().clamp(-1, 1)
+        assert torch.equal(out, expected) and torch.equal(out.signbit(), expected.signbit()), dtype
+        grad, = torch.autograd.grad((out * weights.to(dtype)).sum(), x)
+        assert torch.equal(grad, weights.to(dtype)), dtype  # d out / d x = 1, also outside [-1, 1]
+
+
+@pytest.mark.parametrize("make", [
+    lambda bcm: BCMPurifier(bcm, t_star=1.0, seed=0),
+    lambda bcm: BCMPurifier(bcm, t_star=0.5, mode="denoise", seed=0),
+    lambda bcm: DiffusionPurifier(bcm, t_star=1.0, steps=3, seed=0),
+], ids=["bcm", "denoise", "diffusion"])
+def test_gradients_pass_the_output_clamp_where_the_purified_image_saturates(tiny_bcm, make, monkeypatch):
+    """A network that returns 10 more than the tiny BCM saturates every purified pixel at 1; a plain clamp
+    would then give the attacker a zero gradient. The input gradient must be the one without any clamp."""
+    forward = tiny_bcm.forward
+    monkeypatch.setattr(tiny_bcm, "forward", lambda x, t, u: forward(x, t, u) + 10)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    out = make(tiny_bcm)(x)
+    assert torch.equal(out, torch.ones_like(out))
+    grad, = torch.autograd.grad(out.sum(), x)
+    assert torch.isfinite(grad).all() and grad.abs().min() > 0
+    monkeypatch.setattr("purify.purifier.clamp_straight_through", lambda x, low, high: x)
+    unclamped, = torch.autograd.grad(make(tiny_bcm)(x).sum(), x)
+    torch.testing.assert_close(grad, unclamped, rtol=0, atol=0)
 
 
 def test_seeded_noise_is_reproducible(tiny_bcm):

@@ -5,17 +5,20 @@
 - ``make_attack(name, model, **kwargs)``: any torchattacks attack by class name (``ATTACKS`` lists them).
 - ``craft(attack, images, labels)``: run an attack over a data set in seeded batches.
 
-- ``adaptive``: white-box attacks through a defence (PGD-EOT, AutoAttack-rand and -standard, BPDA), the fixed-randomness
-  ablation and the scorings of randomized defences (one evaluation, worst case and majority vote over N).
+- ``eot``: white-box attacks on a randomized defence's decision (margin/CE PGD, APGD, Square on the prediction
+  averaged over draws, best iterate per image); ``adaptive``: their budgets (``PROTOCOLS``), AutoAttack's standard
+  version, BPDA, and the scorings of randomized defences (average, all and strict majority of N).
 
 ``_compat`` is the one place that imports RobustBench/AutoAttack.
 """
-from .adaptive import (BPDA, PROTOCOLS, SCORINGS, Protocol, autoattack_rand, autoattack_standard,
-                       correct_by_scoring, eot_pgd, get_protocol, predict_draws, run_autoattack, score)
+from .adaptive import (BPDA, PROTOCOLS, SCORINGS, SUITE, Protocol, autoattack_standard, correct_by_scoring,
+                       get_protocol, majority_correct, predict_draws, run_autoattack, score)
 from .craft import autocast, craft
+from .eot import BestIteratePGD, BestLossAPGD, BestMarginSquare, DrawAverage, attack_loss
 from .pgd import EPS_GRID, PGD_STEP_SIZE, check_eps, paper_pgd, pgd_steps
 from .registry import ATTACKS, make_attack
 
-__all__ = ["ATTACKS", "BPDA", "EPS_GRID", "PGD_STEP_SIZE", "PROTOCOLS", "SCORINGS", "Protocol", "autoattack_rand",
-           "autoattack_standard", "autocast", "check_eps", "correct_by_scoring", "craft", "eot_pgd", "get_protocol", "make_attack",
+__all__ = ["ATTACKS", "BPDA", "BestIteratePGD", "BestLossAPGD", "BestMarginSquare", "DrawAverage", "EPS_GRID",
+           "PGD_STEP_SIZE", "PROTOCOLS", "SCORINGS", "SUITE", "Protocol", "attack_loss", "autoattack_standard",
+           "autocast", "check_eps", "correct_by_scoring", "craft", "get_protocol", "majority_correct", "make_attack",
            "paper_pgd", "pgd_steps", "predict_draws", "run_autoattack", "score"]

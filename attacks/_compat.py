@@ -21,6 +21,12 @@ def import_autoattack():
     return sys.modules["autoattack"]
 
 
+def import_autoattack_part(module: str):
+    """One of AutoAttack's attack modules (``autopgd_base`` for APGD, ``square`` for Square)."""
+    import_autoattack()
+    return importlib.import_module(f"pyautoattack.{module}")
+
+
 def import_robustbench():
     """Return the ``robustbench`` module, with ``autoattack`` resolving to ``pyautoattack``."""
     import_autoattack()

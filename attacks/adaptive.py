@@ -1,22 +1,16 @@
-"""Adaptive (white-box) attacks on a defended model and the scoring of randomized defences (spec §9).
+"""Adaptive (white-box) evaluation of a defended model and the scoring of randomized defences (spec §9).
 
 The attacker knows the whole defence and differentiates through it: for the BCM purifier the gradients are
-exact (both network evaluations are backpropagated). Threat models:
-
-- ``pgd-eot``: L-inf PGD in which every step averages the loss gradient over ``eot`` independent draws of the
-  defence's noise (torchattacks' ``EOTPGD``);
-- ``aa-rand``: AutoAttack's version for randomized defences, APGD-CE then APGD-DLR with EOT (pyautoattack's
-  ``AutoAttack(version="rand")``), with the protocol's iterations and draws;
-- ``aa-standard``: AutoAttack's standard version for deterministic defences (APGD-CE, APGD-T, FAB-T, Square at
-  their published budgets; ``AutoAttack(version="standard")``), the evaluation RobustBench reports;
-- ``pgd-fixed``: the fixed-randomness ablation: the defence's noise frozen per image while attacking and while
-  evaluating, i.e. PGD against a deterministic purifier;
-- ``BPDA``: a non-differentiable transform evaluated as itself but differentiated as a smooth approximation
-  (the identity by default; Athalye et al. 2018), so the same attacks run against JPEG-like defences.
+exact (both network evaluations are backpropagated). The attacks themselves are in ``attacks.eot``
+(margin- and CE-PGD with a decaying step and restarts, APGD-CE/-DLR and Square, each on the prediction
+averaged over a step's draws of the defence's noise, each returning the best iterate per image); this module
+holds how hard they try (``Protocol``), AutoAttack's standard version for deterministic models, BPDA for
+defences that are not differentiable, and how a randomized defence is scored:
 
 A randomized defence is scored over ``N`` independent evaluations with fresh noise (``score``): ``single`` is
-the mean accuracy of one evaluation, ``worst`` counts an image only if all ``N`` evaluations are correct
-(DiffHammer), ``vote`` takes the majority of the ``N`` predicted labels (DiffBreak).
+the mean accuracy of one evaluation (average of N), ``worst`` counts an image only if all ``N`` evaluations
+are correct (DiffHammer), ``vote`` only if the true label holds a strict majority of the ``N`` predicted
+labels, ties counting as wrong (DiffBreak). Scoring always runs in float32.
 """
 from __future__ import annotations
 
@@ -25,46 +19,50 @@ from dataclasses import dataclass
 from typing import Callable, ContextManager
 
 import torch
-import torchattacks
 from torch import nn
 
 from ._compat import import_autoattack
 from .craft import autocast
+from .eot import STEP_SCHEDULE
 
 SCORINGS = ("single", "worst", "vote")
+SUITE = "v2"  # the attack suite's version, part of every results key: a resumed CSV never mixes suites
 
 
 @dataclass(frozen=True)
 class Protocol:
-    """How hard an adaptive evaluation tries: attack iterations, EOT draws, and evaluations for scoring."""
+    """How hard an adaptive evaluation tries (``attacks.eot``'s attacks): PGD steps and APGD iterations, draws
+    of a randomized defence's noise per step, random restarts, Square's queries, evaluations for scoring."""
     name: str
-    pgd_steps: int
-    pgd_step_ratio: float     # PGD step size as a fraction of eps
-    eot: int                  # noise draws averaged per gradient (PGD-EOT and APGD alike)
-    apgd_iters: int           # iterations of each of AutoAttack-rand's APGD-CE and APGD-DLR
-    evals: int                # N: independent evaluations behind the worst-case and vote scorings
-
-    def step_size(self, eps: float) -> float:
-        return self.pgd_step_ratio * eps
+    steps: int                 # margin-PGD and CE-PGD steps; APGD-CE and APGD-DLR iterations
+    eot: int                   # draws averaged per step (randomized defences; deterministic ones take 1)
+    restarts: int              # random restarts of each PGD against a randomized defence
+    square_queries: int        # Square's queries (each costs ``eot`` draws); 0 leaves Square out
+    evals: int                 # N: fresh evaluations behind the three scorings
+    restarts_deterministic: int = 5  # PGD restarts against a deterministic defence (cheap: one draw a step)
 
     def describe(self, eps: float, randomized: bool = True) -> str:
-        """The attacks as run against a randomized defence, or (``randomized=False``) against a deterministic one:
-        PGD without EOT, AutoAttack's standard version, one evaluation."""
-        step = f"{self.step_size(eps) * 255:.3g}/255"
+        """The suite as run against a randomized defence, or (``randomized=False``) a deterministic one."""
+        steps = " -> ".join(f"{eps * f * 255:.3g}" for _, f in STEP_SCHEDULE) + "/255"
         if not randomized:
-            return (f"PGD {self.pgd_steps} steps of {step} (deterministic defence: no EOT); AutoAttack standard "
-                    f"(APGD-CE, APGD-T, FAB-T, Square) at its own budgets; one evaluation decides")
-        return (f"PGD-EOT {self.pgd_steps} steps of {step} x {self.eot} EOT draws; "
-                f"AutoAttack-rand (APGD-CE + APGD-DLR) {self.apgd_iters} iterations x {self.eot} EOT draws; "
-                f"scored over N = {self.evals} evaluations")
+            return (f"margin-PGD and CE-PGD, {self.steps} steps of {steps} x {self.restarts_deterministic} "
+                    f"restarts, best iterate; AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square) at its own "
+                    f"budgets; one evaluation decides")
+        square = (f"; Square {self.square_queries} queries x {self.eot} draws" if self.square_queries else "")
+        return (f"margin-PGD and CE-PGD {self.steps} steps of {steps} x {self.restarts} restart(s); APGD-CE and "
+                f"APGD-DLR {self.steps} iterations (AutoAttack's schedule); every step on the prediction averaged "
+                f"over {self.eot} draws, best iterate per image{square}; scored over N = {self.evals} fresh "
+                f"evaluations")
 
 
 PROTOCOLS = {
-    # The anchors' protocol (Lee & Kim, ICCV 2023: 200 steps of 0.007 at 8/255, 20 EOT draws; AutoAttack-rand at
-    # its default 100 iterations and 20 draws; N = 10 as in DiffHammer). For GPUs.
-    "paper": Protocol("paper", pgd_steps=200, pgd_step_ratio=0.007 / (8 / 255), eot=20, apgd_iters=100, evals=10),
-    # Scaled down to run on 2 CPU cores in about 30 minutes per setting of 200 images with the small preset.
-    "cpu": Protocol("cpu", pgd_steps=20, pgd_step_ratio=0.25, eot=4, apgd_iters=20, evals=10),
+    # Two cores, the small preset: about 10 minutes per white-box threat on 200 images of the robust
+    # configuration (docs/adaptive.md).
+    "cpu": Protocol("cpu", steps=20, eot=4, restarts=1, square_queries=0, evals=10),
+    # The sealed headline on a GPU: 100 steps x 10 draws (the independent check's budget) for each loss.
+    "gpu": Protocol("gpu", steps=100, eot=10, restarts=1, square_queries=1000, evals=10),
+    # The anchors' budget (Lee & Kim, ICCV 2023: 200 steps x 20 draws; N = 10 as in DiffHammer).
+    "paper": Protocol("paper", steps=200, eot=20, restarts=1, square_queries=5000, evals=10),
 }
 
 
@@ -72,17 +70,6 @@ def get_protocol(name: str) -> Protocol:
     if name not in PROTOCOLS:
         raise ValueError(f"unknown protocol {name!r}; known: {', '.join(PROTOCOLS)}")
     return PROTOCOLS[name]
-
-
-def eot_pgd(model: nn.Module, eps: float, steps: int, step_size: float, eot: int,
-            random_start: bool = True) -> torchattacks.attack.Attack:
-    """L-inf PGD with expectation over transformation: each step's gradient is the mean over ``eot``
-    forward/backward passes, each drawing the defence's noise afresh (torchattacks' ``EOTPGD``)."""
-    if eps <= 0 or steps < 1 or eot < 1 or step_size <= 0:
-        raise ValueError(f"PGD-EOT needs eps > 0, steps >= 1, eot >= 1 and step size > 0; got eps={eps}, "
-                         f"steps={steps}, eot={eot}, step_size={step_size}")
-    return torchattacks.EOTPGD(model, eps=eps, alpha=step_size, steps=steps, eot_iter=eot,
-                               random_start=random_start)
 
 
 class _Float32Logits(nn.Module):
@@ -95,19 +82,6 @@ class _Float32Logits(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x).float()
-
-
-def autoattack_rand(model: nn.Module, eps: float, iters: int, eot: int, seed: int = 0,
-                    device: torch.device | str = "cpu"):
-    """AutoAttack's randomized version (APGD-CE, then APGD-DLR on the points still robust, with EOT) with
-    ``iters`` iterations and ``eot`` draws per gradient (the original: 100 and 20)."""
-    if eps <= 0 or iters < 1 or eot < 1:
-        raise ValueError(f"AutoAttack-rand needs eps > 0, iters >= 1 and eot >= 1; got {eps}, {iters}, {eot}")
-    adversary = import_autoattack().AutoAttack(_Float32Logits(model), norm="Linf", eps=eps, version="rand",
-                                               seed=seed, device=device)
-    adversary.apgd.n_iter, adversary.apgd.eot_iter = iters, eot
-    adversary.verbose = False
-    return adversary
 
 
 def autoattack_standard(model: nn.Module, eps: float, seed: int = 0, device: torch.device | str = "cpu"):
@@ -123,9 +97,9 @@ def autoattack_standard(model: nn.Module, eps: float, seed: int = 0, device: tor
 
 def run_autoattack(adversary, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 250,
                    bf16: bool = False) -> torch.Tensor:
-    """``adversary``'s adversarial images (float in [0, 1], on the CPU). AutoAttack keeps the clean image
-    wherever its own single evaluation found no adversarial example; ``score`` re-evaluates them N times.
-    The caller's RNG state is restored afterwards (AutoAttack reseeds torch's global RNG)."""
+    """``adversary``'s adversarial images (float in [0, 1], on the CPU), for a deterministic model (one
+    evaluation decides, as AutoAttack assumes). The caller's RNG state is restored afterwards (AutoAttack
+    reseeds torch's global RNG)."""
     device = torch.device(adversary.device)
     x = (images.float() / 255 if images.dtype == torch.uint8 else images.float()).to(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast(device, bf16):
@@ -163,9 +137,10 @@ def no_noise(indices: torch.Tensor, draw: int) -> ContextManager:
 
 @torch.no_grad()
 def predict_draws(model: nn.Module, images: torch.Tensor, ids: torch.Tensor, evals: int,
-                  noise: NoiseContext = no_noise, batch_size: int = 250, bf16: bool = False) -> torch.Tensor:
+                  noise: NoiseContext = no_noise, batch_size: int = 250) -> torch.Tensor:
     """Predicted labels, shape (``evals``, n): row ``d`` is one evaluation of every image with the noise of
-    draw ``d`` (per image ``ids``, so independent of batching). ``images`` are uint8 or float in [0, 1]."""
+    draw ``d`` (per image ``ids``, so independent of batching). ``images`` are uint8 or float in [0, 1].
+    Always float32: bf16 may speed attacks up, never the scoring."""
     if len(ids) != len(images):
         raise ValueError(f"{len(images)} images but {len(ids)} ids")
     if evals < 1:
@@ -179,18 +154,28 @@ def predict_draws(model: nn.Module, images: torch.Tensor, ids: torch.Tensor, eva
         x = (x.float() / 255 if x.dtype == torch.uint8 else x.float()).to(device)
         x = x.contiguous(memory_format=torch.channels_last)
         for draw in range(evals):
-            with noise(ids[start:start + batch_size], draw), autocast(device, bf16):
+            with noise(ids[start:start + batch_size], draw):
                 out[draw, start:start + len(x)] = model(x).argmax(1).cpu()
     return out
 
 
+def majority_correct(predictions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The majority scoring rule, per image: the true label holds strictly more of the N votes than any other
+    label (a tie counts as wrong: an attacker who reaches a tie has reached a coin flip, whatever rule the
+    deployed vote uses to break it, ``purify.defences``)."""
+    votes = torch.nn.functional.one_hot(predictions, num_classes=int(max(predictions.max(), labels.max())) + 1).sum(0)
+    true = votes.gather(1, labels.cpu()[:, None]).squeeze(1)
+    others = votes.scatter(1, labels.cpu()[:, None], -1).amax(1)
+    return true > others
+
+
 def correct_by_scoring(predictions: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per image, whether it counts as correct under each scoring, from (N, n) predicted labels."""
+    """Per image, whether it counts as correct under each scoring, from (N, n) predicted labels: ``single``
+    the fraction of the N evaluations that are right (its mean is the average of N), ``worst`` all N right,
+    ``vote`` a strict majority right (``majority_correct``)."""
     correct = predictions == labels.cpu()[None]
-    votes = torch.nn.functional.one_hot(predictions, num_classes=int(predictions.max()) + 1).sum(0)
-    majority = votes.argmax(1)  # ties go to the smallest label
     return {"single": correct.float().mean(0), "worst": correct.all(0).float(),
-            "vote": (majority == labels.cpu()).float()}
+            "vote": majority_correct(predictions, labels).float()}
 
 
 def score(predictions: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

@@ -6,9 +6,11 @@ defence with its settings before a classifier, e.g. ``bcm(eps_inv=0.3, t_star=1)
 image the defended classifier costs to run, with its clean accuracy. Per configuration, at one eps and one
 scoring of the randomized defences:
 
-- ``robust``: accuracy under the per-image worse of PGD-EOT and AutoAttack (the ``worst`` threat): its rand
-  version for a randomized defence, its standard version for a deterministic one (e.g. an adversarially
-  trained classifier with no defence), in column ``autoattack`` with the version in ``autoattack_version``;
+- ``robust``: accuracy under the per-image worst of the suite's white-box threats (the ``worst`` threat), with
+  its 95% bootstrap interval (``robust_low``, ``robust_high``); beside it margin-PGD alone (``pgd_margin``)
+  and AutoAttack (``autoattack``): the better of APGD-CE and APGD-DLR on the averaged prediction for a
+  randomized defence (version ``apgd``), the standard version for a deterministic one (e.g. an adversarially
+  trained classifier with no defence; version ``standard``);
 - ``clean``: accuracy on the clean images, scored the same way;
 - ``decision_s``: measured seconds per image of one decision: defend + classify, times N for the vote of N
   evaluations of a randomized defence (a deterministic one decides once); ``nfe`` likewise;
@@ -24,14 +26,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from attacks import PROTOCOLS, SCORINGS
+from attacks import PROTOCOLS, SCORINGS, SUITE
 from purify.checkpoint import atomic_write
 from purify.defences import BCM_DEFENCES
 
 from .adaptive import DATASET, numeric_adaptive
 from .common import RESULTS_DIR, run_command, write_text
 
-GROUP = ["preset", "defence", "family", "target", "split", "n", "data_seed", "protocol", "bf16", "checkpoints"]
+GROUP = ["suite", "preset", "defence", "family", "target", "split", "n", "data_seed", "protocol", "bf16",
+         "checkpoints"]
 TARGET_ROBUST, TARGET_CLEAN = 0.35, 0.70  # issue 11's targets at eps 8/255
 
 
@@ -53,12 +56,14 @@ def frontier_table(frame: pd.DataFrame, eps: int, scoring: str) -> pd.DataFrame:
             continue
         row = dict(zip(GROUP, keys))
         per_attack = {t: group[(group.threat == t) & (group.eps == eps)].accuracy
-                      for t in ("pgd-eot", "aa-rand", "aa-standard")}
-        version = "rand" if len(per_attack["aa-rand"]) else "standard"
+                      for t in ("pgd-margin", "apgd-ce", "apgd-dlr", "aa-standard")}
+        version = "standard" if len(per_attack["aa-standard"]) else "apgd"
+        autoattack = (_first(per_attack["aa-standard"]) if version == "standard"
+                      else min(_first(per_attack["apgd-ce"]), _first(per_attack["apgd-dlr"])))
         draws = int(worst.evals.iloc[0]) if scoring != "single" and randomized(row["defence"]) else 1
         row.update(eps=eps, scoring=scoring, clean=clean.accuracy.iloc[0], robust=worst.accuracy.iloc[0],
-                   pgd_eot=_first(per_attack["pgd-eot"]),
-                   autoattack=_first(per_attack[f"aa-{version}"]), autoattack_version=version,
+                   robust_low=worst.ci_low.iloc[0], robust_high=worst.ci_high.iloc[0],
+                   pgd_margin=_first(per_attack["pgd-margin"]), autoattack=autoattack, autoattack_version=version,
                    draws=draws, nfe=int(worst.nfe.iloc[0]) * draws,
                    # the setting's costs, measured with each of its attacks: their mean
                    decision_s=group.purify_s_per_image.mean() * draws, attack_step_s=group.step_s_per_image.mean())
@@ -84,17 +89,20 @@ def markdown(table: pd.DataFrame) -> str:
     first = table.iloc[0]
     protocol = PROTOCOLS[first.protocol]
     header = (f"**Robustness against cost, {first.preset} preset, {first.split} split ({first.n:,} images of "
-              f"{DATASET}), white-box L-inf eps = {first.eps}/255, `{first.protocol}` protocol: randomized "
+              f"{DATASET}), white-box L-inf eps = {first.eps}/255, suite {first.suite}, `{first.protocol}` protocol: randomized "
               f"defences: {protocol.describe(first.eps / 255)}; deterministic ones: "
               f"{protocol.describe(first.eps / 255, randomized=False)}; `{first.scoring}` scoring.** `robust`: "
-              f"per image the worse of PGD-EOT and AutoAttack (`rand` or `standard`, as the AutoAttack column "
-              f"says); `s/decision`: measured defend + classify seconds per image on the machine that ran it, "
+              f"per image the worst of the white-box threats, with its 95% bootstrap interval; `AutoAttack`: the "
+              f"better of APGD-CE/-DLR on the averaged prediction (`apgd`) or the standard version (`standard`); "
+              f"`s/decision`: measured defend + classify seconds per image on the machine that ran it, "
               f"times the N = {protocol.evals} evaluations a vote takes for a randomized defence; `pareto`: no "
               f"configuration is as robust for less. Targets (issue 11): robust >= {100 * TARGET_ROBUST:.0f}% "
               f"with clean >= {100 * TARGET_CLEAN:.0f}%.\n")
     view = pd.DataFrame({
         "defence": table.defence.map(lambda d: f"`{d}`"), "classifier": table.target,
-        "clean %": 100 * table.clean, "robust %": 100 * table.robust, "PGD-EOT %": 100 * table.pgd_eot,
+        "clean %": 100 * table.clean, "robust %": 100 * table.robust,
+        "95% CI": [f"{100 * lo:.1f}-{100 * hi:.1f}" for lo, hi in zip(table.robust_low, table.robust_high)],
+        "margin-PGD %": 100 * table.pgd_margin,
         "AutoAttack %": 100 * table.autoattack,
         "AutoAttack": table.autoattack_version, "NFE/decision": table.nfe, "ms/decision": 1000 * table.decision_s,
         "attack step ms": 1000 * table.attack_step_s, "pareto": table.pareto.map({True: "yes", False: ""}),
@@ -119,7 +127,7 @@ def plot(table: pd.DataFrame, path: Path) -> None:
     ax.axhline(100 * TARGET_ROBUST, color="k", ls="--", lw=0.8, label=f"target {100 * TARGET_ROBUST:.0f}%")
     ax.set_xscale("log")
     ax.set_xlabel("seconds per image per decision (defend + classify, x N for a vote)")
-    ax.set_ylabel("robust accuracy (%), worst of PGD-EOT and AutoAttack")
+    ax.set_ylabel("robust accuracy (%), worst of the white-box threats")
     first = table.iloc[0]
     ax.set_title(f"{first.preset} preset, {first.split} split, n = {first.n}, eps {first.eps}/255, "
                  f"`{first.protocol}` protocol, {first.scoring} scoring", fontsize=9)
@@ -133,15 +141,15 @@ def plot(table: pd.DataFrame, path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.frontier", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results", nargs="+", default=[str(RESULTS_DIR / "adaptive" / "small-test.csv")],
-                        metavar="CSV", help="bench.adaptive CSVs (default: results/adaptive/small-test.csv)")
+    parser.add_argument("--results", nargs="+", default=[str(RESULTS_DIR / "adaptive" / SUITE / "small-sealed.csv")],
+                        metavar="CSV", help=f"bench.adaptive CSVs (default: results/adaptive/{SUITE}/small-sealed.csv)")
     parser.add_argument("--eps", type=int, default=8, help="L-inf budget k of eps = k/255 (default: 8)")
     parser.add_argument("--scoring", default="vote", choices=SCORINGS,
                         help="scoring of randomized defences: 'vote' (majority of N, the deployed decision), "
                              "'worst' (all N correct) or 'single' (one evaluation) (default: vote)")
-    parser.add_argument("--out", default=str(RESULTS_DIR / "frontier" / "small-test.csv"),
+    parser.add_argument("--out", default=str(RESULTS_DIR / "frontier" / "small-sealed.csv"),
                         help="frontier CSV; .md and .png are written next to it (default: results/frontier/"
-                             "small-test.csv)")
+                             "small-sealed.csv)")
     args = parser.parse_args(argv)
     missing = [path for path in args.results if not Path(path).is_file()]
     if missing:

@@ -64,3 +64,11 @@ def data_root():
         pytest.skip("BCM_DATA is unset: point it at the CIFAR-10 copy (e.g. ../shared/data/cifar10) to run the "
                     "tiny training runs on real images")
     return root
+
+
+@pytest.fixture(autouse=True)
+def ledger_in_tmp(tmp_path, monkeypatch):
+    """Evaluations the tests run on test images go to a ledger in the test's folder, never the committed one."""
+    import bench.sealed
+
+    monkeypatch.setattr(bench.sealed, "LEDGER_PATH", tmp_path / "test-ledger.csv")

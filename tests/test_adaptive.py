@@ -1,12 +1,18 @@
-"""The adaptive (white-box) harness: scorings, per-image noise, EOT, BPDA, AutoAttack-rand, bench.adaptive."""
+"""The adaptive (white-box) harness: scorings, per-image noise, the attacks on the averaged prediction
+(best iterate per image), BPDA, AutoAttack, bench.adaptive, the sealed test subset and its ledger."""
+import json
+import math
+
 import pandas as pd
 import pytest
 import torch
 from torch import nn
 
 import bench.adaptive
-from attacks import (BPDA, autoattack_rand, autoattack_standard, correct_by_scoring, craft, eot_pgd, predict_draws,
-                     run_autoattack, score)
+import bench.sealed
+from attacks import (BPDA, BestIteratePGD, BestLossAPGD, BestMarginSquare, DrawAverage, attack_loss,
+                     autoattack_standard, correct_by_scoring, craft, predict_draws, run_autoattack, score)
+from attacks.eot import step_size
 from purify import BCMPurifier, image_noise
 from test_attacks import TemplateClassifier, template_data
 from test_bench import checkpoints  # noqa: F401 (fixture)
@@ -22,6 +28,14 @@ def test_scorings_match_a_hand_computation():
                                                         "worst": 1 / 4, "vote": 3 / 4})
     per_image = correct_by_scoring(predictions, labels)
     assert per_image["worst"].tolist() == [1, 0, 0, 0] and per_image["vote"].tolist() == [1, 1, 0, 1]
+
+
+def test_a_tied_vote_counts_as_wrong_whatever_the_labels():
+    """N = 4: the true label with 2 of 4 votes against another label's 2 is a tie, wrong for the smaller and the
+    larger true label alike; 2 of 4 against 1 + 1 is a strict majority, right."""
+    predictions = torch.tensor([[0, 5, 3, 3], [0, 5, 3, 3], [5, 0, 1, 3], [5, 0, 2, 7]])
+    labels = torch.tensor([0, 5, 3, 7])
+    assert correct_by_scoring(predictions, labels)["vote"].tolist() == [0, 0, 1, 0]
 
 
 def test_image_noise_depends_only_on_seed_draw_and_index():
@@ -83,28 +97,145 @@ class CountingModel(nn.Module):
         return self.model(x)
 
 
-def test_eot_pgd_averages_every_step_over_the_draws_and_stays_in_the_ball():
-    model = CountingModel(TemplateClassifier().eval())
-    images, labels = template_data(model.model, n=20)
-    adversarial = eot_pgd(model, eps=4 / 255, steps=3, step_size=1 / 255, eot=5)(images, labels)
-    assert model.calls == 3 * 5
-    assert (adversarial - images).abs().max() <= 4 / 255 + 1e-6
-    assert adversarial.min() >= 0 and adversarial.max() <= 1
-    with pytest.raises(ValueError, match="eot >= 1"):
-        eot_pgd(model, eps=4 / 255, steps=3, step_size=1 / 255, eot=0)
+class NoisyTemplate(nn.Module):
+    """``TemplateClassifier`` on ``x + sigma z`` with fresh noise per call: a toy randomized defence."""
+
+    def __init__(self, sigma=0.05):
+        super().__init__()
+        self.classifier, self.sigma = TemplateClassifier(), sigma
+
+    def forward(self, x):
+        return self.classifier(x + self.sigma * torch.randn_like(x))
+
+
+class Recorder(nn.Module):
+    """Records every input and output of ``model`` (the attacks' calls of their averaged prediction)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, []
+
+    def forward(self, x):
+        out = self.model(x)
+        self.calls.append((x.detach().clone(), out.detach().clone()))
+        return out
+
+
+def test_draw_average_is_the_log_of_the_mean_probability_over_draws():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 3.0, 0.0]])  # draw 0, draw 1 of one image
+
+    class TwoDraws(nn.Module):
+        def forward(self, x):  # the batch holds draw 0's copy, then draw 1's
+            return logits
+
+    got = DrawAverage(TwoDraws(), draws=2)(torch.zeros(1, 3, 2, 2))
+    expected = ((logits.softmax(1)[0] + logits.softmax(1)[1]) / 2).log()
+    torch.testing.assert_close(got[0], expected)
+    model = TemplateClassifier()
+    x = torch.rand(3, 3, 32, 32)
+    torch.testing.assert_close(DrawAverage(model, 1)(x), model(x).log_softmax(1))
+
+
+def test_attack_losses_match_a_hand_computation():
+    scores = torch.tensor([[-0.1, -2.0, -3.0], [-2.5, -0.2, -1.0]])
+    labels = torch.tensor([0, 2])
+    torch.testing.assert_close(attack_loss(scores, labels, "ce"), torch.tensor([0.1, 1.0]))
+    torch.testing.assert_close(attack_loss(scores, labels, "margin"), torch.tensor([-2.0 + 0.1, -0.2 + 1.0]))
+    with pytest.raises(ValueError, match="loss must be"):
+        attack_loss(scores, labels, "hinge")
+
+
+def test_pgd_steps_decay_from_a_quarter_to_a_sixteenth_of_eps():
+    eps = 8 / 255
+    sizes = [step_size(eps, k, 100) for k in (0, 49, 50, 74, 75, 99)]
+    assert sizes == pytest.approx([2 / 255, 2 / 255, 1 / 255, 1 / 255, 0.5 / 255, 0.5 / 255])
+
+
+def test_pgd_takes_steps_of_the_scheduled_size_and_stays_in_the_ball():
+    """Without random start one step moves every pixel by exactly eps/4 (images kept away from 0 and 1; the CE
+    loss, whose gradient has no zero entries on this model, unlike the margin of two +-1 patterns)."""
+    model = TemplateClassifier().eval()
+    images, labels = template_data(model, n=10)
+    images = images.clamp(0.1, 0.9)
+    recorder = Recorder(DrawAverage(model))
+    attack = BestIteratePGD(model, eps=8 / 255, steps=1, loss="ce", random_start=False)
+    attack.scores = recorder
+    attack(images, labels)
+    delta = recorder.calls[1][0] - images  # the iterate after the first step
+    torch.testing.assert_close(delta.abs(), torch.full_like(delta, 2 / 255), rtol=0, atol=1e-6)
+    adversarial = BestIteratePGD(model, eps=4 / 255, steps=10, restarts=2)(images, labels)
+    assert (adversarial - images).abs().max() <= 4 / 255 + 1e-6 and adversarial.min() >= 0
+    with pytest.raises(ValueError, match="restarts >= 1"):
+        BestIteratePGD(model, eps=4 / 255, steps=3, restarts=0)
+
+
+@pytest.mark.parametrize("loss", ["margin", "ce"])
+def test_pgd_returns_the_iterate_with_the_highest_loss_over_draws_not_the_last_or_the_clean_one(loss):
+    """On a noisy toy model the returned image of every image is the iterate (over steps and restarts) whose
+    loss, measured on the prediction averaged over that step's draws, was the highest."""
+    torch.manual_seed(0)
+    model = NoisyTemplate(sigma=0.2).eval()
+    images, labels = template_data(model.classifier, n=12)
+    attack = BestIteratePGD(model, eps=8 / 255, steps=6, draws=3, loss=loss, restarts=2)
+    attack.scores = recorder = Recorder(attack.scores)
+    adversarial = attack(images, labels)
+    inputs = torch.stack([x for x, _ in recorder.calls])                       # (calls, n, ...)
+    losses = torch.stack([attack_loss(out, labels, loss) for _, out in recorder.calls])  # (calls, n)
+    best = losses.argmax(0)
+    torch.testing.assert_close(adversarial, inputs[best, torch.arange(len(images))])
+    assert not torch.equal(adversarial, images)
+    assert (best != len(recorder.calls) - 1).any()  # somewhere the best is not the last iterate
+
+
+@pytest.mark.parametrize("loss", ["ce", "dlr"])
+def test_apgd_returns_the_highest_loss_iterate_over_draws_not_the_clean_input(loss):
+    """AutoAttack keeps the clean image wherever one noisy evaluation found no adversarial example; ours keeps
+    the iterate whose loss on the averaged prediction was the highest (APGD's own x_best)."""
+    torch.manual_seed(0)
+    model = NoisyTemplate(sigma=0.2).eval()
+    images, labels = template_data(model.classifier, n=12)
+    attack = BestLossAPGD(model, eps=4 / 255, iters=8, draws=3, loss=loss)
+    attack.apgd.model = recorder = Recorder(attack.apgd.model)
+    adversarial = attack(images, labels)
+    calls = recorder.calls[1:]  # the first call is APGD's look at the clean input
+    inputs = torch.stack([x for x, _ in calls])
+    criterion = (lambda o, y: nn.functional.cross_entropy(o, y, reduction="none")) if loss == "ce" \
+        else attack.apgd.dlr_loss
+    losses = torch.stack([criterion(out, labels) for _, out in calls])
+    torch.testing.assert_close(adversarial, inputs[losses.argmax(0), torch.arange(len(images))])
+    assert not torch.equal(adversarial, images)
+
+
+@pytest.mark.parametrize("iters, checkpoints", [(20, (4, 1, 1)), (100, (22, 6, 3))])
+def test_apgd_is_built_with_its_budget_so_its_step_size_checkpoints_follow_it(iters, checkpoints):
+    apgd = BestLossAPGD(TemplateClassifier().eval(), eps=8 / 255, iters=iters, draws=4).apgd
+    assert (apgd.n_iter, apgd.eot_iter) == (iters, 1)  # the draws are inside the averaged prediction
+    assert (apgd.n_iter_2, apgd.n_iter_min, apgd.size_decr) == checkpoints
+    assert apgd.model.draws == 4
 
 
 def test_white_box_attacks_break_an_undefended_linear_classifier():
     model = TemplateClassifier().eval()
     images, labels = template_data(model, n=20)
-    pgd = eot_pgd(model, eps=32 / 255, steps=20, step_size=4 / 255, eot=1)(images, labels)
-    adversary = autoattack_rand(model, eps=32 / 255, iters=10, eot=1)
-    assert adversary.apgd.n_iter == 10 and adversary.apgd.eot_iter == 1
-    assert adversary.attacks_to_run == ["apgd-ce", "apgd-dlr"]
-    auto = run_autoattack(adversary, images, labels, batch_size=20)
-    for adversarial in (pgd, auto):
+    attacks = [BestIteratePGD(model, 32 / 255, 20, loss="margin"), BestIteratePGD(model, 32 / 255, 20, loss="ce"),
+               BestLossAPGD(model, 32 / 255, 10, loss="ce"), BestLossAPGD(model, 32 / 255, 10, loss="dlr")]
+    for attack in attacks:
+        adversarial = attack(images, labels)
         assert (adversarial - images).abs().max() <= 32 / 255 + 1e-5
-        assert (model(adversarial).argmax(1) == labels).float().mean() == 0
+        assert (model(adversarial).argmax(1) == labels).float().mean() == 0, type(attack).__name__
+
+
+def test_square_is_gradient_free_and_lowers_the_margin_inside_the_ball():
+    model = TemplateClassifier().eval()
+    images, labels = template_data(model, n=10)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(0)
+    adversarial = BestMarginSquare(model, eps=16 / 255, queries=50, draws=2)(images, labels)
+    assert (adversarial - images).abs().max() <= 16 / 255 + 1e-5
+    before = attack_loss(DrawAverage(model)(images), labels, "margin")
+    after = attack_loss(DrawAverage(model)(adversarial), labels, "margin")
+    assert (after >= before - 1e-6).all() and (after > before).any()
 
 
 def adaptive_args(checkpoints, out, *extra):  # noqa: F811
@@ -115,14 +246,17 @@ def test_bench_adaptive_grid_scores_and_resumes(checkpoints, tmp_path, monkeypat
     out = tmp_path / "adaptive.csv"
     bench.adaptive.main(adaptive_args(checkpoints, out))
     frame = pd.read_csv(out)
-    assert len(frame) == 2 * (len(bench.adaptive.THREATS) - 1) * 3  # 2 t*, every threat but aa-standard, 3 scorings
+    threats = {"clean", "transfer", "pgd-margin", "pgd-ce", "apgd-ce", "apgd-dlr", "worst", "pgd-fixed"}
+    assert set(frame.threat) == threats and len(frame) == 2 * len(threats) * 3  # 2 t*, 3 scorings; cpu: no Square
     wide = frame.pivot_table(index=["t_star", "threat"], columns="scoring", values="accuracy")
     assert (wide["worst"] <= wide["single"] + 1e-9).all() and (wide["single"] <= 1).all()
     for t_star in (0.5, 1.0):
         cell = wide.loc[t_star]
-        assert (cell.loc["worst"] <= cell.loc[["pgd-eot", "aa-rand"]].min() + 1e-9).all()
-    assert set(frame.protocol) == {"cpu"} and set(frame.evals) == {10}
-    assert frame.loc[frame.threat == "pgd-eot", "eot"].eq(4).all()
+        white_box = ["pgd-margin", "pgd-ce", "apgd-ce", "apgd-dlr"]
+        assert (cell.loc["worst"] <= cell.loc[white_box].min() + 1e-9).all()
+    assert set(frame.protocol) == {"cpu"} and set(frame.evals) == {10} and set(frame.suite) == {"v2"}
+    assert frame.loc[frame.threat.isin(["pgd-margin", "apgd-dlr"]), "eot"].eq(4).all()
+    assert (frame.ci_low <= frame.accuracy + 1e-9).all() and (frame.accuracy <= frame.ci_high + 1e-9).all()
     assert out.with_suffix(".md").is_file() and out.with_suffix(".png").is_file()
 
     def no_attack(self, threat):
@@ -164,15 +298,18 @@ def test_bench_adaptive_evaluates_registry_defences_with_bpda_where_needed(check
                          "--defence", "jpeg:quality=60", "denoise:t_star=0.3"])
     frame = pd.read_csv(out)
     jpeg, denoise = frame[frame.defence == "jpeg(quality=60)"], frame[frame.defence == "denoise(t_star=0.3)"]
-    # AutoAttack's standard version for the deterministic defence, its rand version for the randomized one
-    assert set(jpeg.threat) == set(bench.adaptive.THREATS) - {"pgd-fixed", "aa-rand"}
-    assert set(denoise.threat) == set(bench.adaptive.THREATS) - {"aa-standard"}
+    # AutoAttack's standard version and PGD with restarts for the deterministic defence, APGD on the averaged
+    # prediction for the randomized one
+    assert set(jpeg.threat) == {"clean", "transfer", "pgd-margin", "pgd-ce", "aa-standard", "worst"}
+    assert set(denoise.threat) == {"clean", "transfer", "pgd-margin", "pgd-ce", "apgd-ce", "apgd-dlr", "worst",
+                                   "pgd-fixed"}
     assert jpeg[jpeg.threat == "aa-standard"].attack.str.contains("BPDA").all()
-    assert jpeg[jpeg.threat == "worst"].attack.str.contains("AutoAttack standard").all()
+    assert jpeg[jpeg.threat == "worst"].attack.str.contains("aa-standard").all()
     accuracy = jpeg[jpeg.scoring == "single"].set_index("threat").accuracy
-    assert accuracy["worst"] <= min(accuracy["pgd-eot"], accuracy["aa-standard"]) + 1e-9
-    assert jpeg[jpeg.threat == "pgd-eot"].eot.eq(1).all() and denoise[denoise.threat == "pgd-eot"].eot.eq(4).all()
-    assert jpeg[jpeg.threat == "pgd-eot"].attack.str.contains("BPDA").all()
+    assert accuracy["worst"] <= min(accuracy["pgd-margin"], accuracy["pgd-ce"], accuracy["aa-standard"]) + 1e-9
+    assert jpeg[jpeg.threat == "pgd-margin"].eot.eq(1).all() and jpeg[jpeg.threat == "pgd-margin"].restarts.eq(5).all()
+    assert denoise[denoise.threat == "pgd-margin"].eot.eq(4).all()
+    assert jpeg[jpeg.threat == "pgd-margin"].attack.str.contains("BPDA").all()
     assert jpeg.nfe.eq(0).all() and denoise.nfe.eq(1).all() and jpeg.t_star.isna().all()
     # a deterministic defence scores the same under every scoring
     wide = jpeg.pivot_table(index="threat", columns="scoring", values="accuracy")
@@ -181,23 +318,29 @@ def test_bench_adaptive_evaluates_registry_defences_with_bpda_where_needed(check
     sections = {("jpeg" if "`jpeg(quality=60)`" in part else "denoise"): part for part in md.split("**small preset")[1:]}
     jpeg_md, denoise_md = sections["jpeg"], sections["denoise"]
     assert "defence `jpeg(quality=60)`" in jpeg_md and "AutoAttack standard (APGD-CE, APGD-T" in jpeg_md
-    assert "no EOT" in jpeg_md and "x 4 EOT draws" in denoise_md and "AutoAttack-rand" in denoise_md
+    assert "one evaluation decides" in jpeg_md and "x 5 restarts" in jpeg_md
+    assert "averaged over 4 draws" in denoise_md and "APGD-DLR" in denoise_md
 
 
 def test_threats_option_runs_only_the_chosen_threats(checkpoints, tmp_path):  # noqa: F811
     out = tmp_path / "some.csv"
     bench.adaptive.main([*checkpoints, "--n", "4", "--batch-size", "4", "--t-stars", "0.5", "--out", str(out),
-                         "--threats", "clean", "pgd-eot"])
-    assert set(pd.read_csv(out).threat) == {"clean", "pgd-eot"}  # no AutoAttack, hence no worst case
+                         "--threats", "clean", "pgd-margin"])
+    frame = pd.read_csv(out)
+    assert set(frame.threat) == {"clean", "pgd-margin", "worst"}
+    assert frame[frame.threat == "worst"].attack.str.endswith("of pgd-margin").all()
     bench.adaptive.main([*checkpoints, "--n", "4", "--batch-size", "4", "--t-stars", "0.5", "--out", str(out),
-                         "--threats", "pgd-eot", "aa-rand"])
-    assert set(pd.read_csv(out).threat) == {"clean", "pgd-eot", "aa-rand", "worst"}  # worst once both ran
+                         "--threats", "pgd-margin", "apgd-dlr"])
+    frame = pd.read_csv(out)
+    assert set(frame.threat) == {"clean", "pgd-margin", "apgd-dlr", "worst"}  # worst now of both
+    assert frame[frame.threat == "worst"].attack.str.endswith("of pgd-margin, apgd-dlr").all()
 
 
 def test_bench_adaptive_rejects_bad_input(checkpoints, tmp_path, capsys):  # noqa: F811
-    for bad in (["--eps", "0"], ["--target", "resnet"], ["--protocol", "gpu"], ["--split", "train"],
-                ["--convergence", "5y4"], ["--convergence", "0x4"], ["--n", "0"], ["--defence", "vote"],
-                ["--defence", "nosuch"], ["--threats", "worst"], ["--threats", "pgd"]):
+    for bad in (["--eps", "0"], ["--target", "resnet"], ["--protocol", "fast"], ["--split", "train"],
+                ["--convergence", "5y4"], ["--convergence", "0x4"], ["--n", "0"], ["--defence", "vote:n=3"],
+                ["--defence", "vote:how=logits"], ["--defence", "nosuch"], ["--threats", "worst"],
+                ["--threats", "pgd"]):
         with pytest.raises(SystemExit) as exit_info:
             bench.adaptive.main(adaptive_args(checkpoints, tmp_path / "x.csv", *bad))
         assert exit_info.value.code == 2
@@ -211,7 +354,11 @@ def test_convergence_study_writes_one_row_group_per_budget(checkpoints, tmp_path
     bench.adaptive.main(adaptive_args(checkpoints, out, "--convergence", "2x1", "3x2"))
     frame = pd.read_csv(tmp_path / "convergence.csv")
     assert sorted(set(zip(frame.steps, frame.eot))) == [(2, 1), (3, 2)] and len(frame) == 2 * 3
-    assert "| 3 x 2 | 6 |" in (tmp_path / "convergence.md").read_text()
+    md = (tmp_path / "convergence.md").read_text()
+    assert "| 3 x 2 | 6 |" in md and "with next" in md
+    small = frame[(frame.steps == 2) & (frame.scoring == "vote")].accuracy.item()
+    with_next = float(next(line for line in md.splitlines() if line.startswith("| 2 x 1 |")).split("|")[6])
+    assert with_next <= 100 * small + 1e-6  # the worst of two budgets is never above either
 
 
 def test_sanity_check_fails_without_gradients(tiny_bcm, monkeypatch):
@@ -230,6 +377,23 @@ def test_sanity_check_fails_without_gradients(tiny_bcm, monkeypatch):
     assert checks["gradients through the purifier are finite and non-zero"] is False
 
 
+def test_finite_difference_check_passes_exact_gradients_and_fails_wrong_ones(tiny_bcm):
+    class Args:
+        attack_seed, eval_seed = 0, 1
+
+    classifier = TemplateClassifier().eval()
+    images, labels = template_data(classifier, n=4)
+    images = (images * 255).round().to(torch.uint8)
+    purifier = BCMPurifier(tiny_bcm, t_star=0.5)
+    shape = purifier.noise_shape((3, 32, 32))
+    name, ok, detail = bench.adaptive.finite_difference_check(purifier.wrap(classifier), purifier, images, labels,
+                                                              torch.arange(4), shape, Args())
+    assert ok, detail
+    doubled = nn.Sequential(BPDA(lambda x: x, lambda x: 2 * x), purifier.wrap(classifier)).eval()  # gradient x2
+    assert not bench.adaptive.finite_difference_check(doubled, purifier, images, labels, torch.arange(4), shape,
+                                                      Args())[1]
+
+
 def test_validation_split_is_the_classifiers_held_out_training_images(monkeypatch):
     import bench.common
     from purify.data import train_val_split
@@ -244,30 +408,14 @@ def test_validation_split_is_the_classifiers_held_out_training_images(monkeypatc
         bench.common.load_split("val", None, n=1001, seed=3)
 
 
-def test_eot_pgd_takes_steps_of_the_given_size():
-    """PGD: x <- clip(x + step_size * sign(grad)); without random start one step moves every pixel by exactly
-    step_size (the images are kept away from 0 and 1, and step_size < eps, so neither clip binds)."""
-    model = TemplateClassifier().eval()
-    images, labels = template_data(model, n=10)
-    images = images.clamp(0.1, 0.9)
-    attack = eot_pgd(model, eps=8 / 255, steps=1, step_size=2 / 255, eot=1, random_start=False)
-    delta = attack(images, labels) - images
-    torch.testing.assert_close(delta.abs(), torch.full_like(delta, 2 / 255), rtol=0, atol=1e-6)
-    # three such steps inside an eps = 4/255 ball end on its boundary
-    delta = eot_pgd(model, eps=4 / 255, steps=3, step_size=2 / 255, eot=1, random_start=False)(images, labels) - images
-    assert delta.abs().max() <= 4 / 255 + 1e-6 and (delta.abs() > 3.9 / 255).float().mean() > 0.5
-
-
-def test_protocol_step_sizes_are_fractions_of_eps():
-    """Spec §9 (Lee & Kim): 200 steps of 0.007 at eps 8/255 with 20 EOT draws, N = 10; the step scales with eps."""
+def test_protocols_name_their_budgets():
+    """cpu 20 x 4; gpu 100 x 10 with Square (the sealed headline's budget); paper 200 x 20 (Lee & Kim); N = 10."""
     from attacks import get_protocol
 
-    paper, cpu = get_protocol("paper"), get_protocol("cpu")
-    assert (paper.pgd_steps, paper.eot, paper.apgd_iters, paper.evals) == (200, 20, 100, 10)
-    assert paper.step_size(8 / 255) == pytest.approx(0.007)
-    for eps in (4 / 255, 16 / 255):
-        assert paper.step_size(eps) == pytest.approx(0.007 * eps / (8 / 255))
-        assert cpu.step_size(eps) == pytest.approx(0.25 * eps)
+    budgets = {name: (p.steps, p.eot, p.square_queries, p.evals)
+               for name, p in ((n, get_protocol(n)) for n in ("cpu", "gpu", "paper"))}
+    assert budgets == {"cpu": (20, 4, 0, 10), "gpu": (100, 10, 1000, 10), "paper": (200, 20, 5000, 10)}
+    assert "2 -> 1 -> 0.5/255" in get_protocol("gpu").describe(8 / 255)
 
 
 class _DrawModel(nn.Module):
@@ -322,16 +470,9 @@ def test_autoattack_square_runs_under_bf16_autocast():
     assert adversarial.dtype == torch.float32 and (adversarial - images).abs().max() <= 2 / 255 + 1e-5
 
 
-def test_autoattack_rand_uses_the_given_iterations_and_draws():
-    adversary = autoattack_rand(TemplateClassifier().eval(), eps=8 / 255, iters=7, eot=3)
-    assert adversary.apgd.n_iter == 7 and adversary.apgd.eot_iter == 3
-    assert adversary.version == "rand" and adversary.norm == "Linf" and adversary.epsilon == pytest.approx(8 / 255)
-
-
 def test_an_attack_through_the_defence_leaves_the_classifier_in_eval_mode(tiny_bcm):
-    """A fresh nn.Sequential is in training mode and torchattacks restores its model's mode after attacking:
-    the wrapped classifier's batch norm would then update its running statistics on every later evaluation
-    (this corrupted every setting after the first one of an adaptive grid)."""
+    """A classifier in training mode would update its batch norm's running statistics on every later
+    evaluation (this once corrupted every setting after the first one of an adaptive grid)."""
     from test_bench import tiny_classifier
 
     classifier = tiny_classifier("preact", 0)
@@ -339,9 +480,74 @@ def test_an_attack_through_the_defence_leaves_the_classifier_in_eval_mode(tiny_b
     defended = BCMPurifier(tiny_bcm, t_star=0.5).wrap(classifier)
     assert not defended.training
     images = torch.rand(4, 3, 32, 32)
-    craft(eot_pgd(defended, 8 / 255, 2, 2 / 255, 2), images, torch.arange(4), progress=False)
+    craft(BestIteratePGD(defended, 8 / 255, 2, draws=2), images, torch.arange(4), progress=False)
     assert not classifier.training
     predict_draws(defended, images, torch.arange(4), 2)
     assert all(torch.equal(v, classifier.state_dict()[k]) for k, v in stats.items())
     with pytest.raises(ValueError, match="eval mode"):
         predict_draws(defended.train(), images, torch.arange(4), 1)
+
+
+def test_a_vote_is_evaluated_as_its_base_with_n_evaluations_and_a_paired_comparison(checkpoints, tmp_path,  # noqa: F811
+                                                                                    capsys):
+    out = tmp_path / "robust.csv"
+    bench.adaptive.main([*checkpoints, "--n", "4", "--batch-size", "4", "--out", str(out), "--threats", "clean",
+                         "pgd-margin", "--defence", "none", "bcm-robust"])
+    frame = pd.read_csv(out)
+    defences = set(frame.defence) - {"none"}  # bcm-robust: a vote of 10 purifications at t* = 0.5
+    assert "none" in set(frame.defence) and len(defences) == 1
+    assert defences.pop().startswith("bcm(") and set(frame.evals) == {10}
+    assert set(frame[frame.defence != "none"].t_star) == {0.5}
+    printed = capsys.readouterr().out
+    assert "Paired comparison with the classifier alone" in printed
+    assert "Paired comparison" in out.with_suffix(".md").read_text()
+
+
+def test_runs_on_test_images_are_ledgered_and_validation_runs_are_not(checkpoints, tmp_path, monkeypatch):  # noqa: F811
+    ledger = bench.sealed.LEDGER_PATH  # conftest points it into the test's folder
+    assert tmp_path in ledger.parents
+    args = [*checkpoints, "--n", "4", "--batch-size", "4", "--t-stars", "0.5", "--threats", "clean", "pgd-margin"]
+    bench.adaptive.main([*args, "--out", str(tmp_path / "a.csv")])
+    rows = pd.read_csv(ledger)
+    assert len(rows) == 1 and rows.split.item() == "test" and rows.n.item() == 4
+    assert rows.command.item().startswith("python -m bench.adaptive") and rows.suite.item() == "v2"
+    bench.adaptive.main([*args, "--out", str(tmp_path / "a.csv")])  # resumed, nothing evaluated again
+    assert len(pd.read_csv(ledger)) == 1
+
+
+def test_sealed_subset_avoids_every_used_test_id_and_is_drawn_once(tmp_path):
+    results = tmp_path / "results"
+    (results / "x-predictions").mkdir(parents=True)
+    pd.DataFrame({"split": ["test", "val"], "n": ["30", "500"], "seed": ["7", "0"]}).to_csv(results / "a.csv",
+                                                                                             index=False)
+    torch.save({"ids": torch.tensor([9998, 9999]), "row": {"split": "test"}}, results / "x-predictions" / "u.pt")
+    used = bench.sealed.used_test_ids(results)
+    from purify.data import seeded_subset
+    expected = set(seeded_subset(10_000, 30, 7).tolist()) | {9998, 9999} | set(seeded_subset(10_000, 2000, 0).tolist())
+    assert used == expected  # the val row is not a test image
+    path = tmp_path / "sealed.json"
+    record = bench.sealed.draw_sealed(100, seed=1, results_dir=results, path=path)
+    ids = set(json.loads(path.read_text())["ids"])
+    assert len(ids) == 100 == record["n"] and not ids & used
+    assert torch.equal(bench.sealed.sealed_ids(path), torch.tensor(sorted(ids)))
+    with pytest.raises(ValueError, match="drawn once"):
+        bench.sealed.draw_sealed(100, seed=2, results_dir=results, path=path)
+
+
+def test_bootstrap_interval_brackets_the_mean_and_collapses_for_constant_values():
+    values = torch.tensor([1.0] * 30 + [0.0] * 70)
+    mean, low, high = bench.sealed.bootstrap_interval(values)
+    assert mean == pytest.approx(0.3) and low < 0.3 < high
+    assert (high - low) == pytest.approx(2 * 1.96 * math.sqrt(0.3 * 0.7 / 100), abs=0.03)  # the normal approximation
+    assert bench.sealed.bootstrap_interval(torch.ones(10))[1:] == (1.0, 1.0)
+
+
+def test_cost_clock_waits_for_the_cuda_queue_and_not_on_the_cpu(monkeypatch):
+    from bench.common import device_clock
+
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(device))
+    device_clock(torch.device("cpu"))
+    assert waited == []
+    device_clock(torch.device("cuda", 0))
+    assert waited == [torch.device("cuda", 0)]

@@ -71,7 +71,7 @@ from purify.runtime import cpu_capability, cpu_name, pick_device
 
 from .common import (DEFENCE_HELP, RESULTS_DIR, Entry, ResultTable, add_common_arguments, add_split_argument,
                      attack_step_cost, build_defences, device_clock, check_defences, check_names, classifier_path, combine_ids,
-                     file_id, load_classifiers, load_split, resolve_bf16, run_command, text, write_text)
+                     file_id, load_classifiers, load_split, run_command, text, write_text)
 from .sealed import append_ledger, bootstrap_interval
 
 SANITY_BUDGETS = [(5, 1), (10, 2), (20, 4), (40, 8)]  # PGD steps x EOT draws; the last but one is the cpu protocol's
@@ -218,8 +218,11 @@ def run_setting(setting: Setting, table: ResultTable, cache_dir: Path, costs: di
             if threat == "clean" and setting.eps != setting.args.eps[0]:
                 continue  # clean rows do not depend on eps: computed once, with the first eps
             started = time.monotonic()
-            predictions = setting.predictions(threat, setting.adversarial(threat))
+            adversarial = setting.adversarial(threat)
+            predictions = setting.predictions(threat, adversarial)
             wall = time.monotonic() - started
+            if setting.args.export_adversarial and threat not in ("clean", "worst"):
+                export_adversarial(setting, threat, adversarial, Path(setting.args.export_adversarial))
             atomic_write(path, lambda tmp: torch.save({"predictions": predictions.to(torch.int8),
                                                         "ids": setting.ids, "row": base}, tmp))
             per_image = correct_by_scoring(predictions.long(), setting.labels)
@@ -232,6 +235,16 @@ def run_setting(setting: Setting, table: ResultTable, cache_dir: Path, costs: di
             cells.append(dict(r, accuracy=mean, ci_low=low, ci_high=high, wall_s=wall, s_per_image=wall / n, **costs))
         table.add(cells)
     return {"correct": correct, "ran": ran}
+
+
+def export_adversarial(setting: Setting, threat: str, adversarial: torch.Tensor, folder: Path) -> None:
+    """One file per configuration and threat that a third party can re-score: the adversarial images (float32
+    in [0, 1]) with their dataset ids, labels, split and the row describing the attack."""
+    row = setting.row(threat)
+    name = f"{setting.target}-{setting.defence.spec()}-eps{setting.eps}-{threat}".replace(":", "_")
+    name = "".join(c if c.isalnum() or c in "-_.=," else "_" for c in name)
+    atomic_write(folder / f"{name}.pt", lambda tmp: torch.save(
+        {"images": adversarial.float(), "ids": setting.ids, "labels": setting.labels, "row": row}, tmp))
 
 
 def measure_costs(setting: Setting, batch_size: int, bf16: bool) -> dict:
@@ -384,10 +397,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="instead of the grid: re-measure the costs (defend + classify, one attack step) of every "
                              "selected setting already in --out, in this one process, and write them into its rows, so "
                              "that costs first measured on different machines or under different load compare")
+    parser.add_argument("--export-adversarial", metavar="DIR", default=None,
+                        help="also write each newly attacked (configuration, threat)'s adversarial images, with ids "
+                             "and labels, to DIR/<target>-<defence>-eps<k>-<threat>.pt, for re-scoring elsewhere")
     parser.add_argument("--out", default=None,
                         help=f"results CSV, resumed if it exists (default: results/adaptive/{SUITE}/<preset>-<split>.csv); "
                              "Markdown, PNG and per-image predictions go next to it")
     add_common_arguments(parser, n=200, batch_size=100, seed_help="seed of the image subset")
+    for action in parser._actions:  # this command's own default: float32 attacks
+        if "--bf16" in action.option_strings:
+            action.help = ("bfloat16 autocast for the attacks' network passes (default: off, float32: bf16 is for "
+                           "a budget where it was shown to agree with float32); scoring is always float32")
     args = parser.parse_args(argv)
     args.command = shlex.join(["python", "-m", "bench.adaptive", *(sys.argv[1:] if argv is None else argv)])
     try:
@@ -437,7 +457,8 @@ def build(args, device):
     """Classifiers, defences (per spec, t* and eps_inv), images, and checkpoint ids from the arguments."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.bf16_on = resolve_bf16(args)
+    # attack gradients in float32 unless asked: bf16 is used only where it has been shown to agree with float32
+    args.bf16_on = bool(args.bf16)
     models = load_classifiers(args.target, args.preset, args.classifier_dir, device)
     specs = []
     for spec in args.defence:  # --eps-inv multiplies the bcm specs

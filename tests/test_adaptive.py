@@ -551,3 +551,16 @@ def test_cost_clock_waits_for_the_cuda_queue_and_not_on_the_cpu(monkeypatch):
     assert waited == []
     device_clock(torch.device("cuda", 0))
     assert waited == [torch.device("cuda", 0)]
+
+
+def test_adversarial_images_are_exported_for_rescoring(checkpoints, tmp_path):  # noqa: F811
+    folder = tmp_path / "adv"
+    bench.adaptive.main([*checkpoints, "--n", "4", "--batch-size", "4", "--t-stars", "0.5", "--out",
+                         str(tmp_path / "a.csv"), "--threats", "clean", "pgd-margin", "--export-adversarial", str(folder)])
+    files = sorted(folder.glob("*.pt"))
+    assert [f.name.endswith("-eps8-pgd-margin.pt") for f in files] == [True]  # clean and worst are not attacks
+    state = torch.load(files[0], weights_only=True)
+    images, labels, ids = bench.adaptive.load_split("test", str(tmp_path / "data"), 4, 0)
+    assert torch.equal(state["ids"], ids) and torch.equal(state["labels"], labels)
+    assert (state["images"] - images.float() / 255).abs().max() <= 8 / 255 + 1e-6
+    assert state["row"]["threat"] == "pgd-margin" and state["row"]["suite"] == "v2"

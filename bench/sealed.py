@@ -81,13 +81,24 @@ def sealed_ids(path: Path = SEALED_PATH) -> torch.Tensor:
     return torch.tensor(sorted(json.loads(path.read_text())["ids"]))
 
 
+LEDGER_KEY = ["split", "n", "data_seed", "suite", "protocol", "defence", "target", "eps"]
+
+
 def append_ledger(rows: list[dict], path: Path | None = None) -> None:
-    """Append evaluations on test images to the ledger (default ``LEDGER_PATH``; rewritten atomically)."""
+    """Record evaluations on test images in the ledger (default ``LEDGER_PATH``; rewritten atomically). A run
+    resumed unit by unit is one evaluation: a row with the same configuration, images and suite replaces the
+    earlier, partial one (keeping its date) instead of adding a line."""
     if not rows:
         return
     path = path or LEDGER_PATH
     old = pd.read_csv(path, dtype=str, keep_default_na=False) if path.is_file() else pd.DataFrame(columns=LEDGER_COLUMNS)
-    new = pd.DataFrame([{c: row.get(c, "") for c in LEDGER_COLUMNS} for row in rows])
+    new = pd.DataFrame([{c: str(row.get(c, "")) for c in LEDGER_COLUMNS} for row in rows])
+    key = lambda frame: frame[LEDGER_KEY].astype(str).agg("|".join, axis=1)  # noqa: E731
+    earlier = old[key(old).isin(set(key(new)))] if len(old) else old
+    if len(earlier):
+        dates = dict(zip(key(earlier), earlier.date))
+        new["date"] = [dates.get(k, d) for k, d in zip(key(new), new.date)]
+        old = old[~key(old).isin(set(key(new)))]
     frame = pd.concat([old, new], ignore_index=True)[LEDGER_COLUMNS]
     atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
 

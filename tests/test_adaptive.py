@@ -564,3 +564,16 @@ def test_adversarial_images_are_exported_for_rescoring(checkpoints, tmp_path):  
     assert torch.equal(state["ids"], ids) and torch.equal(state["labels"], labels)
     assert (state["images"] - images.float() / 255).abs().max() <= 8 / 255 + 1e-6
     assert state["row"]["threat"] == "pgd-margin" and state["row"]["suite"] == "v2"
+
+
+def test_a_resumed_evaluation_is_one_ledger_line(tmp_path):
+    row = dict(date="2026-01-01", split="sealed", n=500, data_seed=0, suite="v2", protocol="gpu", defence="none",
+               target="preact", eps=8, clean_vote="70.0", robust_vote="40.0", robust_ci="35.0-45.0", command="a")
+    path = tmp_path / "ledger.csv"
+    bench.sealed.append_ledger([row], path)
+    bench.sealed.append_ledger([dict(row, date="2026-01-02", robust_vote="33.0", command="b")], path)
+    bench.sealed.append_ledger([dict(row, defence="bcm", date="2026-01-02")], path)
+    ledger = pd.read_csv(path, dtype=str)
+    assert len(ledger) == 2
+    first = ledger[ledger.defence == "none"].iloc[0]
+    assert (first.robust_vote, first.command, first.date) == ("33.0", "b", "2026-01-01")

@@ -136,6 +136,45 @@ def defence_comparison(bcm: BCM, classifier: torch.nn.Module, batch: int, step_b
     add("BCM purifier / bare passes, attack step", kind, step[bcm_name] / step[bare], "x", "target <= 1.10")
 
 
+def _attack_step_memory(config: str, classifier_preset: str, batch: int, recompute: bool, threads: int) -> tuple:
+    """In a fresh process: the peak resident memory one attack step (forward + backward to the input through the
+    purifier, t* = 0.5, and the ``wrn`` classifier) adds over a no-gradient forward pass of the same batch, in
+    MiB, and the step's seconds."""
+    import resource  # noqa: PLC0415 (Unix only; this measurement runs in its own process)
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    purifier = BCMPurifier(BCM(load_preset(config).model), t_star=0.5, eps_inv=0.25, seed=0, recompute=recompute)
+    model = purifier.wrap(build_classifier("wrn", classifier_preset).eval().requires_grad_(False))
+    x = torch.rand(batch, 3, 32, 32)
+    with torch.no_grad():
+        model(x)
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    point = x.clone().requires_grad_(True)
+    start = time.perf_counter()
+    torch.autograd.grad(model(point).logsumexp(1).sum(), point)
+    seconds = time.perf_counter() - start
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 1024, seconds
+
+
+def attack_memory(config: str, classifier_preset: str, batch: int, threads: int, add) -> None:
+    """Peak memory and time of one attack step through the purifier, keeping the network's activations and
+    recomputing them in the backward pass (``recompute=True``), each in a fresh process."""
+    import multiprocessing  # noqa: PLC0415
+
+    results = {}
+    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+        for recompute in (False, True):
+            results[recompute] = pool.apply(_attack_step_memory,
+                                            (config, classifier_preset, batch, recompute, threads))
+    for recompute, (mib, seconds) in results.items():
+        kind = "recompute" if recompute else "keep activations"
+        add(f"attack step memory (batch {batch}, t*=0.5, wrn)", kind, mib / batch, "MiB/image", "peak RSS over no-grad")
+        add(f"attack step time (batch {batch}, t*=0.5, wrn)", kind, 1000 * seconds / batch, "ms/image")
+    add("recompute / keep: memory", "recompute", results[True][0] / results[False][0], "x", "target <= 0.25")
+    add("recompute / keep: time", "recompute", results[True][1] / results[False][1], "x", "target <= 1.4")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.perf", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -150,9 +189,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compare-step-batch", type=positive_int, default=8,
                         help="batch of its attack-step measurements; 100 steps of activations are kept for the "
                              "backward pass of the diffusion defence (default: 8)")
-    parser.add_argument("--only", choices=("all", "training", "defences"), default="all",
-                        help="measure everything, only the training/throughput part, or only the defence "
-                             "comparison (default: all)")
+    parser.add_argument("--only", choices=("all", "training", "defences", "memory"), default="all",
+                        help="measure everything, only the training/throughput part, only the defence "
+                             "comparison, or only the attack step's memory with and without recomputed "
+                             "activations (default: all)")
     parser.add_argument("--out", default=str(REPO_ROOT / "results" / "perf"), help="output folder")
     # untrained weights (speed does not depend on them) on the CPU: no checkpoint, batch-size or device options
     add_preset_arguments(parser, bcm=False, classifier_dir=False)
@@ -202,6 +242,8 @@ def main(argv: list[str] | None = None) -> None:
                     forward_throughput(build_classifier(arch, args.preset), args.eval_batch,
                                        channels_last, bf16, args.repeats), "images/s")
 
+    if args.only in ("all", "memory"):
+        attack_memory(args.config, args.preset, args.compare_step_batch, threads, add)
     if args.only in ("all", "defences"):
         defence_comparison(BCM(preset.model), build_classifier("wrn", args.preset), args.compare_batch,
                            args.compare_step_batch, compare_bf16, args.repeats, add)
@@ -215,8 +257,11 @@ def main(argv: list[str] | None = None) -> None:
     header = (f"# Throughput, preset `{name}`, {threads} thread(s)\n\n"
               f"CPU: {cpu_name()} ({cpu_capability()}); load average at the end: {os.getloadavg()[0]:.2f}. "
               f"Command: `python -m bench.perf --config {args.config} --threads {threads} --only {args.only}`."
-              f" The defence comparison uses the `{args.preset}` `wrn` classifier and runs "
-              f"{'under bf16 autocast' if compare_bf16 else 'in float32'}.\n\n")
+              + (f" The defence comparison uses the `{args.preset}` `wrn` classifier and runs "
+                 f"{'under bf16 autocast' if compare_bf16 else 'in float32'}." if args.only in ("all", "defences")
+                 else "")
+              + (" The attack-step memory runs in float32, each setting in a fresh process." if args.only in
+                 ("all", "memory") else "") + "\n\n")
     atomic_write(out / f"perf-{name}{suffix}.md",
                  lambda tmp: Path(tmp).write_text(header + table.to_markdown(index=False) + "\n"))
     print(f"wrote {out}/perf-{name}{suffix}.csv and .md")

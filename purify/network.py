@@ -17,12 +17,14 @@ attention only after the last decoder block of a level (``decoder_attention="las
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -242,6 +244,7 @@ class UNet(nn.Module):
     def __init__(self, config: NetworkConfig):
         super().__init__()
         self.config = c = config
+        self.recompute = False  # set by recompute_activations
         noise_channels = c.channels * c.noise_mult
         self.map_noise = (FourierEmbedding(noise_channels, c.fourier_scale) if c.embedding_type == "fourier"
                           else PositionalEmbedding(noise_channels))
@@ -300,15 +303,39 @@ class UNet(nn.Module):
         h = self.conv_in(x)
         skips, pyramid = [h], x
         for index, block in enumerate(self.encoder):
-            h = block(h, emb)
+            h = self._run(block, h, emb)
             if str(index) in self.encoder_residual:
                 h = pyramid = self.encoder_residual[str(index)](pyramid, h)
             skips.append(h)
         for block in self.decoder:
             if block.takes_skip:
                 h = torch.cat([h, skips.pop()], dim=1)
-            h = block(h, emb)
+            h = self._run(block, h, emb)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+    def _run(self, block: nn.Module, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """One residual block; with ``recompute`` (``recompute_activations``) its activations are not kept for
+        the backward pass but recomputed there (``torch.utils.checkpoint``, the RNG state replayed, so dropout
+        draws the same mask): the memory of a backward pass through the network drops to about one block's."""
+        if self.recompute and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, h, emb, use_reentrant=False)
+        return block(h, emb)
+
+
+@contextlib.contextmanager
+def recompute_activations(module: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Within the block, every U-Net inside ``module`` recomputes its blocks' activations in the backward pass
+    instead of keeping them (bounded-memory exact gradients, e.g. for attacks through a purifier); restored
+    afterwards."""
+    nets = [m for m in module.modules() if isinstance(m, UNet)]
+    previous = [net.recompute for net in nets]
+    for net in nets:
+        net.recompute = enabled
+    try:
+        yield
+    finally:
+        for net, value in zip(nets, previous):
+            net.recompute = value
 
 
 def add_u_input(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

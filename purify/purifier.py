@@ -21,6 +21,7 @@ from .base import Defence, check_images
 from .bcm import BCM
 from .bct import karras_times
 from .checkpoint import bcm_weights, load_checkpoint, load_state_dict_strict
+from .network import recompute_activations
 from .presets import REPO_ROOT, Preset, preset_from_dict
 from .sampling import invert, sample_ancestral, sample_reverse_diffusion
 
@@ -69,10 +70,10 @@ class _NoisyDefence(Defence):
 
     randomized = True
 
-    def __init__(self, bcm: BCM, seed: int | None):
+    def __init__(self, bcm: BCM, seed: int | None, recompute: bool = False):
         super().__init__()
         self.bcm = bcm.eval().requires_grad_(False)
-        self.seed = seed
+        self.seed, self.recompute = seed, bool(recompute)
         self.generator: torch.Generator | None = None
         self._fixed_noise: torch.Tensor | None = None
         self.reseed()
@@ -111,7 +112,9 @@ class _NoisyDefence(Defence):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         check_images(images, self.bcm.config.network.image_channels)
-        return self.purify(images)
+        # the noise is drawn once per call, outside the network passes a backward pass may recompute
+        with recompute_activations(self.bcm, self.recompute):
+            return self.purify(images)
 
 
 class BCMPurifier(_NoisyDefence):
@@ -132,11 +135,14 @@ class BCMPurifier(_NoisyDefence):
         seed: when given, noise comes from a generator seeded with it (``reseed()`` restarts the stream), so
             an evaluation is reproducible; otherwise from torch's global RNG. ``with purifier.fixed_noise(z)``
             uses the given noise instead (e.g. ``image_noise``: drawn per image, independent of batching).
+        recompute: recompute the network's activations in the backward pass instead of keeping them
+            (``purify.network.recompute_activations``): the same gradients in a fraction of the memory, for
+            attacks through a large BCM.
     """
 
     def __init__(self, bcm: BCM, t_star: float = 80.0, eps_inv: float = 0.11,
                  inversion_times: Sequence[float] = (), denoise_times: Sequence[float] = (),
-                 mode: str = "bcm", rounds: int = 1, seed: int | None = None):
+                 mode: str = "bcm", rounds: int = 1, seed: int | None = None, recompute: bool = False):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
@@ -145,7 +151,7 @@ class BCMPurifier(_NoisyDefence):
         eps, T = bcm.config.eps, bcm.config.T
         if not eps < t_star <= T:
             raise ValueError(f"t_star must be in ({eps}, {T}], got {t_star}")
-        super().__init__(bcm, seed)
+        super().__init__(bcm, seed, recompute)
         self.t_star, self.mode = float(t_star), mode
         self.eps_inv_option = float(eps_inv)  # as given; a trade-off curve over t* shares it
         self.eps_inv = min(float(eps_inv), self.t_star / 2)
@@ -234,7 +240,7 @@ class DiffusionPurifier(_NoisyDefence):
     name = "diffusion"
 
     def __init__(self, bcm: BCM, t_star: float = 1.0, steps: int = 100, solver: str = "sde",
-                 seed: int | None = None):
+                 seed: int | None = None, recompute: bool = False):
         eps, T = bcm.config.eps, bcm.config.T
         if not eps < t_star <= T:
             raise ValueError(f"t_star must be in ({eps}, {T}], got {t_star}")
@@ -242,7 +248,7 @@ class DiffusionPurifier(_NoisyDefence):
             raise ValueError(f"steps must be a positive integer, got {steps}")
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-        super().__init__(bcm, seed)
+        super().__init__(bcm, seed, recompute)
         self.t_star, self.steps, self.solver = float(t_star), int(steps), solver
         grid = karras_times(self.steps, eps, self.t_star) if self.steps > 1 else torch.tensor([self.t_star])
         self.times = [*grid.flip(0).tolist(), 0.0]

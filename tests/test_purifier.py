@@ -211,3 +211,31 @@ def test_release_files_name_what_they_hold_and_old_ones_still_load(tmp_path, tin
         tuned = Trainer(tiny_preset(), tmp_path / f"ft-{path}", images=tiny_images, init_from=str(tmp_path / path))
         assert all(torch.equal(a, online[k]) for k, a in tuned.bcm.state_dict().items())
     assert not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.parametrize("make", [lambda bcm, **kw: BCMPurifier(bcm, t_star=1.0, eps_inv=0.3, **kw),
+                                  lambda bcm, **kw: DiffusionPurifier(bcm, t_star=0.5, steps=3, **kw)],
+                         ids=["bcm", "diffusion"])
+def test_recomputed_activations_give_the_same_gradients_with_a_seeded_purifier(tiny_bcm, make, monkeypatch):
+    """recompute=True re-runs every U-Net block in the backward pass (counted below) and replays nothing
+    random there: the seeded noise is drawn once per call, so outputs and input gradients equal those of a
+    purifier that keeps its activations; the flag is off again after the call."""
+    from purify.network import ResBlock
+
+    x = torch.rand(3, 3, 32, 32)
+    calls, forward = [], ResBlock.forward
+    monkeypatch.setattr(ResBlock, "forward", lambda self, *a: calls.append(1) or forward(self, *a))
+    results = []
+    for recompute in (False, True):
+        purifier = make(tiny_bcm, seed=5, recompute=recompute)
+        calls.clear()
+        point = x.clone().requires_grad_(True)
+        out = purifier(point)
+        forward_calls = len(calls)
+        grad, = torch.autograd.grad((out ** 2).sum(), point)
+        results.append((out.detach(), grad, len(calls) - forward_calls))
+    (out_kept, grad_kept, recomputed_kept), (out_re, grad_re, recomputed) = results
+    assert torch.equal(out_kept, out_re)
+    torch.testing.assert_close(grad_re, grad_kept, rtol=1e-5, atol=1e-7)
+    assert recomputed_kept == 0 and recomputed > 0  # the backward pass re-ran the block
+    assert not any(getattr(m, "recompute", False) for m in tiny_bcm.modules())

@@ -61,9 +61,22 @@ def load_yaml(cls, path: str | os.PathLike):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file is a mapping of sections, got {type(data).__name__}")
     return from_dict(cls, data, str(path))
+
+
+def read_yaml(path: str | os.PathLike):
+    """``yaml.safe_load`` of a file, a syntax error becoming a ``ValueError`` that names the file, line and
+    problem in one line (every command turns it into a one-line error, no traceback)."""
+    try:
+        return yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{where}: not valid YAML ({problem})") from None
 
 
 def to_dict(config) -> dict:

@@ -28,6 +28,7 @@ from torch import nn
 from torchvision.io import decode_jpeg, encode_jpeg
 
 from .base import Defence
+from .config import read_yaml
 from .purifier import BCMPurifier, DiffusionPurifier
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -223,7 +224,7 @@ def parse_defence(text: str) -> tuple[str, dict]:
     if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
             raise ValueError(f"defence file {text} does not exist")
-        spec = yaml.safe_load(path.read_text())
+        spec = read_yaml(path)
         if not isinstance(spec, dict) or "name" not in spec:
             raise ValueError(f"{path}: a defence file is a mapping with a 'name' key and the options")
         return str(spec.pop("name")), spec
@@ -233,7 +234,10 @@ def parse_defence(text: str) -> tuple[str, dict]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"bad defence option {item!r} in {text!r}: write key=value")
-        options[key.strip()] = yaml.safe_load(value)
+        try:
+            options[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ValueError(f"bad value {value!r} of defence option {key.strip()!r} in {text!r}") from None
     return name.strip(), options
 
 

@@ -81,6 +81,8 @@ def files(tmp_path, tiny_bcm, monkeypatch):
     (root / "mismatched-cls" / "preact-small.pt").write_bytes((root / "cls" / "wrn-small.pt").read_bytes())
     write_image_folder(root / "data")
     (root / "unknown-key.yaml").write_text(yaml.safe_dump({**to_dict(preset), "trian": {}}))
+    (root / "broken.yaml").write_text("model:\n  network: [\n")  # a YAML syntax error on line 3
+    (root / "list.yaml").write_text("- 1\n- 2\n")
     (root / "a-file").write_text("not a folder")
     (root / "bad.csv").write_text("a,b\n1,2\n")
     (root / "results" / "transfer").mkdir(parents=True)
@@ -167,6 +169,14 @@ CLI = {  # name: (main, argv (``{in}``/``{out}`` are filled in), message)
     "train: unknown preset": (purify.train.main, ["--config", "nosuch", *TRAIN_OUT], "no BCM preset 'nosuch'"),
     "train: unknown YAML key": (purify.train.main, ["--config", "{in}/unknown-key.yaml", *TRAIN_OUT],
                                 "unknown key"),
+    "train: broken YAML": (purify.train.main, ["--config", "{in}/broken.yaml", *TRAIN_OUT],
+                           "broken.yaml, line 3: not valid YAML"),
+    "train: YAML that is not a mapping": (purify.train.main, ["--config", "{in}/list.yaml", *TRAIN_OUT],
+                                          "a config file is a mapping"),
+    "transfer: broken defence file": (bench.transfer.main, ["--defence", "{in}/broken.yaml", "--out", "{out}/t.csv"],
+                                      "not valid YAML"),
+    "transfer: broken defence option value": (bench.transfer.main, ["--defence", "jpeg:quality=[", "--out",
+                                                                    "{out}/t.csv"], "bad value '['"),
     "train: resume without checkpoint": (purify.train.main, ["--resume", *TRAIN_OUT], "does not exist"),
     "train: missing data root": (purify.train.main, [*TRAIN_OUT, "--data-root", "{in}/nothing"], "not found"),
     "train: malicious --init-from": (purify.train.main, [*TRAIN_OUT, "--init-from", "{in}/evil.pt",

@@ -31,20 +31,23 @@ from classifiers import ARCHS, build_classifier
 from purify import BCM, BCMPurifier, DiffusionPurifier, load_preset
 from purify.checkpoint import atomic_write
 from purify.presets import REPO_ROOT
-from purify.runtime import cpu_capability, cpu_name
+from purify.runtime import cpu_capability, cpu_name, pick_device
 from purify.train import Trainer
 
-from .common import BCM_PRESETS, add_preset_arguments, add_runtime_arguments, positive_int, resolve_bf16
+from .common import BCM_PRESETS, add_preset_arguments, add_runtime_arguments, device_clock, positive_int, resolve_bf16
+
+CPU = torch.device("cpu")
 
 
-def timed(fn, repeats: int) -> float:
-    """Seconds per call of ``fn`` (after one warm-up call), the best of ``repeats`` calls."""
+def timed(fn, repeats: int, device: torch.device = CPU) -> float:
+    """Seconds per call of ``fn`` (after one warm-up call), the best of ``repeats`` calls; on CUDA the clock is
+    read after the queued kernels have finished (``device_clock``)."""
     fn()
     best = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = device_clock(device)
         fn()
-        best = min(best, time.perf_counter() - start)
+        best = min(best, device_clock(device) - start)
     return best
 
 
@@ -52,10 +55,11 @@ def _layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-def bare_bct_passes(bcm: BCM, batch: int, channels_last: bool, repeats: int) -> float:
+def bare_bct_passes(bcm: BCM, batch: int, channels_last: bool, repeats: int, device: torch.device = CPU) -> float:
     """Seconds for the four network passes of one BCT step, without anything around them."""
-    x = _layout(torch.randn(batch, 3, 32, 32), channels_last)
-    t, u = torch.full((batch,), 1.0), torch.full((batch,), 0.002)
+    bcm = bcm.to(device)
+    x = _layout(torch.randn(batch, 3, 32, 32, device=device), channels_last)
+    t, u = torch.full((batch,), 1.0, device=device), torch.full((batch,), 0.002, device=device)
     frozen = {name: p.detach() for name, p in bcm.named_parameters()}
 
     def passes():
@@ -67,46 +71,47 @@ def bare_bct_passes(bcm: BCM, batch: int, channels_last: bool, repeats: int) -> 
         functional_call(bcm, frozen, (x_u, t, u)).sum().backward()
         bcm.zero_grad(set_to_none=True)
 
-    return timed(passes, repeats)
+    return timed(passes, repeats, device)
 
 
-def training_throughput(preset, channels_last: bool, steps: int) -> float:
+def training_throughput(preset, channels_last: bool, steps: int, device: torch.device = CPU) -> float:
     preset.train.channels_last = channels_last
     images = torch.randint(0, 256, (5000, 3, 32, 32), dtype=torch.uint8)
     with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(preset, out, images=images, device="cpu")
+        trainer = Trainer(preset, out, images=images, device=str(device))
         trainer.run(max_steps=1, progress=False)  # warm-up
-        start = time.perf_counter()
+        start = device_clock(device)
         trainer.run(max_steps=steps, progress=False)
-        return steps * preset.train.batch_size / (time.perf_counter() - start)
+        return steps * preset.train.batch_size / (device_clock(device) - start)
 
 
-def forward_throughput(model, batch: int, channels_last: bool, bf16: bool, repeats: int) -> float:
-    x = _layout(torch.rand(batch, 3, 32, 32), channels_last)
-    model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
+def forward_throughput(model, batch: int, channels_last: bool, bf16: bool, repeats: int,
+                       device: torch.device = CPU) -> float:
+    x = _layout(torch.rand(batch, 3, 32, 32, device=device), channels_last)
+    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
 
     def run():
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             model(x)
 
-    return batch / timed(run, repeats)
+    return batch / timed(run, repeats, device)
 
 
-def step_time(model, batch: int, channels_last: bool, bf16: bool, repeats: int) -> float:
+def step_time(model, batch: int, channels_last: bool, bf16: bool, repeats: int, device: torch.device = CPU) -> float:
     """Seconds per image of one attack step: forward and backward to the input, through frozen weights."""
-    x = _layout(torch.rand(batch, 3, 32, 32), channels_last).requires_grad_(True)
-    model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
+    x = _layout(torch.rand(batch, 3, 32, 32, device=device), channels_last).requires_grad_(True)
+    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format).eval()
 
     def run():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = model(x).float().logsumexp(1).sum()
         torch.autograd.grad(loss, x)
 
-    return timed(run, repeats) / batch
+    return timed(run, repeats, device) / batch
 
 
 def defence_comparison(bcm: BCM, classifier: torch.nn.Module, batch: int, step_batch: int, bf16: bool,
-                       repeats: int, add) -> None:
+                       repeats: int, add, device: torch.device = CPU) -> None:
     """The BCM purifier against the 100-step diffusion defence with the same network and classifier, and
     against two bare network passes plus the classifier; forward (purify + classify) and one attack step."""
     bcm = bcm.to(memory_format=torch.channels_last).eval().requires_grad_(False)
@@ -122,8 +127,8 @@ def defence_comparison(bcm: BCM, classifier: torch.nn.Module, batch: int, step_b
     forward, step = {}, {}
     for what, model in defended.items():
         slow = "diffusion" in what  # one timed call after the warm-up: each takes minutes
-        forward[what] = forward_throughput(model, batch, True, bf16, 1 if slow else repeats)
-        step[what] = step_time(model, step_batch, True, bf16, 1 if slow else repeats)
+        forward[what] = forward_throughput(model, batch, True, bf16, 1 if slow else repeats, device)
+        step[what] = step_time(model, step_batch, True, bf16, 1 if slow else repeats, device)
         add(f"defend + classify: {what} (batch {batch})", kind, 1000 / forward[what], "ms/image")
         add(f"attack step: {what} (batch {step_batch})", kind, 1000 * step[what], "ms/image", "forward + backward")
     bcm_name, diffusion = "BCM purifier (2 NFE) + classifier", "diffusion defence (100 NFE, SDE) + classifier"
@@ -136,42 +141,58 @@ def defence_comparison(bcm: BCM, classifier: torch.nn.Module, batch: int, step_b
     add("BCM purifier / bare passes, attack step", kind, step[bcm_name] / step[bare], "x", "target <= 1.10")
 
 
-def _attack_step_memory(config: str, classifier_preset: str, batch: int, recompute: bool, threads: int) -> tuple:
-    """In a fresh process: the peak resident memory one attack step (forward + backward to the input through the
-    purifier, t* = 0.5, and the ``wrn`` classifier) adds over a no-gradient forward pass of the same batch, in
-    MiB, and the step's seconds."""
+def _attack_step_memory(config: str, classifier_preset: str, batch: int, recompute: bool, threads: int,
+                        device: str = "cpu") -> tuple:
+    """The peak memory one attack step (forward + backward to the input through the purifier, t* = 0.5, and the
+    ``wrn`` classifier) adds over a no-gradient forward pass of the same batch, in MiB, and the step's seconds:
+    on the CPU the resident memory of a fresh process (run it in one), on CUDA the allocator's peak."""
     import resource  # noqa: PLC0415 (Unix only; this measurement runs in its own process)
 
+    device = torch.device(device)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    purifier = BCMPurifier(BCM(load_preset(config).model), t_star=0.5, eps_inv=0.25, seed=0, recompute=recompute)
-    model = purifier.wrap(build_classifier("wrn", classifier_preset).eval().requires_grad_(False))
-    x = torch.rand(batch, 3, 32, 32)
+    purifier = BCMPurifier(BCM(load_preset(config).model).to(device), t_star=0.5, eps_inv=0.25, seed=0,
+                           recompute=recompute)
+    model = purifier.wrap(build_classifier("wrn", classifier_preset).to(device).eval().requires_grad_(False))
+    x = torch.rand(batch, 3, 32, 32, device=device)
     with torch.no_grad():
         model(x)
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    baseline = torch.cuda.memory_allocated(device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     point = x.clone().requires_grad_(True)
-    start = time.perf_counter()
+    start = device_clock(device)
     torch.autograd.grad(model(point).logsumexp(1).sum(), point)
-    seconds = time.perf_counter() - start
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 1024, seconds
+    seconds = device_clock(device) - start
+    peak = torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return (peak - baseline) / 2**20, seconds
 
 
-def attack_memory(config: str, classifier_preset: str, batch: int, threads: int, add) -> None:
+def attack_memory(config: str, classifier_preset: str, batch: int, threads: int, add,
+                  device: torch.device = CPU) -> None:
     """Peak memory and time of one attack step through the purifier, keeping the network's activations and
-    recomputing them in the backward pass (``recompute=True``), each in a fresh process."""
+    recomputing them in the backward pass (``recompute=True``): on the CPU each in a fresh process."""
     import multiprocessing  # noqa: PLC0415
 
     results = {}
-    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+    if device.type == "cuda":
         for recompute in (False, True):
-            results[recompute] = pool.apply(_attack_step_memory,
-                                            (config, classifier_preset, batch, recompute, threads))
+            results[recompute] = _attack_step_memory(config, classifier_preset, batch, recompute, threads, str(device))
+    else:
+        with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+            for recompute in (False, True):
+                results[recompute] = pool.apply(_attack_step_memory,
+                                                (config, classifier_preset, batch, recompute, threads))
+    what = "allocator peak over no-grad" if device.type == "cuda" else "peak RSS over no-grad"
     for recompute, (mib, seconds) in results.items():
         kind = "recompute" if recompute else "keep activations"
-        add(f"attack step memory (batch {batch}, t*=0.5, wrn)", kind, mib / batch, "MiB/image", "peak RSS over no-grad")
+        add(f"attack step memory (batch {batch}, t*=0.5, wrn)", kind, mib / batch, "MiB/image", what)
         add(f"attack step time (batch {batch}, t*=0.5, wrn)", kind, 1000 * seconds / batch, "ms/image")
-    add("recompute / keep: memory", "recompute", results[True][0] / results[False][0], "x", "target <= 0.25")
+    kept_mib = results[False][0]  # resident memory can hide a small step inside the no-grad pass's peak
+    add("recompute / keep: memory", "recompute", results[True][0] / kept_mib if kept_mib > 0 else float("nan"), "x",
+        "target <= 0.25")
     add("recompute / keep: time", "recompute", results[True][1] / results[False][1], "x", "target <= 1.4")
 
 
@@ -194,9 +215,9 @@ def main(argv: list[str] | None = None) -> None:
                              "comparison, or only the attack step's memory with and without recomputed "
                              "activations (default: all)")
     parser.add_argument("--out", default=str(REPO_ROOT / "results" / "perf"), help="output folder")
-    # untrained weights (speed does not depend on them) on the CPU: no checkpoint, batch-size or device options
+    # untrained weights (speed does not depend on them): no checkpoint or batch-size options
     add_preset_arguments(parser, bcm=False, classifier_dir=False)
-    add_runtime_arguments(parser, batch_size=None, device=False, progress=False)
+    add_runtime_arguments(parser, batch_size=None, device=True, progress=False)
     args = parser.parse_args(argv)
     args.config = args.config or BCM_PRESETS[args.preset]
     if Path(args.out).exists() and not Path(args.out).is_dir():
@@ -212,7 +233,8 @@ def main(argv: list[str] | None = None) -> None:
     except (OSError, ValueError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     name = Path(args.config).stem
-    compare_bf16 = resolve_bf16(args, torch.device("cpu"))  # the defence comparison's precision
+    device = pick_device(args.device)
+    compare_bf16 = resolve_bf16(args, device)  # the defence comparison's precision
     batch = preset.train.batch_size
     rows = []
 
@@ -223,8 +245,8 @@ def main(argv: list[str] | None = None) -> None:
     for channels_last in (False, True) if args.only in ("all", "training") else ():
         layout = "channels_last" if channels_last else "contiguous"
         bcm = BCM(preset.model).to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        bare = bare_bct_passes(bcm, batch, channels_last, args.repeats)
-        train = training_throughput(load_preset(args.config), channels_last, args.train_steps)
+        bare = bare_bct_passes(bcm, batch, channels_last, args.repeats, device)
+        train = training_throughput(load_preset(args.config), channels_last, args.train_steps, device)
         add(f"BCT training (batch {batch})", layout, train, "images/s", "real trainer: data, EMA, log")
         add("bare BCT network passes (4 fwd, 3 bwd)", layout, batch / bare, "images/s")
         add("trainer step time / bare passes time", layout, (batch / train) / bare, "x", "target <= 1.25")
@@ -232,35 +254,40 @@ def main(argv: list[str] | None = None) -> None:
             kind = layout + ("+bf16" if bf16 else "")
             bcm_forward = lambda x, m=bcm: m(x * 2 - 1, 1.0, 0.002)  # noqa: E731
             add("BCM forward (1 NFE)", kind,
-                forward_throughput(_Call(bcm, bcm_forward), args.eval_batch, channels_last, bf16, args.repeats),
+                forward_throughput(_Call(bcm, bcm_forward), args.eval_batch, channels_last, bf16, args.repeats,
+                                   device),
                 "images/s")
             add("BCMPurifier (2 NFE, t*=80)", kind,
-                forward_throughput(BCMPurifier(bcm, seed=0), args.eval_batch, channels_last, bf16, args.repeats),
+                forward_throughput(BCMPurifier(bcm, seed=0), args.eval_batch, channels_last, bf16, args.repeats,
+                                   device),
                 "images/s")
             for arch in ARCHS:
                 add(f"classifier forward: {arch} ({args.preset})", kind,
                     forward_throughput(build_classifier(arch, args.preset), args.eval_batch,
-                                       channels_last, bf16, args.repeats), "images/s")
+                                       channels_last, bf16, args.repeats, device), "images/s")
 
     if args.only in ("all", "memory"):
-        attack_memory(args.config, args.preset, args.compare_step_batch, threads, add)
+        attack_memory(args.config, args.preset, args.compare_step_batch, threads, add, device)
     if args.only in ("all", "defences"):
         defence_comparison(BCM(preset.model), build_classifier("wrn", args.preset), args.compare_batch,
-                           args.compare_step_batch, compare_bf16, args.repeats, add)
+                           args.compare_step_batch, compare_bf16, args.repeats, add, device)
 
     table = pd.DataFrame(rows)
     table.insert(0, "threads", threads)
     table.insert(1, "cpu_capability", cpu_capability())
+    table.insert(2, "device", str(device))
     out = Path(args.out)
-    suffix = "" if args.only == "all" else f"-{args.only}"
+    suffix = ("" if args.only == "all" else f"-{args.only}") + ("" if device.type == "cpu" else f"-{device.type}")
     atomic_write(out / f"perf-{name}{suffix}.csv", lambda tmp: table.to_csv(tmp, index=False))
     header = (f"# Throughput, preset `{name}`, {threads} thread(s)\n\n"
               f"CPU: {cpu_name()} ({cpu_capability()}); load average at the end: {os.getloadavg()[0]:.2f}. "
-              f"Command: `python -m bench.perf --config {args.config} --threads {threads} --only {args.only}`."
+              + (f"Device: {torch.cuda.get_device_name(device)}. " if device.type == "cuda" else "")
+              + f"Command: `python -m bench.perf --config {args.config} --threads {threads} --only {args.only} "
+                f"--device {device} --compare-batch {args.compare_batch} --compare-step-batch {args.compare_step_batch}`."
               + (f" The defence comparison uses the `{args.preset}` `wrn` classifier and runs "
                  f"{'under bf16 autocast' if compare_bf16 else 'in float32'}." if args.only in ("all", "defences")
                  else "")
-              + (" The attack-step memory runs in float32, each setting in a fresh process." if args.only in
+              + (" The attack-step memory runs in float32 (on the CPU each setting in a fresh process)." if args.only in
                  ("all", "memory") else "") + "\n\n")
     atomic_write(out / f"perf-{name}{suffix}.md",
                  lambda tmp: Path(tmp).write_text(header + table.to_markdown(index=False) + "\n"))

@@ -308,3 +308,22 @@ def test_validation_runs_get_their_own_default_files(monkeypatch):
     bench.transfer.main(["--split", "val"])
     assert seen["split"] == "val" and bench.common.split_suffix(argparse.Namespace(split="val")) == "-val"
     assert bench.common.split_suffix(argparse.Namespace(split="test")) == ""
+
+
+def test_perf_measures_the_attack_step_memory_with_and_without_recomputed_activations(tmp_path):
+    """bench.perf --only memory: both settings of one attack step through a BCM preset's purifier, each in a
+    fresh process, and their ratios, written next to the CPU figures (not over them)."""
+    import yaml
+
+    import bench.perf
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(to_dict(tiny_preset())))
+    bench.perf.main(["--config", str(config), "--only", "memory", "--threads", "1", "--compare-step-batch", "2",
+                     "--device", "cpu", "--out", str(tmp_path / "perf")])
+    table = pd.read_csv(tmp_path / "perf" / "perf-tiny-memory.csv").set_index(["measurement", "layout"])
+    step = table.loc[("attack step time (batch 2, t*=0.5, wrn)", "recompute"), "value"]
+    kept = table.loc[("attack step time (batch 2, t*=0.5, wrn)", "keep activations"), "value"]
+    assert step > 0 and kept > 0 and set(table.device) == {"cpu"}
+    ratio = table.loc[("recompute / keep: time", "recompute"), "value"]
+    assert ratio == pytest.approx(step / kept, rel=0.02)

@@ -537,7 +537,7 @@ def paired_differences(results: dict, args) -> str:
             + "\n".join(lines) + "\n")
 
 
-SETTING_COLUMNS = ("preset", "defence", "target", "split", "n", "data_seed", "protocol", "bf16", "checkpoints")
+SETTING_COLUMNS = ("suite", "preset", "defence", "target", "split", "n", "data_seed", "protocol", "bf16", "checkpoints")
 
 
 def retime(args: argparse.Namespace) -> None:

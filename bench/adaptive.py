@@ -726,7 +726,7 @@ def sanity_checks(classifier, purifier: Defence, images, labels, ids, eps: int, 
 def finite_difference_check(defended, purifier, images, labels, ids, shape, args, h: float = 1e-3) -> tuple:
     """Autograd through the purifier (its noise frozen) against a central finite difference of the loss along
     a random direction, per image, in float32: agreement within 5% of the larger magnitude."""
-    x = images.float() / 255
+    x = (images.float() / 255).clamp(h, 1 - h)  # x +- h * direction stays a valid image
     direction = torch.randn(x.shape, generator=torch.Generator().manual_seed(args.attack_seed))
     direction /= direction.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
     with purifier.fixed_noise(image_noise(ids, shape, args.eval_seed, 0)):

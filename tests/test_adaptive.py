@@ -384,6 +384,7 @@ def test_finite_difference_check_passes_exact_gradients_and_fails_wrong_ones(tin
     classifier = TemplateClassifier().eval()
     images, labels = template_data(classifier, n=4)
     images = (images * 255).round().to(torch.uint8)
+    images[:, :, 0, 0], images[:, :, 0, 1] = 0, 255  # saturated pixels: the probes must stay in [0, 1]
     purifier = BCMPurifier(tiny_bcm, t_star=0.5)
     shape = purifier.noise_shape((3, 32, 32))
     name, ok, detail = bench.adaptive.finite_difference_check(purifier.wrap(classifier), purifier, images, labels,

@@ -616,8 +616,8 @@ def convergence(args: argparse.Namespace) -> None:
                               s_per_image=wall / len(images), **costs))
         table.add(cells)
     lines = [f"**Margin-PGD budgets on {len(images)} {args.split} images** ({args.preset} preset, defence "
-             f"`{entry.defence.spec()}` before {target}; eps = {eps}/255; suite {SUITE}, steps "
-             f"2 -> 1 -> 0.5 x eps/8, best iterate, prediction averaged over the draws; scored over N = "
+             f"`{entry.defence.spec()}` before {target}; eps = {eps}/255; suite {SUITE}, step eps/4 -> "
+             f"eps/8 -> eps/16, best iterate, prediction averaged over the draws; scored over N = "
              f"{setting.protocol.evals} fresh evaluations; {DATASET}). Accuracy (%) under the strict majority "
              f"of N; `with next` = per image the worst of this budget and the next one; `drop` = their paired "
              f"difference with its 95% bootstrap interval (converged when at most 1 point).\n",

@@ -96,7 +96,7 @@ class BestIteratePGD:
         self.scores, self.eps, self.steps, self.loss = DrawAverage(model, draws), eps, steps, loss
         self.restarts, self.random_start = restarts, random_start
         self.device = _device(model)
-        self.history: list[torch.Tensor] = []  # the mean loss of each step of the last call (sanity checks)
+        self.history: list[torch.Tensor] = []  # the mean loss of each step of the last call, on the device
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         x, eps = images.detach().float(), self.eps
@@ -110,10 +110,11 @@ class BestIteratePGD:
                 with torch.enable_grad():
                     loss = attack_loss(self.scores(adv), labels, self.loss)
                     grad, = torch.autograd.grad(loss.sum(), adv)
-                with torch.no_grad():
+                with torch.no_grad():  # torch.where, not boolean indexing: no host synchronisation per step
                     better = loss.detach() > best_loss
-                    best[better], best_loss[better] = adv.detach()[better], loss.detach()[better]
-                    self.history.append(loss.detach().mean().cpu())
+                    best = torch.where(better.view(-1, *([1] * (x.dim() - 1))), adv.detach(), best)
+                    best_loss = torch.where(better, loss.detach(), best_loss)
+                    self.history.append(loss.detach().mean())
                     if step == self.steps:
                         break
                     moved = adv.detach() + step_size(eps, step, self.steps) * grad.sign()
@@ -133,9 +134,9 @@ class BestLossAPGD:
             raise ValueError(f"APGD's loss is 'ce' or 'dlr', got {loss!r}")
         self.device = _device(model)
         # built with the budget: APGD derives its step-size checkpoints from n_iter in its constructor
-        self.apgd = import_autoattack_part("autopgd_base").APGDAttack(DrawAverage(model, draws), n_iter=iters, norm="Linf", eps=eps,
-                                                   loss=loss, n_restarts=restarts, eot_iter=1, seed=seed,
-                                                   device=self.device)
+        apgd = import_autoattack_part("autopgd_base").APGDAttack
+        self.apgd = apgd(DrawAverage(model, draws), n_iter=iters, norm="Linf", eps=eps, loss=loss,
+                         n_restarts=restarts, eot_iter=1, seed=seed, device=self.device)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.apgd.perturb(images.detach().float(), labels, best_loss=True).detach()
@@ -148,9 +149,9 @@ class BestMarginSquare:
         if eps <= 0 or queries < 1:
             raise ValueError(f"Square needs eps > 0 and queries >= 1; got {eps}, {queries}")
         self.device = _device(model)
-        self.square = import_autoattack_part("square").SquareAttack(DrawAverage(model, draws), p_init=0.8, n_queries=queries,
-                                                       eps=eps, norm="Linf", n_restarts=1, seed=seed,
-                                                       device=self.device, loss="margin", resc_schedule=True)
+        square = import_autoattack_part("square").SquareAttack
+        self.square = square(DrawAverage(model, draws), p_init=0.8, n_queries=queries, eps=eps, norm="Linf",
+                             n_restarts=1, seed=seed, device=self.device, loss="margin", resc_schedule=True)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # attack_single_run on every image returns its lowest-margin iterate; ``perturb`` would keep the clean

@@ -24,8 +24,8 @@ import torch
 from purify.checkpoint import atomic_write
 from purify.data import seeded_subset
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = REPO_ROOT / "results"
+from .common import RESULTS_DIR
+
 SEALED_PATH = RESULTS_DIR / "adaptive" / "sealed-test.json"
 LEDGER_PATH = RESULTS_DIR / "adaptive" / "test-ledger.csv"
 LEDGER_COLUMNS = ["date", "split", "n", "data_seed", "suite", "protocol", "defence", "target", "eps", "clean_vote",

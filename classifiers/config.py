@@ -7,12 +7,14 @@ from pathlib import Path
 import torch
 
 from purify.config import load_yaml
+from purify.data import VAL_SPLIT_SEED
 from purify.runtime import native_bf16
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs" / "classifiers"
 PRESETS = ("paper", "small")
-SPLIT_SEED = 0  # the validation split (n_val held-out training images) is the same for every seed and architecture
+SPLIT_SEED = VAL_SPLIT_SEED  # the validation split (n_val held-out training images): the same for every seed and
+#                             architecture, and the one BCM runs hold out (purify.data)
 
 
 @dataclasses.dataclass

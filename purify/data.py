@@ -71,7 +71,10 @@ def _read_torchvision(split: str, root: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(dataset.data), np.asarray(dataset.targets, dtype=np.int64)
 
 
-def train_val_split(n: int, n_val: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+VAL_SPLIT_SEED = 0  # the validation split the classifiers select on and BCM runs with train.n_val hold out
+
+
+def train_val_split(n: int, n_val: int, seed: int = VAL_SPLIT_SEED) -> tuple[torch.Tensor, torch.Tensor]:
     """Deterministic split of ``range(n)`` into (train indices, validation indices)."""
     if not 0 <= n_val < n:
         raise ValueError(f"n_val must be in [0, {n}), got {n_val}")

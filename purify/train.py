@@ -29,7 +29,7 @@ from .bcm import CONSISTENCY_KIND, BCM, ConsistencyModel, bcm_weights_from_consi
 from .bct import make_loss
 from .checkpoint import bcm_weights, load_checkpoint, load_state_dict_strict, save_checkpoint
 from .config import to_dict
-from .data import load_cifar10, train_val_split
+from .data import VAL_SPLIT_SEED, load_cifar10, train_val_split
 from .noiser import KIND as NOISER, Noiser
 from .presets import Preset, load_preset, preset_from_dict
 from .runtime import (Budget, CSVLog, gather_objects, init_distributed, native_bf16, pick_device, rng_state,
@@ -37,7 +37,6 @@ from .runtime import (Budget, CSVLog, gather_objects, init_distributed, native_b
 
 LOG_FIELDS = ["step", "N", "loss", "ct", "soft", "lr", "images_per_s", "elapsed_min"]
 CHECKPOINT_KEYS = ("kind", "config", "model", "ema", "optimizer", "step", "rng")
-VAL_SPLIT_SEED = 0  # classifiers.SPLIT_SEED: train.n_val holds out the same images the classifiers' validation uses
 SINGLE_TIME_LOSSES = ("ct", "denoise")  # the loss kinds that evaluate the model at u = eps only
 
 

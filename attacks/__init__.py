@@ -13,12 +13,12 @@
 """
 from .adaptive import (BPDA, PROTOCOLS, SCORINGS, SUITE, Protocol, autoattack_standard, correct_by_scoring,
                        get_protocol, majority_correct, predict_draws, run_autoattack, score)
-from .craft import autocast, craft
+from .craft import craft
 from .eot import BestIteratePGD, BestLossAPGD, BestMarginSquare, DrawAverage, attack_loss
 from .pgd import EPS_GRID, PGD_STEP_SIZE, check_eps, paper_pgd, pgd_steps
 from .registry import ATTACKS, make_attack
 
 __all__ = ["ATTACKS", "BPDA", "BestIteratePGD", "BestLossAPGD", "BestMarginSquare", "DrawAverage", "EPS_GRID",
            "PGD_STEP_SIZE", "PROTOCOLS", "SCORINGS", "SUITE", "Protocol", "attack_loss", "autoattack_standard",
-           "autocast", "check_eps", "correct_by_scoring", "craft", "get_protocol", "majority_correct", "make_attack",
+           "check_eps", "correct_by_scoring", "craft", "get_protocol", "majority_correct", "make_attack",
            "paper_pgd", "pgd_steps", "predict_draws", "run_autoattack", "score"]

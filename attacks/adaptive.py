@@ -21,8 +21,11 @@ from typing import Callable, ContextManager
 import torch
 from torch import nn
 
-from ._compat import import_autoattack
-from .craft import autocast
+from purify.defences import vote_shares
+from purify.infra.images import as_float
+from purify.infra.optional import import_autoattack
+from purify.infra.runtime import autocast
+
 from .eot import STEP_SCHEDULE
 
 SCORINGS = ("single", "worst", "vote")
@@ -101,7 +104,7 @@ def run_autoattack(adversary, images: torch.Tensor, labels: torch.Tensor, batch_
     evaluation decides, as AutoAttack assumes). The caller's RNG state is restored afterwards (AutoAttack
     reseeds torch's global RNG)."""
     device = torch.device(adversary.device)
-    x = (images.float() / 255 if images.dtype == torch.uint8 else images.float()).to(device)
+    x = as_float(images).to(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast(device, bf16):
         adversarial, _ = adversary.run_standard_evaluation(x, labels.to(device), batch_size=batch_size)
     return adversarial.float().cpu()
@@ -151,7 +154,7 @@ def predict_draws(model: nn.Module, images: torch.Tensor, ids: torch.Tensor, eva
         raise ValueError("predict_draws needs a model in eval mode (call .eval() first)")
     for start in range(0, len(images), batch_size):
         x = images[start:start + batch_size]
-        x = (x.float() / 255 if x.dtype == torch.uint8 else x.float()).to(device)
+        x = as_float(x).to(device)
         x = x.contiguous(memory_format=torch.channels_last)
         for draw in range(evals):
             with noise(ids[start:start + batch_size], draw):
@@ -163,7 +166,7 @@ def majority_correct(predictions: torch.Tensor, labels: torch.Tensor) -> torch.T
     """The majority scoring rule, per image: the true label holds strictly more of the N votes than any other
     label (a tie counts as wrong: an attacker who reaches a tie has reached a coin flip, whatever rule the
     deployed vote uses to break it, ``purify.defences``)."""
-    votes = torch.nn.functional.one_hot(predictions, num_classes=int(max(predictions.max(), labels.max())) + 1).sum(0)
+    votes = vote_shares(predictions, int(max(predictions.max(), labels.max())) + 1)
     true = votes.gather(1, labels.cpu()[:, None]).squeeze(1)
     others = votes.scatter(1, labels.cpu()[:, None], -1).amax(1)
     return true > others

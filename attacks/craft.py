@@ -6,13 +6,8 @@ import contextlib
 import torch
 from tqdm.auto import tqdm
 
-
-def autocast(device: torch.device, enabled: bool):
-    """bfloat16 autocast on ``device`` when ``enabled``: fast where bf16 is native (recent GPUs, CPUs with
-    AMX/AVX-512-BF16), 3-10x slower than float32 where it is emulated; ``purify.runtime.native_bf16`` tells."""
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+from purify.infra.images import as_float
+from purify.infra.runtime import autocast
 
 
 def craft(attack, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 250, seed: int | None = 0,
@@ -39,7 +34,7 @@ def craft(attack, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 
             torch.manual_seed(seed)
         for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
             x = images[start:start + batch_size]
-            x = (x.float() / 255 if x.dtype == torch.uint8 else x.float()).to(device)
+            x = as_float(x).to(device)
             with noise(ids[start:start + batch_size], 0), autocast(device, bf16):
                 adv = attack(x, labels[start:start + batch_size].to(device))
             out[start:start + len(x)] = adv.float().cpu()

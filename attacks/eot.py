@@ -30,7 +30,7 @@ import math
 import torch
 from torch import nn
 
-from ._compat import import_autoattack_part
+from purify.infra.optional import import_autoattack_part
 
 LOSSES = ("ce", "margin")
 # PGD's step size as a fraction of eps, from the given fraction of the steps on

@@ -63,13 +63,15 @@ from torch import nn
 
 import classifiers
 from attacks import (BPDA, PROTOCOLS, SCORINGS, SUITE, BestIteratePGD, BestLossAPGD, BestMarginSquare, autoattack_standard,
-                     autocast, correct_by_scoring, craft, get_protocol, paper_pgd, pgd_steps, predict_draws,
+                     correct_by_scoring, craft, get_protocol, paper_pgd, pgd_steps, predict_draws,
                      run_autoattack)
 from purify import Defence, image_noise, parse_defence
-from purify.checkpoint import atomic_write
-from purify.runtime import cpu_capability, cpu_name, pick_device
+from purify.infra.checkpoint import atomic_write
+from purify.infra.images import as_float
+from purify.infra.paths import RESULTS_DIR
+from purify.infra.runtime import autocast, cpu_capability, cpu_name, pick_device
 
-from .common import (DEFENCE_HELP, RESULTS_DIR, Entry, ResultTable, add_common_arguments, add_split_argument,
+from .common import (DEFENCE_HELP, Entry, ResultTable, add_common_arguments, add_split_argument,
                      attack_step_cost, build_defences, device_clock, check_defences, check_names, classifier_path, combine_ids,
                      file_id, load_classifiers, load_split, run_command, text, write_text)
 from .sealed import append_ledger, bootstrap_interval
@@ -168,7 +170,7 @@ class Setting:
         common = dict(batch_size=args.batch_size, seed=args.attack_seed, bf16=args.bf16_on,
                       progress=not args.no_progress, ids=self.ids)
         if threat == "clean":
-            return self.images.float() / 255
+            return as_float(self.images)
         if threat == "transfer":
             return craft(paper_pgd(self.classifier, self.eps), self.images, self.labels, desc="transfer PGD",
                          **common)
@@ -697,7 +699,7 @@ def sanity_checks(classifier, purifier: Defence, images, labels, ids, eps: int, 
     growing = BestIteratePGD(defended, eps / 255, 20, 4, "margin", random_start=False)
     with torch.random.fork_rng():
         torch.manual_seed(args.attack_seed)
-        growing(images[: args.batch_size].float() / 255, labels[: args.batch_size])
+        growing(as_float(images[: args.batch_size]), labels[: args.batch_size])
     first, last = growing.history[0].item(), growing.history[-1].item()
     checks.append(("the attack's loss rises over the iterations", last > first,
                    f"mean margin loss {first:.3f} at the start, {last:.3f} after 20 steps"))

@@ -37,14 +37,14 @@ import torch
 from kornia.metrics import psnr, ssim
 from tqdm.auto import tqdm
 
-from attacks import autocast
 from purify.applications import (HALVES, INPAINTING_TIMES, INTERPOLATION_TIMES, RESTORATION_TIMES, box_mask,
                                  compress_jpeg, half_mask, inpaint, interpolate, random_pixel_mask, restore)
-from purify.checkpoint import atomic_write, load_checkpoint
-from purify.data import to_float
-from purify.presets import REPO_ROOT
+from purify.infra.checkpoint import atomic_write, load_checkpoint
+from purify.infra.images import as_float, write_png
+from purify.infra.paths import RESULTS_DIR, display_path
+from purify.infra.runtime import autocast
+from purify.infra.runtime import pick_device
 from purify.purifier import load_bcm
-from purify.runtime import pick_device
 
 from .common import (add_common_arguments, default_bcm_path, file_id, load_split, missing_bcm_message,
                      positive_int, resolve_bf16, run_command, write_text)
@@ -104,13 +104,6 @@ def batched(function, inputs: list[torch.Tensor], batch_size: int, device: torch
     return torch.cat(outputs), time.perf_counter() - started
 
 
-def write_png(images: torch.Tensor, path: Path, nrow: int) -> None:
-    """An image grid (images on [-1, 1]) written through a temporary file."""
-    from torchvision.utils import save_image
-
-    atomic_write(path, lambda tmp: save_image((images + 1) / 2, tmp, nrow=nrow, padding=2, format="png"))
-
-
 # -------------------------------------------------------------------------------------------------- views
 
 def metrics_markdown(table: pd.DataFrame) -> str:
@@ -150,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--show", type=positive_int, default=8,
                         help="images per row of the inpainting and restoration figures, a seeded choice from the "
                              "subset (at most --n; default: 8)")
-    parser.add_argument("--out", default=str(REPO_ROOT / "results" / "applications"), help="output folder")
+    parser.add_argument("--out", default=str(RESULTS_DIR / "applications"), help="output folder")
     add_common_arguments(parser, n=100, seed_help="seed of the test subset, of the random-pixel masks, of the "
                                                   "choice of shown images and pairs, and of all noise",
                          classifier_dir=False)
@@ -189,7 +182,7 @@ def applications(args: argparse.Namespace) -> None:
     bcm = bcm.eval().requires_grad_(False).to(memory_format=torch.channels_last)
     eps, step, bf16 = bcm.config.eps, load_checkpoint(path).get("step"), resolve_bf16(args, device)
     images, _, _ = load_split("test", args.data_root, args.n, args.seed)
-    x = to_float(images) * 2 - 1
+    x = as_float(images) * 2 - 1
     n, height, width = len(x), x.shape[2], x.shape[3]
     order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))
     shown, whole = order[:args.show], torch.ones(1, 1, height, width, dtype=torch.bool)
@@ -215,7 +208,7 @@ def applications(args: argparse.Namespace) -> None:
                torch.cat([paths[:, 0], paths[:, -1]]), torch.cat([x[first], x[second]]),
                whole, seconds / (args.pairs * args.alphas))
         write_png(torch.cat([x[first, None], paths, x[second, None]], dim=1).flatten(0, 1),
-                  Path(args.out) / "interpolation.png", args.alphas + 2)
+                  Path(args.out) / "interpolation.png", args.alphas + 2, value_range=(-1, 1))
 
         # inpainting: every mask's noise from the same seed; the random-pixel masks from their own generator
         figure, mask_generator = [], torch.Generator().manual_seed(args.seed)
@@ -230,7 +223,7 @@ def applications(args: argparse.Namespace) -> None:
             record("inpainting", setting, INPAINTING_TIMES, "degraded", "hole", masked, x, hole)
             record("inpainting", setting, INPAINTING_TIMES, "output", "hole", inpainted, x, hole, seconds / n)
             figure += [x[shown], masked[shown], inpainted[shown]]
-        write_png(torch.cat(figure), Path(args.out) / "inpainting.png", len(shown))
+        write_png(torch.cat(figure), Path(args.out) / "inpainting.png", len(shown), value_range=(-1, 1))
 
         # JPEG restoration: every quality's noise from the same seed
         figure = [x[shown]]
@@ -243,7 +236,7 @@ def applications(args: argparse.Namespace) -> None:
             record("restoration", setting, RESTORATION_TIMES, "degraded", "image", compressed, x, whole)
             record("restoration", setting, RESTORATION_TIMES, "output", "image", restored, x, whole, seconds / n)
             figure += [compressed[shown], restored[shown]]
-        write_png(torch.cat(figure), Path(args.out) / "jpeg_restoration.png", len(shown))
+        write_png(torch.cat(figure), Path(args.out) / "jpeg_restoration.png", len(shown), value_range=(-1, 1))
 
     table = pd.DataFrame(rows).assign(n=n, seed=args.seed, batch_size=args.batch_size, bf16=bf16,
                                       checkpoint_step=step, checkpoint=file_id(str(path)))[COLUMNS]
@@ -259,7 +252,7 @@ def metrics_text(table: pd.DataFrame, args: argparse.Namespace, path: Path, step
                  wall: float) -> str:
     """``metrics.md``: what was measured, on what, how, and the table."""
     n, masks = table["n"].iloc[0], ", ".join(args.masks)
-    path = path.resolve().relative_to(REPO_ROOT) if path.resolve().is_relative_to(REPO_ROOT) else path
+    path = display_path(path)
     return (f"# BCM applications: interpolation, inpainting, JPEG restoration\n\n"
             f"{DATASET}, {n} test images (seeded subset, seed {args.seed}); BCM checkpoint `{path}` (step {step}, "
             f"file id {table['checkpoint'].iloc[0]}); {'bf16 autocast' if bf16 else 'float32'}, batch size "

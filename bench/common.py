@@ -19,17 +19,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import classifiers
+from attacks import BPDA, EPS_GRID
 from classifiers.registry import checkpoint_path
-from attacks import BPDA, EPS_GRID, autocast
 from purify import DEFENCES, Defence, image_noise, make_defence, parse_defence
-from purify.checkpoint import atomic_write
-from purify.defences import Vote, majority_vote, needs_bcm
+from purify.defences import Vote, needs_bcm, vote_scores
+from purify.infra.checkpoint import atomic_write
+from purify.infra.data import default_data_root, load_cifar10, seeded_subset, train_val_split
+from purify.infra.images import as_float
+from purify.infra.runtime import autocast, pick_device
 from purify.purifier import shipped_bcm_path
-from purify.data import default_data_root, load_cifar10, seeded_subset, train_val_split
-from purify.runtime import pick_device
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = REPO_ROOT / "results"
 # A bench preset names both the classifier preset and the BCM preset it is evaluated with.
 BCM_PRESETS = {"small": "cifar10-small", "paper": "cifar10-paper"}
 PRESETS = tuple(BCM_PRESETS)
@@ -123,11 +122,7 @@ def vote_accuracy(model: nn.Module, draws: list[torch.Tensor], labels: torch.Ten
     device = next(model.parameters()).device
     logits = torch.stack([torch.cat([model(x[i:i + batch_size].to(device)).float().cpu()
                                      for i in range(0, len(x), batch_size)]) for x in draws])
-    if how == "logits":
-        decision = logits.mean(0).argmax(1)
-    else:
-        decision = majority_vote(logits.argmax(2))
-    return (decision == labels.cpu()).float().mean().item()
+    return (vote_scores(logits, how).argmax(1) == labels.cpu()).float().mean().item()
 
 
 def attack_step_cost(defence: Defence, classifier: nn.Module, images: torch.Tensor, device: torch.device,
@@ -136,7 +131,7 @@ def attack_step_cost(defence: Defence, classifier: nn.Module, images: torch.Tens
     differentiable; one draw of a vote's base) and ``classifier``, on a batch of ``batch`` images."""
     base = defence.base if isinstance(defence, Vote) else defence
     model = nn.Sequential(base if base.differentiable else BPDA(base), classifier).eval()
-    x = (images[:batch].float() / 255 if images.dtype == torch.uint8 else images[:batch].float()).to(device)
+    x = as_float(images[:batch]).to(device)
     x = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
     with autocast(device, bf16):
         torch.autograd.grad(model(x).float().sum(), x)  # warm-up at the timed batch (cuDNN picks its kernels)

@@ -27,11 +27,12 @@ from pathlib import Path
 import pandas as pd
 
 from attacks import PROTOCOLS, SCORINGS, SUITE
-from purify.checkpoint import atomic_write
 from purify.defences import BCM_DEFENCES
+from purify.infra.checkpoint import atomic_write
+from purify.infra.paths import RESULTS_DIR
 
 from .adaptive import DATASET, numeric_adaptive
-from .common import RESULTS_DIR, run_command, write_text
+from .common import run_command, write_text
 
 GROUP = ["suite", "preset", "defence", "family", "target", "split", "n", "data_seed", "protocol", "bf16",
          "checkpoints"]

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from purify.checkpoint import atomic_write
-from purify.presets import REPO_ROOT
+from purify.infra.checkpoint import atomic_write
+from purify.infra.paths import RESULTS_DIR
 
 TERMS = ("loss", "ct", "soft")
 STYLES = ("-", "--", "-.", ":")
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.losscurve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("logs", nargs="+", help="training logs (RUN/log.csv), e.g. the warm start, then BCT")
-    parser.add_argument("--out", default=str(REPO_ROOT / "results" / "quality" / "loss_curve.png"),
+    parser.add_argument("--out", default=str(RESULTS_DIR / "quality" / "loss_curve.png"),
                         help="PNG to write (default: results/quality/loss_curve.png)")
     parser.add_argument("--window", type=int,
                         help="rolling-mean window in log rows (default: 1/20 of each log, at least 3)")

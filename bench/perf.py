@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -29,9 +28,9 @@ from torch.func import functional_call
 import classifiers
 from classifiers import ARCHS, build_classifier
 from purify import BCM, BCMPurifier, DiffusionPurifier, load_preset
-from purify.checkpoint import atomic_write
-from purify.presets import REPO_ROOT
-from purify.runtime import cpu_capability, cpu_name, pick_device
+from purify.infra.checkpoint import atomic_write
+from purify.infra.paths import RESULTS_DIR
+from purify.infra.runtime import cpu_capability, cpu_name, pick_device
 from purify.train import Trainer
 
 from .common import BCM_PRESETS, add_preset_arguments, add_runtime_arguments, device_clock, positive_int, resolve_bf16
@@ -214,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="measure everything, only the training/throughput part, only the defence "
                              "comparison, or only the attack step's memory with and without recomputed "
                              "activations (default: all)")
-    parser.add_argument("--out", default=str(REPO_ROOT / "results" / "perf"), help="output folder")
+    parser.add_argument("--out", default=str(RESULTS_DIR / "perf"), help="output folder")
     # untrained weights (speed does not depend on them): no checkpoint or batch-size options
     add_preset_arguments(parser, bcm=False, classifier_dir=False)
     add_runtime_arguments(parser, batch_size=None, device=True, progress=False)

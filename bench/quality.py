@@ -40,12 +40,13 @@ from tqdm.auto import tqdm
 
 import classifiers
 from purify import BCM, BCMPurifier
-from purify.checkpoint import atomic_write, load_checkpoint
-from purify.data import load_cifar10, to_float
 from purify.defences import Vote
+from purify.infra.checkpoint import atomic_write, load_checkpoint
+from purify.infra.data import load_cifar10
+from purify.infra.images import as_float, write_png
+from purify.infra.paths import RESULTS_DIR
+from purify.infra.runtime import pick_device
 from purify.noiser import Noiser, load_noiser
-from purify.presets import REPO_ROOT
-from purify.runtime import pick_device
 from purify.sampling import (ANCESTRAL_2, COMBINED_4, INVERSION_SCHEDULES, ZIGZAG_3, initial_noise, invert,
                              invert_ode, ode_times, pf_ode_nfe, reconstruct, sample_ancestral, sample_combined,
                              sample_ode, sample_onestep, sample_zigzag)
@@ -130,8 +131,8 @@ def reconstruction_table(bcm: BCM, images: torch.Tensor, mean_image: torch.Tenso
       point at eps, as the report assumes), decoded in one BCM step and by the ODE decoder of the ``ode-heun``
       row with ``CT_INVERSION_DECODER``'s steps.
     """
-    x_all = to_float(images) * 2 - 1
-    baseline = ((to_float(images) - mean_image) ** 2).flatten(1).mean(1).mean().item()
+    x_all = as_float(images) * 2 - 1
+    baseline = ((as_float(images) - mean_image) ** 2).flatten(1).mean(1).mean().item()
     eps, T = bcm.config.eps, bcm.config.T
     one_step = Decoder("bcm", 1, lambda x_T: sample_onestep(bcm, x_T, T, eps))
 
@@ -182,7 +183,7 @@ def reconstruction_table(bcm: BCM, images: torch.Tensor, mean_image: torch.Tenso
 
 def reconstruction_grid(bcm: BCM, images: torch.Tensor, seed: int, device: torch.device) -> torch.Tensor:
     """Rows: originals, their reconstructions at inversion NFE 1, at NFE 4 (in [0, 1])."""
-    x0 = (to_float(images) * 2 - 1).to(device)
+    x0 = (as_float(images) * 2 - 1).to(device)
     rows = [x0] + [reconstruct(bcm, x0, INVERSION_SCHEDULES[nfe], bcm.config.eps,
                                torch.Generator().manual_seed(seed)) for nfe in (1, 4)]
     return (torch.cat(rows).cpu() + 1) / 2
@@ -216,7 +217,7 @@ def purified_clean_table(entries: list[Entry], models: dict[str, nn.Module], ima
     rows = [{"arch": arch, "defence": "none", "family": "none", "t_star": math.nan, "nfe": 0,
              "accuracy": classifiers.accuracy(model, images, labels, batch_size, device, progress=False)}
             for arch, model in models.items()]
-    x = to_float(images)
+    x = as_float(images)
     for entry in tqdm(entries, desc="clean accuracy after each defence", disable=not progress):
         defence = entry.defence
         vote = defence if isinstance(defence, Vote) else None
@@ -289,12 +290,6 @@ def plot_purified_clean(table: pd.DataFrame, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_png(images: torch.Tensor, path: Path, nrow: int) -> None:
-    from torchvision.utils import save_image
-
-    atomic_write(path, lambda tmp: save_image(images, tmp, nrow=nrow, padding=2, format="png"))
-
-
 def write_csv(table: pd.DataFrame, path: Path) -> None:
     atomic_write(path, lambda tmp: table.to_csv(tmp, index=False))
 
@@ -320,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
                              "cifar10-small-ctinv) or its release file (e.g. the shipped "
                              "checkpoints/noiser/cifar10-small-ctinv.pt): adds its reconstruction rows, decoded by the BCM and by the ODE "
                              "(without it those rows are skipped)")
-    parser.add_argument("--out", default=str(REPO_ROOT / "results" / "quality"), help="output folder")
+    parser.add_argument("--out", default=str(RESULTS_DIR / "quality"), help="output folder")
     add_common_arguments(parser, n=1000, seed_help="seed of the test subset and of all noise")
     add_split_argument(parser)
     args = parser.parse_args(argv)

@@ -13,8 +13,9 @@ from pathlib import Path
 import pandas as pd
 
 import classifiers
+from purify.infra.paths import RESULTS_DIR
 
-from .common import RESULTS_DIR, ResultTable, numeric, write_text
+from .common import ResultTable, numeric, write_text
 
 SETTINGS = ["preset", "split", "defence", "n", "seed", "bf16"]
 IMAGES = {"test": "test images", "val": "validation images (training images held out from the classifiers)"}

@@ -21,10 +21,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from purify.checkpoint import atomic_write
-from purify.data import seeded_subset
-
-from .common import RESULTS_DIR
+from purify.infra.checkpoint import atomic_write
+from purify.infra.data import seeded_subset
+from purify.infra.paths import RESULTS_DIR
 
 SEALED_PATH = RESULTS_DIR / "adaptive" / "sealed-test.json"
 LEDGER_PATH = RESULTS_DIR / "adaptive" / "test-ledger.csv"

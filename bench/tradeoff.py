@@ -15,9 +15,10 @@ import time
 from pathlib import Path
 
 import classifiers
+from purify.infra.paths import RESULTS_DIR
 
 from . import report
-from .common import (DEFENCE_HELP, RESULTS_DIR, T_STARS, ResultTable, add_common_arguments, add_split_argument,
+from .common import (DEFENCE_HELP, T_STARS, ResultTable, add_common_arguments, add_split_argument,
                      build_defences, check_defences, check_names, eps_list, numeric, run_command, split_suffix,
                      write_text)
 from .transfer import grid_from_args, run_cells, setup, this_run

@@ -27,10 +27,11 @@ from tqdm.auto import tqdm
 import classifiers
 from attacks import craft, paper_pgd
 from purify.defences import Vote
-from purify.runtime import pick_device
+from purify.infra.paths import RESULTS_DIR
+from purify.infra.runtime import pick_device
 
 from . import report
-from .common import (DEFENCE_HELP, RESULTS_DIR, Entry, ResultTable, add_common_arguments, add_split_argument,
+from .common import (DEFENCE_HELP, Entry, ResultTable, add_common_arguments, add_split_argument,
                      attack_step_cost, build_defences, check_defences, check_names, classifier_path, combine_ids,
                      eps_list, file_id, load_classifiers, load_split, numeric, purify_images, resolve_bf16,
                      run_command, split_suffix, vote_accuracy, write_text)

@@ -13,7 +13,7 @@ from torchvision.models import MobileNetV2
 from torchvision.models.vgg import cfgs as vgg_cfgs
 from torchvision.models.vgg import make_layers as vgg_make_layers
 
-from attacks._compat import import_robustbench
+from purify.infra.optional import import_robustbench
 
 import_robustbench()  # robustbench's architectures must be imported after the autoattack alias is set
 from robustbench.model_zoo.architectures.resnet import PreActBlock, PreActResNet  # noqa: E402

@@ -6,15 +6,15 @@ from pathlib import Path
 
 import torch
 
-from purify.config import load_yaml
-from purify.data import VAL_SPLIT_SEED
-from purify.runtime import native_bf16
+from purify.infra.config import load_yaml
+from purify.infra.data import VAL_SPLIT_SEED
+from purify.infra.paths import CONFIG_DIR
+from purify.infra.runtime import native_bf16
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = REPO_ROOT / "configs" / "classifiers"
+CLASSIFIER_CONFIG_DIR = CONFIG_DIR / "classifiers"
 PRESETS = ("paper", "small")
 SPLIT_SEED = VAL_SPLIT_SEED  # the validation split (n_val held-out training images): the same for every seed and
-#                             architecture, and the one BCM runs hold out (purify.data)
+#                             architecture, and the one BCM runs hold out (purify.infra.data)
 
 
 @dataclasses.dataclass
@@ -72,7 +72,7 @@ class TrainConfig:
         return self.epochs if own is None else own
 
 
-def load_preset(preset: str, config_dir: str | Path = CONFIG_DIR) -> TrainConfig:
+def load_preset(preset: str, config_dir: str | Path = CLASSIFIER_CONFIG_DIR) -> TrainConfig:
     """The preset ``paper`` or ``small`` (or any ``{preset}.yaml`` in ``config_dir``)."""
     path = Path(config_dir) / f"{preset}.yaml"
     if not path.is_file():

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from purify.data import to_float
 from purify.base import check_images
+from purify.infra.images import as_float
 
 
 @torch.no_grad()
@@ -28,7 +28,7 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     try:
         for start in tqdm(range(0, len(images), batch_size), desc="accuracy", disable=not progress, leave=False):
             x = images[start:start + batch_size].to(device)
-            x = to_float(x) if x.dtype == torch.uint8 else x.float()
+            x = as_float(x)
             check_images(x)
             pred = model(x).argmax(1)
             correct += (pred == labels[start:start + batch_size].to(device)).sum().item()

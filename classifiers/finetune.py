@@ -31,19 +31,21 @@ import torchattacks
 from torch import nn
 
 from purify import Defence, make_defence, parse_defence
-from purify.config import from_dict, load_yaml, to_dict
-from purify.data import seeded_subset, to_float
 from purify.defences import needs_bcm
+from purify.infra.config import from_dict, load_yaml, to_dict
+from purify.infra.data import seeded_subset
+from purify.infra.images import as_float
+from purify.infra.paths import CONFIG_DIR, RESULTS_DIR, RUNS_DIR
+from purify.infra.runtime import autocast, pick_device
 from purify.purifier import shipped_bcm_path
-from purify.runtime import pick_device
 
 from .architectures import ARCHS
-from .config import PRESETS, REPO_ROOT, TrainConfig
+from .config import PRESETS, TrainConfig
 from .evaluate import accuracy
 from .registry import DEFAULT_CHECKPOINT_DIR, checkpoint_path, load_classifier_state
-from .train import _autocast, train
+from .train import train
 
-RECIPE_DIR = REPO_ROOT / "configs" / "finetune"
+RECIPE_DIR = CONFIG_DIR / "finetune"
 ATTACKS = ("none", "fgsm", "pgd")
 
 
@@ -96,9 +98,9 @@ def training_inputs(recipe: Recipe, defence: Defence, model: nn.Module, x: torch
     ``x`` is first perturbed by the recipe's attack on the defended classifier (the gradient flows through
     the defence, with fresh noise at every step); then the defence is applied with fresh noise."""
     if recipe.attack != "none":
-        with _autocast(x.device, bf16):
+        with autocast(x.device, bf16):
             x = recipe_attack(recipe, defence.wrap(model))(x, y).float()
-    with torch.no_grad(), _autocast(x.device, bf16):
+    with torch.no_grad(), autocast(x.device, bf16):
         return defence(x).float()
 
 
@@ -142,9 +144,9 @@ def finetune(arch: str, recipe_name: str, preset: str = "small", *, bcm: str | N
             if recipe.attack == "none":
                 return accuracy(defended, x, y, device=run_device, progress=False)
             keep = seeded_subset(len(x), recipe.val_n, seed=0)
-            images, labels = to_float(x[keep]).to(run_device), y[keep].to(run_device)
+            images, labels = as_float(x[keep]).to(run_device), y[keep].to(run_device)
             attack = recipe_attack(recipe, defended, steps=recipe.val_steps)
-            with _autocast(run_device, bf16):
+            with autocast(run_device, bf16):
                 adversarial = torch.cat([attack(images[i:i + 100], labels[i:i + 100]).float()
                                          for i in range(0, len(images), 100)])
             return accuracy(defended, adversarial, labels, device=run_device, progress=False)
@@ -174,9 +176,9 @@ def main(argv=None) -> None:
                         help="where the classifier to start from, {arch}-{preset}.pt, is read")
     parser.add_argument("--out-dir", default=str(DEFAULT_CHECKPOINT_DIR),
                         help="where {arch}-{preset}-{recipe}.pt (best-validation weights) is written")
-    parser.add_argument("--run-dir", default=str(REPO_ROOT / "runs" / "classifiers"),
+    parser.add_argument("--run-dir", default=str(RUNS_DIR / "classifiers"),
                         help="where the resumable state is written")
-    parser.add_argument("--results-dir", default=str(REPO_ROOT / "results" / "classifiers"),
+    parser.add_argument("--results-dir", default=str(RESULTS_DIR / "classifiers"),
                         help="where the per-epoch CSV log is written")
     parser.add_argument("--data-root", default=None, help="CIFAR-10 root (default: $BCM_DATA)")
     parser.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1'")

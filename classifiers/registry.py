@@ -7,13 +7,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from purify.checkpoint import load_checkpoint, load_state_dict_strict
-from purify.config import from_dict
+from purify.infra.checkpoint import load_checkpoint, load_state_dict_strict
+from purify.infra.config import from_dict
+from purify.infra.paths import CHECKPOINT_DIR
 
 from .architectures import ARCHS, build_architecture
-from .config import PRESETS, REPO_ROOT, TrainConfig, load_preset
+from .config import PRESETS, TrainConfig, load_preset
 
-DEFAULT_CHECKPOINT_DIR = REPO_ROOT / "checkpoints" / "classifiers"
+DEFAULT_CHECKPOINT_DIR = CHECKPOINT_DIR / "classifiers"
 
 
 def _check_arch(arch: str) -> None:

@@ -12,7 +12,6 @@ Files: ``{out-dir}/{arch}-{preset}.pt`` (best-validation weights in fp16 plus ar
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import sys
 import time
@@ -23,16 +22,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from purify.checkpoint import load_checkpoint, load_state_dict_strict, save_checkpoint
-from purify.config import from_dict, to_dict
-from purify.data import augment, default_data_root, load_cifar10, seeded_subset, to_float, train_val_split
-from purify.runtime import (Budget, CSVLog, any_rank, gather_objects, init_distributed, leave_distributed,
-                            pick_device, rng_state, seed_everything, set_rng_state)
+from purify.infra.checkpoint import load_checkpoint, load_state_dict_strict, save_checkpoint
+from purify.infra.config import from_dict, to_dict
+from purify.infra.data import augment, default_data_root, load_cifar10, seeded_subset, train_val_split
+from purify.infra.images import as_float
+from purify.infra.paths import RESULTS_DIR, RUNS_DIR
+from purify.infra.runtime import (Budget, CSVLog, any_rank, autocast, gather_objects, init_distributed,
+                                  leave_distributed, pick_device, rng_state, seed_everything, set_rng_state)
 
 from .architectures import ARCHS, count_parameters
-from .config import PRESETS, REPO_ROOT, SPLIT_SEED, TrainConfig, load_preset
+from .config import PRESETS, SPLIT_SEED, TrainConfig, load_preset
 from .evaluate import accuracy
-from .registry import build_classifier, checkpoint_path, load_classifier
+from .registry import DEFAULT_CHECKPOINT_DIR, build_classifier, checkpoint_path, load_classifier
 
 LOG_FIELDS = ["step", "epoch", "lr", "train_loss", "train_acc", "val_acc", "best_val_acc", "test_acc",
               "minutes", "images_per_s"]
@@ -56,18 +57,14 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, epochs
     return torch.optim.lr_scheduler.LambdaLR(optimizer, one_cycle)
 
 
-def _autocast(device: torch.device, enabled: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
-
-
 def _fp16_weights(model: nn.Module) -> dict:
     return {k: v.detach().to("cpu", torch.float16 if v.is_floating_point() else v.dtype).clone()
             for k, v in model.state_dict().items()}
 
 
 def train(arch: str, preset: str = "small", *, config: TrainConfig | None = None, data_root=None,
-          out_dir=REPO_ROOT / "checkpoints" / "classifiers", run_dir=REPO_ROOT / "runs" / "classifiers",
-          results_dir=REPO_ROOT / "results" / "classifiers", device: str = "auto", seed: int = 0,
+          out_dir=DEFAULT_CHECKPOINT_DIR, run_dir=RUNS_DIR / "classifiers",
+          results_dir=RESULTS_DIR / "classifiers", device: str = "auto", seed: int = 0,
           threads: int | None = None, max_minutes: float | None = None, resume: bool = False,
           train_subset: int | None = None, test_subset: int | None = None, progress: bool = True,
           bf16: bool | None = None, variant: str | None = None, init_weights: dict | None = None,
@@ -190,12 +187,12 @@ def train(arch: str, preset: str = "small", *, config: TrainConfig | None = None
                        disable=not progress or rank != 0, mininterval=1.0 if sys.stderr.isatty() else 30.0)
             for i in bar:
                 idx = order[i * batch_size:(i + 1) * batch_size][rank::world]  # this rank's share
-                x = augment(to_float(train_x[idx]), generator)
+                x = augment(as_float(train_x[idx]), generator)
                 y = train_y[idx]
                 if inputs is not None:
                     x = inputs(model, x, y)
                 x = x.contiguous(memory_format=memory_format)
-                with _autocast(device, bf16):
+                with autocast(device, bf16):
                     logits = trained(x)
                 loss = criterion(logits.float(), y)
                 optimizer.zero_grad(set_to_none=True)
@@ -286,11 +283,11 @@ def main(argv=None) -> None:
                         help="configs/classifiers/{preset}.yaml: 'paper' (published recipe) or 'small' (CPU)")
     parser.add_argument("--data-root", default=None,
                         help="CIFAR-10 root (ImageFolder copy or torchvision download dir); default $BCM_DATA")
-    parser.add_argument("--out-dir", default=str(REPO_ROOT / "checkpoints" / "classifiers"),
+    parser.add_argument("--out-dir", default=str(DEFAULT_CHECKPOINT_DIR),
                         help="where {arch}-{preset}.pt (best-validation weights) is written")
-    parser.add_argument("--run-dir", default=str(REPO_ROOT / "runs" / "classifiers"),
+    parser.add_argument("--run-dir", default=str(RUNS_DIR / "classifiers"),
                         help="where the resumable training state {arch}-{preset}-state.pt is written")
-    parser.add_argument("--results-dir", default=str(REPO_ROOT / "results" / "classifiers"),
+    parser.add_argument("--results-dir", default=str(RESULTS_DIR / "classifiers"),
                         help="where the per-epoch CSV log and the {preset}.csv summary are written")
     parser.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1'")
     parser.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order, augmentation")

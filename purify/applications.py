@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from .defences import JPEG
-from .sampling import EPS, INVERSION_SCHEDULES, Model, _increasing, _noise, invert, reconstruct
+from .sampling import EPS, INVERSION_SCHEDULES, Model, increasing, invert, standard_noise, reconstruct
 
 # Appendix A.3: interpolation inverts with 3 steps to T = 80; inpainting inverts to 2.0 only; JPEG restoration
 # inverts in 2 steps to 2.0 (the INR codec's restoration uses the interpolation schedule).
@@ -77,15 +77,15 @@ def inpaint(model: Model, x: torch.Tensor, mask: torch.Tensor, times: Sequence[f
     with fresh ``sigma ~ N(0, I)`` each time. NFE = N. Known pixels of the result are exactly ``x``'s; the hole is
     clamped to [-1, 1].
     """
-    times = _increasing(times, "inpainting times")
+    times = increasing(times, "inpainting times")
     if not ((mask == 0) | (mask == 1)).all():
         raise ValueError("an inpainting mask holds only 0 (known pixel) and 1 (missing pixel)")
     hole = mask.bool().expand_as(x)
-    x_t = torch.where(hole, s * _noise(x, generator), x)
-    x_t = x_t + times[0] * _noise(x, generator)
+    x_t = torch.where(hole, s * standard_noise(x, generator), x)
+    x_t = x_t + times[0] * standard_noise(x, generator)
     for n in range(1, len(times)):
         x_t = model(x_t, times[n - 1], times[n])
-        x_t = torch.where(hole, times[n] * _noise(x, generator), x_t)
+        x_t = torch.where(hole, times[n] * standard_noise(x, generator), x_t)
     return torch.where(hole, model(x_t, times[-1], eps).clamp(-1, 1), x)
 
 

@@ -28,11 +28,12 @@ from torch import nn
 from torchvision.io import decode_jpeg, encode_jpeg
 
 from .base import Defence
-from .config import read_yaml
+from .infra.config import read_yaml
+from .infra.images import to_uint8
+from .infra.paths import CONFIG_DIR
 from .purifier import BCMPurifier, DiffusionPurifier
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = REPO_ROOT / "configs" / "defences"
+DEFENCE_CONFIG_DIR = CONFIG_DIR / "defences"
 VOTE_RULES = ("majority", "logits")
 
 
@@ -51,7 +52,7 @@ class JPEG(Defence):
         return {"quality": self.quality}
 
     def purify(self, images: torch.Tensor) -> torch.Tensor:
-        pixels = (images.detach().float() * 255).round().to(torch.uint8).cpu()
+        pixels = to_uint8(images)
         with warnings.catch_warnings():  # torchvision 0.29 points to torchcodec, which needs FFmpeg's libraries
             warnings.filterwarnings("ignore", "The image decoding and encoding", DeprecationWarning)
             decoded = decode_jpeg(encode_jpeg(list(pixels), quality=self.quality))
@@ -138,9 +139,18 @@ class Vote(Defence):
         return VotedClassifier(self, classifier).train(classifier.training)
 
 
-def _vote_shares(labels: torch.Tensor, num_classes: int = -1, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The share of the votes each class gets: ``labels`` (n, ...) -> (..., classes)."""
+def vote_shares(labels: torch.Tensor, num_classes: int = -1, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The share of the votes each class gets: ``labels`` (n, ...) -> (..., classes). Every vote and every
+    majority scoring counts its votes here."""
     return nn.functional.one_hot(labels, num_classes).to(dtype).mean(0)
+
+
+def vote_scores(logits: torch.Tensor, how: str) -> torch.Tensor:
+    """The scores whose argmax is a vote's decision, from the logits (n, ..., classes) of ``n`` purifications:
+    the vote shares of the predicted labels (``how="majority"``) or the mean logits (``how="logits"``)."""
+    if how == "logits":
+        return logits.mean(0)
+    return vote_shares(logits.argmax(-1), logits.shape[-1], logits.dtype)
 
 
 def majority_vote(labels: torch.Tensor) -> torch.Tensor:
@@ -148,7 +158,7 @@ def majority_vote(labels: torch.Tensor) -> torch.Tensor:
     (n, ...), the n predicted labels of each image, the most frequent label of each image, a tie going to the
     smallest of the tied labels (votes [3, 3, 5, 5] decide 3). That is the argmax of the vote shares
     ``vote.wrap(classifier)`` returns, as ``torch.argmax`` takes the first of equal maxima."""
-    return _vote_shares(labels).argmax(-1)
+    return vote_shares(labels).argmax(-1)
 
 
 class VotedClassifier(nn.Module):
@@ -160,10 +170,8 @@ class VotedClassifier(nn.Module):
         self.vote, self.classifier = vote, classifier
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        logits = torch.stack([self.classifier(self.vote.base(images)) for _ in range(self.vote.n)])
-        if self.vote.how == "logits":
-            return logits.mean(0)
-        return _vote_shares(logits.argmax(-1), logits.shape[-1], logits.dtype)
+        return vote_scores(torch.stack([self.classifier(self.vote.base(images)) for _ in range(self.vote.n)]),
+                           self.vote.how)
 
 
 _BCM_DEFENCES = {"bcm": BCMPurifier, "denoise": BCMPurifier, "diffusion": DiffusionPurifier}
@@ -219,8 +227,8 @@ def parse_defence(text: str) -> tuple[str, dict]:
     ``bcm:inversion_times=[0.5, 1],t_star=2``), or a YAML file (a path, or
     a name under ``configs/defences/``) holding ``name:`` and the options."""
     path = Path(text)
-    if not path.is_file() and ":" not in text and (CONFIG_DIR / f"{text}.yaml").is_file():
-        path = CONFIG_DIR / f"{text}.yaml"
+    if not path.is_file() and ":" not in text and (DEFENCE_CONFIG_DIR / f"{text}.yaml").is_file():
+        path = DEFENCE_CONFIG_DIR / f"{text}.yaml"
     if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
             raise ValueError(f"defence file {text} does not exist")

@@ -19,9 +19,9 @@ import argparse
 from pathlib import Path
 
 from .bcm import BCM
+from .infra.checkpoint import bcm_weights, load_checkpoint, load_state_dict_strict, save_checkpoint
+from .infra.config import to_dict
 from .noiser import KIND as NOISER_KIND, Noiser
-from .checkpoint import bcm_weights, load_checkpoint, load_state_dict_strict, save_checkpoint
-from .config import to_dict
 from .presets import preset_from_dict
 from .purifier import BCMPurifier
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .bcm import BCMConfig, c_in, c_noise
-from .checkpoint import bcm_weights, load_checkpoint, load_state_dict_strict
+from .infra.checkpoint import bcm_weights, load_checkpoint, load_state_dict_strict
 from .network import UNet
 from .presets import Preset, preset_from_dict
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 from .bcm import BCMConfig
 from .bct import LossConfig
-from .config import from_dict, load_yaml
+from .infra.config import from_dict, load_yaml
+from .infra.paths import CONFIG_DIR
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = REPO_ROOT / "configs" / "bcm"
+BCM_CONFIG_DIR = CONFIG_DIR / "bcm"
 
 
 @dataclass
@@ -47,9 +47,9 @@ def load_preset(name_or_path: str) -> Preset:
     """A preset by file path, or by name under ``configs/bcm`` (``cifar10-small``, ``cifar10-paper``)."""
     path = Path(name_or_path)
     if not path.suffix:
-        path = CONFIG_DIR / f"{name_or_path}.yaml"
+        path = BCM_CONFIG_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
-        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        known = sorted(p.stem for p in BCM_CONFIG_DIR.glob("*.yaml"))
         raise FileNotFoundError(f"no BCM preset {name_or_path!r}; known presets: {known}, or give a YAML path")
     return load_yaml(Preset, path)
 

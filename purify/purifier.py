@@ -20,9 +20,10 @@ import torch
 from .base import Defence, check_images
 from .bcm import BCM
 from .bct import karras_times
-from .checkpoint import bcm_weights, load_checkpoint, load_state_dict_strict
+from .infra.checkpoint import bcm_weights, load_checkpoint, load_state_dict_strict
+from .infra.paths import CHECKPOINT_DIR
 from .network import recompute_activations
-from .presets import REPO_ROOT, Preset, preset_from_dict
+from .presets import Preset, preset_from_dict
 from .sampling import invert, sample_ancestral, sample_reverse_diffusion
 
 MODES = ("bcm", "denoise")
@@ -50,7 +51,7 @@ def clamp_straight_through(x: torch.Tensor, low: float, high: float) -> torch.Te
 
 def shipped_bcm_path(preset: str) -> Path:
     """Where the repository ships the trained BCM of a preset, e.g. ``checkpoints/bcm/cifar10-small.pt``."""
-    return REPO_ROOT / "checkpoints" / "bcm" / f"{preset}.pt"
+    return CHECKPOINT_DIR / "bcm" / f"{preset}.pt"
 
 
 def load_bcm(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[BCM, Preset]:

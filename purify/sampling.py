@@ -30,13 +30,15 @@ INVERSION_SCHEDULES = {
 }
 
 
-def _noise(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def standard_noise(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise shaped and typed like ``like``, drawn on ``generator``'s device, put on ``like``'s."""
     z = torch.randn(like.shape, generator=generator, dtype=like.dtype,
                     device=generator.device if generator is not None else like.device)
     return z.to(like.device)
 
 
-def _increasing(times: Sequence[float], what: str) -> list[float]:
+def increasing(times: Sequence[float], what: str) -> list[float]:
+    """``times`` as floats, or a ``ValueError`` naming ``what`` unless they strictly increase."""
     times = [float(t) for t in times]
     if any(b <= a for a, b in zip(times, times[1:])):
         raise ValueError(f"{what} must be strictly increasing, got {times}")
@@ -59,7 +61,7 @@ def sample_ancestral(model: Model, x_T: torch.Tensor, times: Sequence[float], ep
 
     NFE = N.
     """
-    times = [eps] + _increasing(times, "times")
+    times = [eps] + increasing(times, "times")
     x = x_T
     for n in range(len(times) - 1, 0, -1):
         x = model(x, times[n], times[n - 1])
@@ -73,14 +75,14 @@ def sample_zigzag(model: Model, x_T: torch.Tensor, times: Sequence[float], noise
     For n = N..2: ``x0 = f(x_{t_n}, t_n, 0)``, ``x_e = x0 + e_{n-1} z``, ``x_{t_{n-1}} = f(x_e, e_{n-1}, t_{n-1})``;
     finally ``x = f(x_{t_1}, t_1, 0)``. NFE = 2N - 1.
     """
-    times = _increasing(times, "times")
+    times = increasing(times, "times")
     if len(noise_scales) != len(times) - 1:
         raise ValueError(f"zigzag needs {len(times) - 1} noise scales for {len(times)} times, got {noise_scales}")
     x = x_T
     for n in range(len(times) - 1, 0, -1):
         x0 = model(x, times[n], eps)
         e = float(noise_scales[n - 1])
-        x = model(x0 + e * _noise(x0, generator), e, times[n - 1])
+        x = model(x0 + e * standard_noise(x0, generator), e, times[n - 1])
     return model(x, times[0], eps)
 
 
@@ -90,7 +92,7 @@ def sample_combined(model: Model, x_T: torch.Tensor, times: Sequence[float], tau
     """Algorithm 2: ancestral steps along ``t_1 < ... < t_N = T`` down to ``t_1``, then zigzag on
     ``tau_1 < ... < tau_M = t_1`` with noise scales ``e_1 .. e_{M-1}``. NFE = (N - 1) + (2M - 1).
     """
-    times, taus = _increasing(times, "times"), _increasing(taus, "taus")
+    times, taus = increasing(times, "times"), increasing(taus, "taus")
     if taus[-1] != times[0]:
         raise ValueError(f"the zigzag part must end where the ancestral part stops: tau_M={taus[-1]} != t_1={times[0]}")
     x = x_T
@@ -102,8 +104,8 @@ def sample_combined(model: Model, x_T: torch.Tensor, times: Sequence[float], tau
 def invert(model: Model, x0: torch.Tensor, times: Sequence[float],
            generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
     """Algorithm 5: ``x_{t_1} = x_0 + t_1 z``, then ``x_{t_{n+1}} = f(x_{t_n}, t_n, t_{n+1})``. NFE = N - 1."""
-    times = _increasing(times, "inversion times")
-    z = _noise(x0, generator) if noise is None else noise
+    times = increasing(times, "inversion times")
+    z = standard_noise(x0, generator) if noise is None else noise
     x = x0 + times[0] * z
     for n in range(len(times) - 1):
         x = model(x, times[n], times[n + 1])
@@ -212,7 +214,7 @@ def invert_ode(model: Model, x0: torch.Tensor, times: Sequence[float], solver: s
     """ODE inversion (DDIM / EDM inversion, the ODE baseline of the paper's Figure 4): the image is the
     trajectory's point at ``t_1 = times[0]`` (deterministic: ``x(t_1) = x0``, no noise is added), then the PF ODE
     is integrated up along the increasing ``times`` to ``x(t_N)`` (``solve_pf_ode``)."""
-    return solve_pf_ode(model, x0, _increasing(times, "ODE inversion times"), solver, eps)
+    return solve_pf_ode(model, x0, increasing(times, "ODE inversion times"), solver, eps)
 
 
 def sample_ode(model: Model, x_T: torch.Tensor, times: Sequence[float], solver: str = "heun",
@@ -220,4 +222,4 @@ def sample_ode(model: Model, x_T: torch.Tensor, times: Sequence[float], solver: 
     """ODE generation: integrate the PF ODE down from ``x_T`` at ``t_N`` along the increasing ``times``
     ``t_1 < ... < t_N`` read backwards, to ``x(t_1)`` (``t_1 = 0`` is EDM's last Euler step; ``solve_pf_ode``).
     With the inversion's times it is the inversion's mirror: ``sample_ode(invert_ode(x0, times), times) ~ x0``."""
-    return solve_pf_ode(model, x_T, _increasing(times, "ODE generation times")[::-1], solver, eps)
+    return solve_pf_ode(model, x_T, increasing(times, "ODE generation times")[::-1], solver, eps)

@@ -27,13 +27,13 @@ from tqdm import tqdm
 
 from .bcm import CONSISTENCY_KIND, BCM, ConsistencyModel, bcm_weights_from_consistency_model
 from .bct import make_loss
-from .checkpoint import bcm_weights, load_checkpoint, load_state_dict_strict, save_checkpoint
-from .config import to_dict
-from .data import VAL_SPLIT_SEED, load_cifar10, train_val_split
+from .infra.checkpoint import bcm_weights, load_checkpoint, load_state_dict_strict, save_checkpoint
+from .infra.config import to_dict
+from .infra.data import VAL_SPLIT_SEED, load_cifar10, train_val_split
+from .infra.runtime import (Budget, CSVLog, autocast, gather_objects, init_distributed, native_bf16, pick_device,
+                            rng_state, seed_everything, set_rng_state)
 from .noiser import KIND as NOISER, Noiser
 from .presets import Preset, load_preset, preset_from_dict
-from .runtime import (Budget, CSVLog, gather_objects, init_distributed, native_bf16, pick_device, rng_state,
-                      seed_everything, set_rng_state)
 
 LOG_FIELDS = ["step", "N", "loss", "ct", "soft", "lr", "images_per_s", "elapsed_min"]
 CHECKPOINT_KEYS = ("kind", "config", "model", "ema", "optimizer", "step", "rng")
@@ -168,8 +168,7 @@ class Trainer:
             group["lr"] = self.learning_rate()
         x = self.batch()
         # the losses run their compared passes in float32 inside (purify.bct.float32_passes)
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
-        with autocast:
+        with autocast(self.device, self.bf16):
             terms = self.module(x, self.step)
         loss = terms["loss"].mean()
         logged = torch.stack([loss.detach(), terms["ct"].mean().detach(), terms["soft"].mean().detach()]).float()

@@ -46,7 +46,7 @@ def write_image_folder(root, n: int = 30) -> None:
     """``n`` smooth random PNG test images in torchvision's ImageFolder layout under ``root/test/<class>/``."""
     from PIL import Image
 
-    from purify.data import CLASSES
+    from purify.infra.data import CLASSES
 
     g = torch.Generator().manual_seed(0)
     images = torch.nn.functional.interpolate(torch.rand(n, 3, 8, 8, generator=g), size=32, mode="bilinear")

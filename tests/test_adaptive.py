@@ -397,7 +397,7 @@ def test_finite_difference_check_passes_exact_gradients_and_fails_wrong_ones(tin
 
 def test_validation_split_is_the_classifiers_held_out_training_images(monkeypatch):
     import bench.common
-    from purify.data import train_val_split
+    from purify.infra.data import train_val_split
 
     images = torch.arange(50_000).view(-1, 1, 1, 1)
     monkeypatch.setattr(bench.common, "load_cifar10", lambda split, root: (images, images.flatten() % 10))
@@ -523,7 +523,7 @@ def test_sealed_subset_avoids_every_used_test_id_and_is_drawn_once(tmp_path):
                                                                                              index=False)
     torch.save({"ids": torch.tensor([9998, 9999]), "row": {"split": "test"}}, results / "x-predictions" / "u.pt")
     used = bench.sealed.used_test_ids(results)
-    from purify.data import seeded_subset
+    from purify.infra.data import seeded_subset
     expected = set(seeded_subset(10_000, 30, 7).tolist()) | {9998, 9999} | set(seeded_subset(10_000, 2000, 0).tolist())
     assert used == expected  # the val row is not a test image
     path = tmp_path / "sealed.json"

@@ -14,8 +14,8 @@ from bench.common import load_split
 from conftest import tiny_preset, write_image_folder
 from purify.applications import (INPAINTING_TIMES, INTERPOLATION_TIMES, RESTORATION_TIMES, box_mask,
                                  compress_jpeg, half_mask, inpaint, interpolate, random_pixel_mask, restore, slerp)
-from purify.checkpoint import save_checkpoint
-from purify.config import to_dict
+from purify.infra.checkpoint import save_checkpoint
+from purify.infra.config import to_dict
 from purify.defences import JPEG
 from purify.sampling import EPS, invert
 

@@ -27,8 +27,8 @@ from attacks import craft, make_attack, paper_pgd
 from classifiers.config import ArchConfig, Archs, TrainConfig
 from conftest import tiny_preset, write_image_folder
 from purify import BCMPurifier
-from purify.checkpoint import save_checkpoint
-from purify.config import to_dict
+from purify.infra.checkpoint import save_checkpoint
+from purify.infra.config import to_dict
 from purify.network import NetworkConfig
 
 REPO = Path(__file__).resolve().parent.parent

@@ -14,8 +14,8 @@ from classifiers.config import ArchConfig, Archs, TrainConfig
 from purify import BCMPurifier
 from purify.base import Defence
 from purify.defences import JPEG, Vote
-from purify.checkpoint import save_checkpoint
-from purify.config import to_dict
+from purify.infra.checkpoint import save_checkpoint
+from purify.infra.config import to_dict
 from conftest import tiny_preset, write_image_folder
 from test_attacks import TemplateClassifier, template_data
 

@@ -9,7 +9,7 @@ import torch
 import classifiers
 from classifiers.config import ArchConfig, Archs, load_preset
 from classifiers.train import train
-from purify.checkpoint import load_checkpoint, save_checkpoint
+from purify.infra.checkpoint import load_checkpoint, save_checkpoint
 
 torch.set_num_threads(1)
 

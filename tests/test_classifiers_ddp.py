@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from classifiers.train import train
-from purify.checkpoint import load_checkpoint
+from purify.infra.checkpoint import load_checkpoint
 from test_classifiers import tiny_config
 from test_train import _spawn
 

@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_network, tiny_preset
 from purify.bcm import (CONSISTENCY_KIND, BCM, BCMConfig, ConsistencyModel, bcm_weights_from_consistency_model,
                         parameter_count)
-from purify.checkpoint import load_checkpoint
+from purify.infra.checkpoint import load_checkpoint
 from purify.network import UNet, add_u_input
 from purify.presets import load_preset
 from purify.train import Trainer, main

@@ -11,7 +11,7 @@ from torch import nn
 import purify.bct
 from conftest import tiny_preset
 from purify.bct import BCTLoss, LossConfig
-from purify.checkpoint import load_checkpoint
+from purify.infra.checkpoint import load_checkpoint
 from purify.train import Trainer
 
 EPS, T = 0.002, 80.0

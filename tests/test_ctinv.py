@@ -11,7 +11,7 @@ from torch import nn
 from conftest import tiny_network, tiny_preset
 from purify.bcm import BCMConfig, c_in, c_noise
 from purify.bct import CTInversionLoss, LossConfig, make_loss
-from purify.checkpoint import load_checkpoint
+from purify.infra.checkpoint import load_checkpoint
 from purify.noiser import Noiser, load_noiser
 from purify.presets import load_preset
 from purify.purifier import load_bcm

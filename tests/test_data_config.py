@@ -5,9 +5,9 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from purify import data
-from purify.checkpoint import load_checkpoint, save_checkpoint
-from purify.config import from_dict
+from purify.infra import data
+from purify.infra.checkpoint import load_checkpoint, save_checkpoint
+from purify.infra.config import from_dict
 from purify.presets import load_preset
 
 needs_data = pytest.mark.skipif(not os.environ.get("BCM_DATA"), reason="BCM_DATA (CIFAR-10 copy) not set")

@@ -10,8 +10,8 @@ from torchvision.io import decode_jpeg, encode_jpeg
 from conftest import tiny_preset
 from purify import DEFENCES, BCMPurifier, DiffusionPurifier, image_noise, make_defence, parse_defence
 from purify.base import Defence
-from purify.checkpoint import save_checkpoint
-from purify.config import to_dict
+from purify.infra.checkpoint import save_checkpoint
+from purify.infra.config import to_dict
 from purify.defences import BitDepth, JPEG, MedianSmoothing, Vote, majority_vote
 from purify.sampling import sample_reverse_diffusion
 

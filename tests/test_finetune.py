@@ -12,8 +12,8 @@ import bench.common
 import classifiers
 from classifiers.finetune import RECIPE_DIR, Recipe, finetune, load_recipe, main, training_inputs
 from purify import Defence, make_defence
-from purify.checkpoint import load_checkpoint, save_checkpoint
-from purify.config import to_dict
+from purify.infra.checkpoint import load_checkpoint, save_checkpoint
+from purify.infra.config import to_dict
 from test_classifiers import tiny_config
 from conftest import tiny_preset
 

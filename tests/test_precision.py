@@ -6,7 +6,7 @@ import torch
 
 import classifiers
 from bench.common import add_common_arguments, resolve_bf16
-from purify.runtime import cpu_capability, native_bf16
+from purify.infra.runtime import cpu_capability, native_bf16
 
 
 @pytest.fixture(params=[False, True], ids=["avx2-like", "amx-like"])
@@ -50,7 +50,7 @@ def test_classifier_training_flag_forces_bf16(monkeypatch, tmp_path):
     from classifiers import train as train_module
 
     seen = []
-    monkeypatch.setattr(train_module, "_autocast", lambda device, enabled: seen.append(enabled) or
+    monkeypatch.setattr(train_module, "autocast", lambda device, enabled: seen.append(enabled) or
                         torch.autocast("cpu", enabled=False))
     monkeypatch.setattr(train_module, "load_cifar10", lambda split, root=None: (
         torch.randint(0, 256, (1100, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (1100,))))

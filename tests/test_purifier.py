@@ -5,8 +5,8 @@ from torch import nn
 
 from conftest import tiny_preset
 from purify import BCMPurifier, DiffusionPurifier, clamp_straight_through
-from purify.checkpoint import save_checkpoint
-from purify.config import to_dict
+from purify.infra.checkpoint import save_checkpoint
+from purify.infra.config import to_dict
 
 
 def test_default_is_invert_011_to_80_then_one_step(tiny_bcm):

@@ -12,9 +12,9 @@ import bench.losscurve
 import bench.quality
 import classifiers
 from classifiers.config import ArchConfig, Archs, TrainConfig
-from purify.checkpoint import save_checkpoint
-from purify.config import to_dict
-from purify.data import CLASSES, load_cifar10
+from purify.infra.checkpoint import save_checkpoint
+from purify.infra.config import to_dict
+from purify.infra.data import CLASSES, load_cifar10
 from conftest import tiny_preset
 
 torch.set_num_threads(1)

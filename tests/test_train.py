@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 
 from conftest import tiny_preset
 from purify.bct import BCTLoss
-from purify.checkpoint import load_checkpoint
+from purify.infra.checkpoint import load_checkpoint
 from purify.train import Trainer, main
 
 
@@ -294,7 +294,7 @@ def test_warm_up_ramps_the_rate_from_the_optimizers_first_step_and_survives_a_re
 def test_n_val_holds_the_validation_images_out_of_training(tmp_path, monkeypatch):
     """train.n_val removes the classifiers' validation split (train_val_split, seed 0) from the images BCT sees."""
     import purify.train
-    from purify.data import train_val_split
+    from purify.infra.data import train_val_split
 
     images = torch.arange(200, dtype=torch.uint8).repeat_interleave(3 * 16 * 16).view(200, 3, 16, 16)
     monkeypatch.setattr(purify.train, "load_cifar10", lambda split, root: (images, torch.zeros(200)))

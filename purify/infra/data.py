@@ -92,11 +92,6 @@ def seeded_subset(n_total: int, n: int | None, seed: int = 0) -> torch.Tensor:
     return perm[:n].sort().values
 
 
-def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float32 [0, 1]."""
-    return images.float().div_(255.0)
-
-
 def augment(images: torch.Tensor, generator: torch.Generator | None = None, pad: int = 4) -> torch.Tensor:
     """Standard CIFAR augmentation of a batch: random crop after zero padding by ``pad``, random h-flip."""
     b, c, h, w = images.shape

@@ -1,6 +1,7 @@
 """Small pieces every trainer and benchmark shares: devices, precision, seeding, RNG state, CSV logs, time budgets."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import platform
@@ -31,6 +32,14 @@ def native_bf16(device: torch.device | str) -> bool:
     if device.type == "cpu":
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     return False
+
+
+def autocast(device: torch.device | str, enabled: bool):
+    """bfloat16 autocast on ``device`` when ``enabled``, else a no-op context: fast where bf16 is native (recent
+    GPUs, CPUs with AMX/AVX-512-BF16), 3-10x slower than float32 where it is emulated (``native_bf16`` tells)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
 def cpu_capability() -> str:

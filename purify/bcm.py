@@ -64,8 +64,8 @@ class BCM(nn.Module):
         t, u = self._times(t, x), self._times(u, x)
         sd = self.sigma_data
         shape = (-1, 1, 1, 1)
-        skip, out, cin = c_skip(t, u, sd).view(shape), c_out(t, u, sd).view(shape), c_in(t, sd).view(shape)
-        F_x = self.net((cin * x).to(x.dtype), *self.noise_levels(t, u))
+        skip, out, scale_in = c_skip(t, u, sd).view(shape), c_out(t, u, sd).view(shape), c_in(t, sd).view(shape)
+        F_x = self.net((scale_in * x).to(x.dtype), *self.noise_levels(t, u))
         return (skip * x + out * F_x.to(x.dtype)).to(x.dtype)
 
     def noise_levels(self, t: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -141,14 +141,14 @@ class BCTLoss(CurriculumLoss):
         d = self.distance
 
         with torch.no_grad(), float32_passes(x):
-            target = f.frozen(x + _b(t_n) * z, t_n, eps)
+            target = f.frozen(x + per_image(t_n) * z, t_n, eps)
         with float32_passes(x):
-            ct = d(f(x + _b(t_n1) * z, t_n1, eps), target) / (t_n1 - t_n)
+            ct = d(f(x + per_image(t_n1) * z, t_n1, eps), target) / (t_n1 - t_n)
         if c.kind == "ct":
             soft = torch.zeros_like(ct)
         else:
             t_start = t_n1 if c.soft_start == "n+1" else t_n
-            x_u = f(x + _b(t_start) * z, t_start, t_prime)
+            x_u = f(x + per_image(t_start) * z, t_start, t_prime)
             with float32_passes(x):
                 soft = d(f.frozen(x_u, t_prime, eps), target) / (t_start - t_prime).abs()
         return {"loss": ct + soft, "ct": ct, "soft": soft, "N": torch.tensor(times.numel())}
@@ -188,8 +188,8 @@ class CTInversionLoss(CurriculumLoss):
         g = _SharedDropout(model, int(torch.randint(0, 2**62, ())))
         d = self.distance
 
-        x_n = x + _b(t_n) * z
-        x_n1 = x_n + _b(t_n1 - t_n) * (x_n - x) / _b(t_n)
+        x_n = x + per_image(t_n) * z
+        x_n1 = x_n + per_image(t_n1 - t_n) * (x_n - x) / per_image(t_n)
         with float32_passes(x):
             with torch.no_grad():
                 target = g(x_n1, t_n1)
@@ -199,7 +199,8 @@ class CTInversionLoss(CurriculumLoss):
         return {"loss": loss, "ct": loss, "soft": torch.zeros_like(loss), "N": torch.tensor(times.numel())}
 
 
-def _b(t: torch.Tensor) -> torch.Tensor:
+def per_image(t: torch.Tensor) -> torch.Tensor:
+    """Per-image noise levels ``t`` (B,) shaped (B, 1, 1, 1) to scale a batch of images."""
     return t.view(-1, 1, 1, 1)
 
 
@@ -242,7 +243,7 @@ class DenoiserLoss:
         s = (torch.randn(x.shape[0], device=x.device) * c.denoise_p_std + c.denoise_p_mean).exp()
         s = s.clamp(self.eps * 1.01, self.T)
         weight = (s**2 + sd**2) / (s * sd) ** 2
-        denoised = model(x + _b(s) * torch.randn_like(x), s, self.eps)
+        denoised = model(x + per_image(s) * torch.randn_like(x), s, self.eps)
         loss = weight * (denoised - x).float().pow(2).flatten(1).mean(1)
         zero = torch.zeros_like(loss)
         return {"loss": loss, "ct": zero, "soft": zero, "N": torch.tensor(0)}

@@ -158,23 +158,23 @@ class ResBlock(nn.Module):
         out = (skip(resample(x)) + conv1(dropout(h))) / sqrt(2), then self-attention if any.
     """
 
-    def __init__(self, cin: int, cout: int, emb_channels: int, dropout: float, resample: str | None = None,
-                 attention: bool = False, channels_per_head: int = 64, resample_filter: Sequence[int] = (1, 1),
-                 conditioning: str = "scale-shift"):
+    def __init__(self, in_channels: int, out_channels: int, emb_channels: int, dropout: float,
+                 resample: str | None = None, attention: bool = False, channels_per_head: int = 64,
+                 resample_filter: Sequence[int] = (1, 1), conditioning: str = "scale-shift"):
         super().__init__()
         self.resample = Resample(resample, resample_filter) if resample else None
         self.takes_skip = False  # decoder blocks that concatenate an encoder skip are flagged by the UNet
         self.additive = conditioning == "additive"
-        self.norm0 = _group_norm(cin)
-        self.conv0 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.affine = nn.Linear(emb_channels, cout if self.additive else 2 * cout)
-        self.norm1 = _group_norm(cout)
+        self.norm0 = _group_norm(in_channels)
+        self.conv0 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.affine = nn.Linear(emb_channels, out_channels if self.additive else 2 * out_channels)
+        self.norm1 = _group_norm(out_channels)
         self.dropout = nn.Dropout(dropout)
-        self.conv1 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv1 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         nn.init.zeros_(self.conv1.weight)
         nn.init.zeros_(self.conv1.bias)
-        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout or resample else None
-        self.attention = SelfAttention(cout, channels_per_head) if attention else None
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels or resample else None
+        self.attention = SelfAttention(out_channels, channels_per_head) if attention else None
 
     def _resample(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.resample is None else self.resample(x)
@@ -227,10 +227,10 @@ class InputResidual(nn.Module):
     reads convolution outputs (of the zero-padded input) rather than zeros.
     """
 
-    def __init__(self, cin: int, cout: int, resample_filter: Sequence[int]):
+    def __init__(self, in_channels: int, out_channels: int, resample_filter: Sequence[int]):
         super().__init__()
         filter_padding = (len(resample_filter) - 1) // 2
-        self.conv = nn.Conv2d(cin, cout, 3, padding=1 + filter_padding)
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1 + filter_padding)
         self.down = Resample("down", resample_filter, padding=0)
 
     def forward(self, pyramid: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -259,36 +259,36 @@ class UNet(nn.Module):
         self.encoder = nn.ModuleList()
         # residual input path, keyed by the index of the down-sampling encoder block it follows; empty otherwise
         self.encoder_residual = nn.ModuleDict()
-        skips, cout, res, pyramid_channels = [c.channels], c.channels, c.resolution, c.image_channels
+        skips, out_channels, res, pyramid_channels = [c.channels], c.channels, c.resolution, c.image_channels
         for level, mult in enumerate(c.channel_mult):
             if level > 0:
                 res //= 2
-                self.encoder.append(ResBlock(cout, cout, resample="down", **block))
-                skips.append(cout)
+                self.encoder.append(ResBlock(out_channels, out_channels, resample="down", **block))
+                skips.append(out_channels)
                 if c.encoder_type == "residual":
                     self.encoder_residual[str(len(self.encoder) - 1)] = InputResidual(
-                        pyramid_channels, cout, c.resample_filter)
-                    pyramid_channels = cout
+                        pyramid_channels, out_channels, c.resample_filter)
+                    pyramid_channels = out_channels
             for _ in range(c.num_blocks):
-                cin, cout = cout, c.channels * mult
-                self.encoder.append(ResBlock(cin, cout, attention=res in c.attn_resolutions, **block))
-                skips.append(cout)
+                in_channels, out_channels = out_channels, c.channels * mult
+                self.encoder.append(ResBlock(in_channels, out_channels, attention=res in c.attn_resolutions, **block))
+                skips.append(out_channels)
 
         self.decoder = nn.ModuleList()
         for level, mult in reversed(list(enumerate(c.channel_mult))):
             if level == len(c.channel_mult) - 1:
-                self.decoder.append(ResBlock(cout, cout, attention=True, **block))
-                self.decoder.append(ResBlock(cout, cout, **block))
+                self.decoder.append(ResBlock(out_channels, out_channels, attention=True, **block))
+                self.decoder.append(ResBlock(out_channels, out_channels, **block))
             else:
                 res *= 2
-                self.decoder.append(ResBlock(cout, cout, resample="up", **block))
+                self.decoder.append(ResBlock(out_channels, out_channels, resample="up", **block))
             for index in range(c.num_blocks + 1):
-                cin, cout = cout + skips.pop(), c.channels * mult
+                in_channels, out_channels = out_channels + skips.pop(), c.channels * mult
                 attention = res in c.attn_resolutions and (c.decoder_attention == "every" or index == c.num_blocks)
-                self.decoder.append(ResBlock(cin, cout, attention=attention, **block))
+                self.decoder.append(ResBlock(in_channels, out_channels, attention=attention, **block))
                 self.decoder[-1].takes_skip = True
-        self.norm_out = _group_norm(cout)
-        self.conv_out = nn.Conv2d(cout, c.image_channels, 3, padding=1)
+        self.norm_out = _group_norm(out_channels)
+        self.conv_out = nn.Conv2d(out_channels, c.image_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 

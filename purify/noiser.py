@@ -40,8 +40,8 @@ class Noiser(nn.Module):
         t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
         T = torch.full_like(t, self.config.T)
-        out, cin = (T - t).view(-1, 1, 1, 1), c_in(t, self.config.sigma_data).view(-1, 1, 1, 1)
-        G = self.net((cin * x).to(x.dtype), c_noise(t), c_noise(T))
+        out, scale_in = (T - t).view(-1, 1, 1, 1), c_in(t, self.config.sigma_data).view(-1, 1, 1, 1)
+        G = self.net((scale_in * x).to(x.dtype), c_noise(t), c_noise(T))
         return (x + out * G.to(x.dtype)).to(x.dtype)
 
 

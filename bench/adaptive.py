@@ -74,7 +74,8 @@ from purify.infra.runtime import autocast, cpu_capability, cpu_name, pick_device
 from .common import (DEFENCE_HELP, Entry, ResultTable, add_common_arguments, add_split_argument,
                      attack_step_cost, build_defences, device_clock, check_defences, check_names, classifier_path, combine_ids,
                      file_id, load_classifiers, load_split, run_command, text, write_text)
-from .sealed import append_ledger, bootstrap_interval
+from .intervals import bootstrap_interval
+from .ledger import append_ledger
 
 SANITY_BUDGETS = [(5, 1), (10, 2), (20, 4), (40, 8)]  # PGD steps x EOT draws; the last but one is the cpu protocol's
 # white-box threats of a randomized defence, of a deterministic one; then the rest

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import bench.adaptive
-import bench.sealed
+import bench.intervals
+import bench.ledger
 from attacks import (BPDA, BestIteratePGD, BestLossAPGD, BestMarginSquare, DrawAverage, attack_loss,
                      autoattack_standard, correct_by_scoring, craft, predict_draws, run_autoattack, score)
 from attacks.eot import step_size
@@ -236,6 +237,12 @@ def test_square_is_gradient_free_and_lowers_the_margin_inside_the_ball():
     before = attack_loss(DrawAverage(model)(images), labels, "margin")
     after = attack_loss(DrawAverage(model)(adversarial), labels, "margin")
     assert (after >= before - 1e-6).all() and (after > before).any()
+
+
+@pytest.fixture(autouse=True)
+def adaptive_ledger_in_tmp(tmp_path, monkeypatch):
+    """The ledger the adaptive runs append to (``bench.ledger``) goes to the test's folder, like conftest's."""
+    monkeypatch.setattr(bench.ledger, "LEDGER_PATH", tmp_path / "test-ledger.csv")
 
 
 def adaptive_args(checkpoints, out, *extra):  # noqa: F811
@@ -505,7 +512,7 @@ def test_a_vote_is_evaluated_as_its_base_with_n_evaluations_and_a_paired_compari
 
 
 def test_runs_on_test_images_are_ledgered_and_validation_runs_are_not(checkpoints, tmp_path, monkeypatch):  # noqa: F811
-    ledger = bench.sealed.LEDGER_PATH  # conftest points it into the test's folder
+    ledger = bench.ledger.LEDGER_PATH  # adaptive_ledger_in_tmp points it into the test's folder
     assert tmp_path in ledger.parents
     args = [*checkpoints, "--n", "4", "--batch-size", "4", "--t-stars", "0.5", "--threats", "clean", "pgd-margin"]
     bench.adaptive.main([*args, "--out", str(tmp_path / "a.csv")])
@@ -522,25 +529,25 @@ def test_sealed_subset_avoids_every_used_test_id_and_is_drawn_once(tmp_path):
     pd.DataFrame({"split": ["test", "val"], "n": ["30", "500"], "seed": ["7", "0"]}).to_csv(results / "a.csv",
                                                                                              index=False)
     torch.save({"ids": torch.tensor([9998, 9999]), "row": {"split": "test"}}, results / "x-predictions" / "u.pt")
-    used = bench.sealed.used_test_ids(results)
+    used = bench.ledger.used_test_ids(results)
     from purify.infra.data import seeded_subset
     expected = set(seeded_subset(10_000, 30, 7).tolist()) | {9998, 9999} | set(seeded_subset(10_000, 2000, 0).tolist())
     assert used == expected  # the val row is not a test image
     path = tmp_path / "sealed.json"
-    record = bench.sealed.draw_sealed(100, seed=1, results_dir=results, path=path)
+    record = bench.ledger.draw_sealed(100, seed=1, results_dir=results, path=path)
     ids = set(json.loads(path.read_text())["ids"])
     assert len(ids) == 100 == record["n"] and not ids & used
-    assert torch.equal(bench.sealed.sealed_ids(path), torch.tensor(sorted(ids)))
+    assert torch.equal(bench.ledger.sealed_ids(path), torch.tensor(sorted(ids)))
     with pytest.raises(ValueError, match="drawn once"):
-        bench.sealed.draw_sealed(100, seed=2, results_dir=results, path=path)
+        bench.ledger.draw_sealed(100, seed=2, results_dir=results, path=path)
 
 
 def test_bootstrap_interval_brackets_the_mean_and_collapses_for_constant_values():
     values = torch.tensor([1.0] * 30 + [0.0] * 70)
-    mean, low, high = bench.sealed.bootstrap_interval(values)
+    mean, low, high = bench.intervals.bootstrap_interval(values)
     assert mean == pytest.approx(0.3) and low < 0.3 < high
     assert (high - low) == pytest.approx(2 * 1.96 * math.sqrt(0.3 * 0.7 / 100), abs=0.03)  # the normal approximation
-    assert bench.sealed.bootstrap_interval(torch.ones(10))[1:] == (1.0, 1.0)
+    assert bench.intervals.bootstrap_interval(torch.ones(10))[1:] == (1.0, 1.0)
 
 
 def test_cost_clock_waits_for_the_cuda_queue_and_not_on_the_cpu(monkeypatch):
@@ -571,9 +578,9 @@ def test_a_resumed_evaluation_is_one_ledger_line(tmp_path):
     row = dict(date="2026-01-01", split="sealed", n=500, data_seed=0, suite="v2", protocol="gpu", defence="none",
                target="preact", eps=8, clean_vote="70.0", robust_vote="40.0", robust_ci="35.0-45.0", command="a")
     path = tmp_path / "ledger.csv"
-    bench.sealed.append_ledger([row], path)
-    bench.sealed.append_ledger([dict(row, date="2026-01-02", robust_vote="33.0", command="b")], path)
-    bench.sealed.append_ledger([dict(row, defence="bcm", date="2026-01-02")], path)
+    bench.ledger.append_ledger([row], path)
+    bench.ledger.append_ledger([dict(row, date="2026-01-02", robust_vote="33.0", command="b")], path)
+    bench.ledger.append_ledger([dict(row, defence="bcm", date="2026-01-02")], path)
     ledger = pd.read_csv(path, dtype=str)
     assert len(ledger) == 2
     first = ledger[ledger.defence == "none"].iloc[0]

@@ -9,8 +9,12 @@ import torch
 from torch import nn
 
 import bench.adaptive
+import bench.common
 import bench.intervals
 import bench.ledger
+import bench.whitebox.retime
+import bench.whitebox.sanity
+import bench.whitebox.setting
 from attacks import (BPDA, BestIteratePGD, BestLossAPGD, BestMarginSquare, DrawAverage, attack_loss,
                      autoattack_standard, correct_by_scoring, craft, predict_draws, run_autoattack, score)
 from attacks.eot import step_size
@@ -269,7 +273,7 @@ def test_bench_adaptive_grid_scores_and_resumes(checkpoints, tmp_path, monkeypat
     def no_attack(self, threat):
         raise AssertionError(f"resumed run recomputed {threat}")
 
-    monkeypatch.setattr(bench.adaptive.Setting, "adversarial", no_attack)
+    monkeypatch.setattr(bench.whitebox.setting.Setting, "adversarial", no_attack)
     before = out.read_text()
     bench.adaptive.main(adaptive_args(checkpoints, out))
     assert out.read_text().splitlines()[0] == before.splitlines()[0]
@@ -281,7 +285,7 @@ def test_retime_rewrites_only_the_selected_settings_costs(checkpoints, tmp_path,
     out = tmp_path / "adaptive.csv"
     bench.adaptive.main(adaptive_args(checkpoints, out))
     before = pd.read_csv(out)
-    monkeypatch.setattr(bench.adaptive, "measure_costs",
+    monkeypatch.setattr(bench.whitebox.retime, "measure_costs",
                         lambda setting, batch_size, bf16: {"purify_s_per_image": 0.25, "step_s_per_image": 0.75})
     bench.adaptive.main([*checkpoints, "--n", "6", "--batch-size", "6", "--t-stars", "1", "2", "--out", str(out),
                          "--retime"])
@@ -372,14 +376,14 @@ def test_sanity_check_fails_without_gradients(tiny_bcm, monkeypatch):
     """A defence that hides its gradient (a hard quantizer without BPDA) must fail the gradient check."""
 
     class Args:
-        batch_size, attack_seed, eval_seed, bf16_on = 10, 0, 1, False
+        batch_size, attack_seed, eval_seed, bf16 = 10, 0, 1, False
 
-    monkeypatch.setattr(bench.adaptive, "SANITY_BUDGETS", [(2, 1), (3, 1), (4, 2), (5, 2)])  # fast
+    monkeypatch.setattr(bench.whitebox.sanity, "SANITY_BUDGETS", [(2, 1), (3, 1), (4, 2), (5, 2)])  # fast
     classifier = TemplateClassifier().eval()
     images, labels = template_data(classifier, n=10)
     purifier = BCMPurifier(tiny_bcm, t_star=0.5)
     masked = nn.Sequential(BPDA(lambda x: x, lambda x: torch.round(x * 4) / 4), classifier).eval()
-    checks = dict((name, ok) for name, ok, _ in bench.adaptive.sanity_checks(
+    checks = dict((name, ok) for name, ok, _ in bench.whitebox.sanity.sanity_checks(
         masked, purifier, (images * 255).to(torch.uint8), labels, torch.arange(10), 8, Args()))
     assert checks["gradients through the purifier are finite and non-zero"] is False
 
@@ -394,12 +398,12 @@ def test_finite_difference_check_passes_exact_gradients_and_fails_wrong_ones(tin
     images[:, :, 0, 0], images[:, :, 0, 1] = 0, 255  # saturated pixels: the probes must stay in [0, 1]
     purifier = BCMPurifier(tiny_bcm, t_star=0.5)
     shape = purifier.noise_shape((3, 32, 32))
-    name, ok, detail = bench.adaptive.finite_difference_check(purifier.wrap(classifier), purifier, images, labels,
-                                                              torch.arange(4), shape, Args())
+    name, ok, detail = bench.whitebox.sanity.finite_difference_check(purifier.wrap(classifier), purifier, images,
+                                                                     labels, torch.arange(4), shape, Args())
     assert ok, detail
     doubled = nn.Sequential(BPDA(lambda x: x, lambda x: 2 * x), purifier.wrap(classifier)).eval()  # gradient x2
-    assert not bench.adaptive.finite_difference_check(doubled, purifier, images, labels, torch.arange(4), shape,
-                                                      Args())[1]
+    assert not bench.whitebox.sanity.finite_difference_check(doubled, purifier, images, labels, torch.arange(4),
+                                                             shape, Args())[1]
 
 
 def test_validation_split_is_the_classifiers_held_out_training_images(monkeypatch):
@@ -568,7 +572,7 @@ def test_adversarial_images_are_exported_for_rescoring(checkpoints, tmp_path):  
     files = sorted(folder.glob("*.pt"))
     assert [f.name.endswith("-eps8-pgd-margin.pt") for f in files] == [True]  # clean and worst are not attacks
     state = torch.load(files[0], weights_only=True)
-    images, labels, ids = bench.adaptive.load_split("test", str(tmp_path / "data"), 4, 0)
+    images, labels, ids = bench.common.load_split("test", str(tmp_path / "data"), 4, 0)
     assert torch.equal(state["ids"], ids) and torch.equal(state["labels"], labels)
     assert (state["images"] - images.float() / 255).abs().max() <= 8 / 255 + 1e-6
     assert state["row"]["threat"] == "pgd-margin" and state["row"]["suite"] == "v2"

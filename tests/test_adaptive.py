@@ -15,7 +15,7 @@ import bench.ledger
 import bench.whitebox.retime
 import bench.whitebox.sanity
 import bench.whitebox.setting
-from attacks import (BPDA, BestIteratePGD, BestLossAPGD, BestMarginSquare, DrawAverage, attack_loss,
+from attacks import (BPDA, SCORINGS, BestIteratePGD, BestLossAPGD, BestMarginSquare, DrawAverage, attack_loss,
                      autoattack_standard, correct_by_scoring, craft, predict_draws, run_autoattack, score)
 from attacks.eot import step_size
 from purify import BCMPurifier, image_noise
@@ -589,3 +589,18 @@ def test_a_resumed_evaluation_is_one_ledger_line(tmp_path):
     assert len(ledger) == 2
     first = ledger[ledger.defence == "none"].iloc[0]
     assert (first.robust_vote, first.command, first.date) == ("33.0", "b", "2026-01-01")
+
+
+def test_the_paired_difference_is_defended_minus_alone_on_the_same_images():
+    """Hand-computed: defended right on images 0-2 of 4 (vote), alone on 0 and 3: 75 - 50 = +25 points; every
+    bootstrap resample of a constant difference gives the same value, so a difference of all 1s has the
+    interval (+100, +100)."""
+    from bench.whitebox.report import paired_differences
+    right = lambda *values: {scoring: torch.tensor(values, dtype=torch.float) for scoring in SCORINGS}  # noqa: E731
+    table = paired_differences({("preact", "bcm", 8): {"worst": right(1, 1, 1, 0)},
+                                ("preact", "none", 8): {"worst": right(1, 0, 0, 1)},
+                                ("wrn", "bcm", 8): {"worst": right(1, 1)}, ("wrn", "none", 8): {"worst": right(0, 0)}})
+    rows = [line for line in table.splitlines() if line.startswith("| preact") and "| vote |" in line]
+    assert len(rows) == 1 and "| 75.0 | 50.0 | +25.0 (" in rows[0]
+    assert "| 100.0 | 0.0 | +100.0 (+100.0 to +100.0) |" in table
+    assert paired_differences({("preact", "bcm", 8): {"worst": right(1)}}) == ""  # no reference, no table

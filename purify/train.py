@@ -135,11 +135,6 @@ class Trainer:
         self.images = images.to(self.device)
         self.log = self.session.csv_log(self.out_dir / "log.csv", LOG_FIELDS, resume_step=self.step)
 
-    @property
-    def bcm(self) -> nn.Module:
-        """``model``, under the name it had before a trainer could train a noiser (tests/test_purifier.py)."""
-        return self.model
-
     def batch(self) -> torch.Tensor:
         """A random batch on the [-1, 1] scale (with random horizontal flips when configured)."""
         per_rank = self.preset.train.batch_size // self.session.world

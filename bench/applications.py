@@ -35,16 +35,41 @@ import pandas as pd
 import torch
 from kornia.metrics import psnr, ssim
 
-from purify.applications import (HALVES, INPAINTING_TIMES, INTERPOLATION_TIMES, RESTORATION_TIMES, box_mask,
-                                 compress_jpeg, half_mask, inpaint, interpolate, random_pixel_mask, restore)
+from purify.applications import (
+    HALVES,
+    INPAINTING_TIMES,
+    INTERPOLATION_TIMES,
+    RESTORATION_TIMES,
+    box_mask,
+    compress_jpeg,
+    half_mask,
+    inpaint,
+    interpolate,
+    random_pixel_mask,
+    restore,
+)
 from purify.infra.checkpoint import atomic_write, load_checkpoint
 from purify.infra.images import as_float, write_png
 from purify.infra.paths import RESULTS_DIR, display_path
 from purify.purifier import load_bcm
 
 from .batches import map_batches
-from .common import (DATASET, add_common_arguments, bcm_path, command_line, file_id, from_args, load_split,
-                     missing_bcm_message, positive_int, resolve_bf16, run_command, start_runtime, write_text)
+from .common import (
+    DATASET,
+    RunOptions,
+    add_common_arguments,
+    bcm_path,
+    command_line,
+    file_id,
+    from_args,
+    load_split,
+    missing_bcm_message,
+    positive_int,
+    resolve_bf16,
+    run_command,
+    start_runtime,
+    write_text,
+)
 
 MASKS = ("box", *HALVES, "pixels")
 SSIM_WINDOW = 11  # Wang et al.'s Gaussian window (sigma 1.5), 11 x 11
@@ -137,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 @dataclass(frozen=True)
-class ApplicationsRequest:
+class ApplicationsRequest(RunOptions):
     """The command's arguments (``main``'s options, ``masks`` and ``qualities`` without repeats; ``command``: the
     command line, for the report)."""
     pairs: int
@@ -148,16 +173,6 @@ class ApplicationsRequest:
     show: int
     out: str
     command: str
-    preset: str
-    bcm: str | None
-    n: int
-    seed: int
-    data_root: str | None
-    batch_size: int
-    bf16: bool | None
-    device: str
-    threads: int | None
-    no_progress: bool
 
 
 def check_arguments(args: ApplicationsRequest) -> None:

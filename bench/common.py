@@ -144,6 +144,22 @@ def load_classifiers(names: Iterable[str], preset: str, checkpoint_dir: str | os
     return models
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """The options of ``add_common_arguments`` as a command's validated arguments hold them (a command's own
+    dataclass adds its options after these)."""
+    preset: str
+    bcm: str | os.PathLike | None
+    n: int | None
+    seed: int
+    data_root: str | None
+    batch_size: int
+    bf16: bool | None
+    device: str
+    threads: int | None
+    no_progress: bool
+
+
 def from_args(cls, args: argparse.Namespace, **values):
     """An instance of the dataclass ``cls`` (a command's validated arguments) from the parsed ``args`` of the
     same names, with ``values`` (validated or derived) for the fields they name."""

@@ -3,9 +3,12 @@ by each defence and given to target classifiers, every piece of work done once, 
 ``ResultTable``. The commands are thin command lines over ``GridRequest`` and ``evaluate``."""
 from __future__ import annotations
 
+import argparse
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 import torch
@@ -17,8 +20,25 @@ from attacks import craft, paper_pgd
 from purify import Defence
 
 from .batches import draws_accuracy, purify_draws
-from .common import (Entry, ResultTable, attack_step_cost, build_defences, classifier_path, combine_ids, file_id,
-                     load_classifiers, load_split, numeric, resolve_bf16, start_runtime)
+from .common import (
+    DEFENCE_HELP,
+    Entry,
+    ResultTable,
+    RunOptions,
+    add_common_arguments,
+    add_split_argument,
+    attack_step_cost,
+    build_defences,
+    classifier_path,
+    combine_ids,
+    file_id,
+    load_classifiers,
+    load_split,
+    numeric,
+    resolve_bf16,
+    start_runtime,
+    write_text,
+)
 
 
 class TransferGrid:
@@ -136,7 +156,7 @@ def run_cells(grid: TransferGrid, table: ResultTable, cells: list[tuple[str, int
 
 
 @dataclass(frozen=True)
-class GridRequest:
+class GridRequest(RunOptions):
     """What a transfer-grid command evaluates, from its validated arguments: PGD at each ``eps`` crafted on each
     of ``sources``, given to ``targets`` before and after each of ``defences`` (with ``t_stars``, every defence
     with a strength at each of them), written to ``out``; the rest are the shared options
@@ -147,18 +167,8 @@ class GridRequest:
     defences: list[str]
     t_stars: list[float] | None
     out: Path
-    preset: str
     split: str
-    n: int | None
-    seed: int
-    bcm: str | None
     classifier_dir: str
-    data_root: str | None
-    batch_size: int
-    bf16: bool | None
-    device: str
-    threads: int | None
-    no_progress: bool
 
     def cells(self) -> list[tuple[str, int]]:
         return [(source, eps) for source in self.sources for eps in self.eps]
@@ -178,6 +188,15 @@ class GridResults:
     """Everything in the results file (``frame``) and the rows of this run's settings (``mine``), numeric."""
     frame: pd.DataFrame
     mine: pd.DataFrame
+
+
+def add_grid_arguments(parser: argparse.ArgumentParser, defence_help: str, out_help: str) -> None:
+    """The options every grid command ends with: ``--defence`` (default ``bcm``), ``--out``, the split and the
+    shared options (``add_common_arguments``)."""
+    parser.add_argument("--defence", nargs="+", default=["bcm"], metavar="SPEC", help=f"{DEFENCE_HELP}{defence_help}")
+    parser.add_argument("--out", default=None, help=out_help)
+    add_split_argument(parser)
+    add_common_arguments(parser)
 
 
 def load_grid(request: GridRequest, device: torch.device) -> GridRun:
@@ -211,3 +230,19 @@ def evaluate(request: GridRequest) -> GridResults:
     frame = numeric(table.frame())
     mine = frame[this_run(frame, request, run.grid) & frame.defence.isin([e.defence.spec() for e in entries])]
     return GridResults(frame, mine)
+
+
+def evaluate_and_report(request: GridRequest, markdown: Callable[[pd.DataFrame], str],
+                        plot: Callable[[pd.DataFrame, Path], None] | None = None) -> None:
+    """A grid command's run: ``evaluate`` the request, write the ``markdown`` view of the whole results file
+    (and its ``plot``) next to it, print this run's view and what was written."""
+    started = time.monotonic()
+    results = evaluate(request)
+    written = [request.out, request.out.with_suffix(".md")]
+    write_text(written[1], markdown(results.frame))
+    if plot is not None:
+        written.append(request.out.with_suffix(".png"))
+        plot(results.frame, written[2])
+    print(markdown(results.mine))
+    print(f"wrote {', '.join(map(str, written[:-1]))} and {written[-1]} ({time.monotonic() - started:.0f} s)",
+          file=sys.stderr)

@@ -45,14 +45,47 @@ from purify.infra.data import load_cifar10
 from purify.infra.images import as_float, write_png
 from purify.infra.paths import RESULTS_DIR
 from purify.noiser import Noiser, load_noiser
-from purify.sampling import (ANCESTRAL_2, COMBINED_4, INVERSION_SCHEDULES, ZIGZAG_3, initial_noise, invert,
-                             invert_ode, ode_times, pf_ode_nfe, reconstruct, sample_ancestral, sample_combined,
-                             sample_ode, sample_onestep, sample_zigzag)
+from purify.sampling import (
+    ANCESTRAL_2,
+    COMBINED_4,
+    INVERSION_SCHEDULES,
+    ZIGZAG_3,
+    initial_noise,
+    invert,
+    invert_ode,
+    ode_times,
+    pf_ode_nfe,
+    reconstruct,
+    sample_ancestral,
+    sample_combined,
+    sample_ode,
+    sample_onestep,
+    sample_zigzag,
+)
 
 from .batches import draws_accuracy, map_batches, purify_draws
-from .common import (DATASET, DEFENCE_HELP, T_STARS, Entry, add_common_arguments, add_split_argument, bcm_path,
-                     build_defences, check_defences, command_line, from_args, load_classifiers, load_split,
-                     missing_bcm_message, positive_int, resolve_bf16, run_command, start_runtime, write_text)
+from .common import (
+    DATASET,
+    DEFENCE_HELP,
+    T_STARS,
+    Entry,
+    RunOptions,
+    add_common_arguments,
+    add_split_argument,
+    bcm_path,
+    build_defences,
+    check_defences,
+    command_line,
+    from_args,
+    load_classifiers,
+    load_split,
+    missing_bcm_message,
+    positive_int,
+    resolve_bf16,
+    run_command,
+    start_runtime,
+    write_text,
+)
 
 # Section 4.2 / spec §5: per-dimension MSE on the [0, 1] scale, CIFAR-10 test, inversion NFE 1-4.
 PAPER_MSE = {1: 0.00526, 2: 0.00451, 3: 0.00377, 4: 0.00362}
@@ -320,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 @dataclass(frozen=True)
-class QualityRequest:
+class QualityRequest(RunOptions):
     """The command's validated arguments (``main``'s options; ``command``: the command line, for the reports)."""
     bcm: Path
     command: str
@@ -333,17 +366,8 @@ class QualityRequest:
     skip_classifiers: bool
     ct_inversion: str | None
     out: Path
-    preset: str
     classifier_dir: str
     split: str
-    n: int | None
-    seed: int
-    data_root: str | None
-    batch_size: int
-    bf16: bool | None
-    device: str
-    threads: int | None
-    no_progress: bool
 
 
 @dataclass(frozen=True)

@@ -10,16 +10,13 @@ to it; resumes like bench.transfer. t* is on the [-1, 1] data scale, where eps 8
 from __future__ import annotations
 
 import argparse
-import sys
-import time
 from pathlib import Path
 
 import classifiers
 from purify.infra.paths import RESULTS_DIR
 
-from .common import (DEFENCE_HELP, T_STARS, add_common_arguments, add_split_argument, check_defences, check_names,
-                     eps_list, from_args, run_command, split_suffix, write_text)
-from .grid import GridRequest, evaluate
+from .common import T_STARS, check_defences, check_names, eps_list, from_args, run_command, split_suffix
+from .grid import GridRequest, add_grid_arguments, evaluate_and_report
 from .tables import tradeoff_markdown, tradeoff_plot
 
 
@@ -35,14 +32,10 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"models evaluated (default: all four: {' '.join(classifiers.ARCHS)})")
     parser.add_argument("--t-stars", nargs="+", type=float, default=list(T_STARS), metavar="T",
                         help=f"purification strengths t* (default: {' '.join(f'{t:g}' for t in T_STARS)})")
-    parser.add_argument("--defence", nargs="+", default=["bcm"], metavar="SPEC",
-                        help=f"{DEFENCE_HELP}. Each defence with a strength (bcm, denoise, diffusion, a vote of one "
-                             f"of them) is evaluated at every --t-stars value; the others once (default: bcm)")
-    parser.add_argument("--out", default=None,
-                        help="results CSV, resumed if it exists; .md and .png are written next to it "
-                             "(default: results/tradeoff/<preset>-<source>.csv)")
-    add_split_argument(parser)
-    add_common_arguments(parser)
+    add_grid_arguments(parser, ". Each defence with a strength (bcm, denoise, diffusion, a vote of one of them) is "
+                               "evaluated at every --t-stars value; the others once (default: bcm)",
+                       "results CSV, resumed if it exists; .md and .png are written next to it "
+                       "(default: results/tradeoff/<preset>-<source>.csv)")
     args = parser.parse_args(argv)
     try:
         eps, targets, defences = eps_list(args.eps), check_names(args.targets, "target"), check_defences(args.defence)
@@ -59,14 +52,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def tradeoff(request: GridRequest) -> None:
     """Run the command on validated arguments."""
-    started = time.monotonic()
-    results = evaluate(request)
-    out = request.out
-    write_text(out.with_suffix(".md"), tradeoff_markdown(results.frame))
-    tradeoff_plot(results.frame, out.with_suffix(".png"))
-    print(tradeoff_markdown(results.mine))
-    print(f"wrote {out}, {out.with_suffix('.md')} and {out.with_suffix('.png')} "
-          f"({time.monotonic() - started:.0f} s)", file=sys.stderr)
+    evaluate_and_report(request, tradeoff_markdown, tradeoff_plot)
 
 
 if __name__ == "__main__":

@@ -15,16 +15,13 @@ checkpoints) are not recomputed.
 from __future__ import annotations
 
 import argparse
-import sys
-import time
 from pathlib import Path
 
 import classifiers
 from purify.infra.paths import RESULTS_DIR
 
-from .common import (DEFENCE_HELP, add_common_arguments, add_split_argument, check_defences, check_names, eps_list,
-                     from_args, run_command, split_suffix, write_text)
-from .grid import GridRequest, evaluate
+from .common import check_defences, check_names, eps_list, from_args, run_command, split_suffix
+from .grid import GridRequest, add_grid_arguments, evaluate_and_report
 from .tables import transfer_markdown
 
 
@@ -40,14 +37,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--targets", nargs="+", default=list(classifiers.ARCHS), metavar="NAME",
                         help=f"models the examples are transferred to: ARCH, or ARCH:VARIANT for a fine-tuned one "
                              f"(classifiers.finetune) (default: all four: {' '.join(classifiers.ARCHS)})")
-    parser.add_argument("--defence", nargs="+", default=["bcm"], metavar="SPEC",
-                        help=f"{DEFENCE_HELP} (default: bcm, e.g. --defence bcm denoise:t_star=0.3 jpeg:quality=75 "
-                             f"diffusion vote:n=10)")
-    parser.add_argument("--out", default=None,
-                        help="results CSV, resumed if it exists; the Markdown table is written next to it "
-                             "(default: results/transfer/<preset>.csv)")
-    add_split_argument(parser)
-    add_common_arguments(parser)
+    add_grid_arguments(parser, " (default: bcm, e.g. --defence bcm denoise:t_star=0.3 jpeg:quality=75 diffusion "
+                               "vote:n=10)",
+                       "results CSV, resumed if it exists; the Markdown table is written next to it "
+                       "(default: results/transfer/<preset>.csv)")
     args = parser.parse_args(argv)
     try:
         request = from_args(
@@ -61,12 +54,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def transfer(request: GridRequest) -> None:
     """Run the command on validated arguments."""
-    started = time.monotonic()
-    results = evaluate(request)
-    out = request.out
-    write_text(out.with_suffix(".md"), transfer_markdown(results.frame))
-    print(transfer_markdown(results.mine))
-    print(f"wrote {out} and {out.with_suffix('.md')} ({time.monotonic() - started:.0f} s)", file=sys.stderr)
+    evaluate_and_report(request, transfer_markdown)
 
 
 if __name__ == "__main__":

@@ -27,29 +27,50 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-import shlex
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
 from kornia.metrics import psnr, ssim
-from tqdm.auto import tqdm
 
-from purify.applications import (HALVES, INPAINTING_TIMES, INTERPOLATION_TIMES, RESTORATION_TIMES, box_mask,
-                                 compress_jpeg, half_mask, inpaint, interpolate, random_pixel_mask, restore)
+from purify.applications import (
+    HALVES,
+    INPAINTING_TIMES,
+    INTERPOLATION_TIMES,
+    RESTORATION_TIMES,
+    box_mask,
+    compress_jpeg,
+    half_mask,
+    inpaint,
+    interpolate,
+    random_pixel_mask,
+    restore,
+)
 from purify.infra.checkpoint import atomic_write, load_checkpoint
 from purify.infra.images import as_float, write_png
 from purify.infra.paths import RESULTS_DIR, display_path
-from purify.infra.runtime import autocast
-from purify.infra.runtime import pick_device
 from purify.purifier import load_bcm
 
-from .common import (add_common_arguments, default_bcm_path, file_id, load_split, missing_bcm_message,
-                     positive_int, resolve_bf16, run_command, write_text)
+from .batches import map_batches
+from .common import (
+    DATASET,
+    RunOptions,
+    add_common_arguments,
+    bcm_path,
+    command_line,
+    file_id,
+    from_args,
+    load_split,
+    missing_bcm_message,
+    positive_int,
+    resolve_bf16,
+    run_command,
+    start_runtime,
+    write_text,
+)
 
-DATASET = "CIFAR-10 (JPEG q75 copy)"
 MASKS = ("box", *HALVES, "pixels")
 SSIM_WINDOW = 11  # Wang et al.'s Gaussian window (sigma 1.5), 11 x 11
 COLUMNS = ["application", "setting", "images", "region", "times", "nfe", "psnr", "psnr_sem", "ssim", "ssim_sem",
@@ -89,19 +110,6 @@ def make_mask(name: str, n: int, height: int, width: int, fraction: float, gener
     if name == "pixels":
         return random_pixel_mask(n, height, width, fraction, generator)
     return half_mask(height, width, name)
-
-
-def batched(function, inputs: list[torch.Tensor], batch_size: int, device: torch.device, bf16: bool,
-            desc: str, progress: bool) -> tuple[torch.Tensor, float]:
-    """``function(*batch)`` over batches of ``inputs`` (tensors with the images first, or masks of one image that
-    broadcast), concatenated on the CPU in float32, and the seconds it took."""
-    n = max(len(x) for x in inputs)
-    outputs, started = [], time.perf_counter()
-    for start in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
-        batch = [(x[start:start + batch_size] if len(x) == n else x).to(device) for x in inputs]
-        with autocast(device, bf16):
-            outputs.append(function(*batch).float().cpu())
-    return torch.cat(outputs), time.perf_counter() - started
 
 
 # -------------------------------------------------------------------------------------------------- views
@@ -148,12 +156,26 @@ def main(argv: list[str] | None = None) -> None:
                                                   "choice of shown images and pairs, and of all noise",
                          classifier_dir=False)
     args = parser.parse_args(argv)
-    args.command = shlex.join(["python", "-m", "bench.applications", *(sys.argv[1:] if argv is None else argv)])
-    args.masks, args.qualities = list(dict.fromkeys(args.masks)), list(dict.fromkeys(args.qualities))
-    run_command(parser, applications, args)
+    request = from_args(ApplicationsRequest, args, masks=list(dict.fromkeys(args.masks)),
+                        qualities=list(dict.fromkeys(args.qualities)), command=command_line("bench.applications", argv))
+    run_command(parser, applications, request)
 
 
-def check_arguments(args: argparse.Namespace) -> None:
+@dataclass(frozen=True)
+class ApplicationsRequest(RunOptions):
+    """The command's arguments (``main``'s options, ``masks`` and ``qualities`` without repeats; ``command``: the
+    command line, for the report)."""
+    pairs: int
+    alphas: int
+    masks: list[str]
+    pixel_fraction: float
+    qualities: list[int]
+    show: int
+    out: str
+    command: str
+
+
+def check_arguments(args: ApplicationsRequest) -> None:
     """ValueError naming the first option out of range (before any model or data is loaded)."""
     if args.alphas < 2:
         raise ValueError(f"--alphas must be at least 2 (the path's two ends), got {args.alphas}")
@@ -168,16 +190,14 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--show {args.show} is more than the {args.n} images of --n")
 
 
-def applications(args: argparse.Namespace) -> None:
+def applications(args: ApplicationsRequest) -> None:
     """Run the command on parsed arguments; a bad checkpoint, data root or value raises OSError/ValueError."""
     started = time.perf_counter()
     check_arguments(args)
-    path = Path(args.bcm) if args.bcm else default_bcm_path(args.preset)
+    path = bcm_path(args.bcm, args.preset)
     if not path.is_file():
         raise FileNotFoundError(missing_bcm_message(path, args.preset))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    device = start_runtime(args.threads, args.device)
     bcm, _ = load_bcm(path, device)
     bcm = bcm.eval().requires_grad_(False).to(memory_format=torch.channels_last)
     eps, step, bf16 = bcm.config.eps, load_checkpoint(path).get("step"), resolve_bf16(args, device)
@@ -190,7 +210,8 @@ def applications(args: argparse.Namespace) -> None:
     rows = []
 
     def run(function, inputs, desc):
-        return batched(function, inputs, args.batch_size, device, bf16, desc, progress)
+        batched = map_batches(function, inputs, args.batch_size, device, bf16=bf16, desc=desc, progress=progress)
+        return batched.output, batched.seconds
 
     def record(application, setting, times, kind, region_name, output, target, region, s_per_image=math.nan):
         rows.append({"application": application, "setting": setting, "images": kind, "region": region_name,
@@ -248,7 +269,7 @@ def applications(args: argparse.Namespace) -> None:
     print(f"wall time {wall:.0f} s; results in {out}")
 
 
-def metrics_text(table: pd.DataFrame, args: argparse.Namespace, path: Path, step: int | None, bf16: bool,
+def metrics_text(table: pd.DataFrame, args: ApplicationsRequest, path: Path, step: int | None, bf16: bool,
                  wall: float) -> str:
     """``metrics.md``: what was measured, on what, how, and the table."""
     n, masks = table["n"].iloc[0], ", ".join(args.masks)

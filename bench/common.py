@@ -2,27 +2,26 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import hashlib
 import math
 import os
+import shlex
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterable
 
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 import classifiers
 from attacks import BPDA, EPS_GRID
 from classifiers.registry import checkpoint_path
-from purify import DEFENCES, Defence, image_noise, make_defence, parse_defence
-from purify.defences import Vote, needs_bcm, vote_scores
+from purify import DEFENCES, Defence, make_defence, parse_defence
+from purify.defences import Vote, needs_bcm
 from purify.infra.checkpoint import atomic_write
 from purify.infra.data import default_data_root, load_cifar10, seeded_subset, train_val_split
 from purify.infra.images import as_float
@@ -33,6 +32,7 @@ from purify.purifier import shipped_bcm_path
 BCM_PRESETS = {"small": "cifar10-small", "paper": "cifar10-paper"}
 PRESETS = tuple(BCM_PRESETS)
 SPLITS = ("test", "val", "sealed")
+DATASET = "CIFAR-10 (JPEG q75 copy)"  # how the reports name the data
 # The purification strengths a trade-off sweeps by default (bench.tradeoff, bench.quality).
 T_STARS = (0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 80.0)
 # The tidy results schema shared by bench.transfer and bench.tradeoff: one row per evaluated cell. ``defence`` is
@@ -68,6 +68,11 @@ def default_bcm_path(preset: str) -> Path:
     return shipped_bcm_path(BCM_PRESETS[preset])
 
 
+def bcm_path(bcm: str | os.PathLike | None, preset: str) -> Path:
+    """The BCM checkpoint of ``--bcm``, default the preset's shipped one."""
+    return Path(bcm) if bcm else default_bcm_path(preset)
+
+
 def missing_bcm_message(path: Path, preset: str) -> str:
     name = BCM_PRESETS[preset]
     return (f"no BCM checkpoint at {path}; train and export one with `python -m purify.train --config {name} "
@@ -79,7 +84,7 @@ def build_defences(args: argparse.Namespace, specs: list[str], device: torch.dev
                    t_stars: list[float] | None = None) -> list[Entry]:
     """The defences of ``--defence`` specs on ``device`` (BCM ones from ``--bcm``, default the preset's shipped
     BCM); with ``t_stars``, every defence that has a strength is built at each of them."""
-    path = Path(args.bcm) if args.bcm else default_bcm_path(args.preset)
+    path = bcm_path(args.bcm, args.preset)
     entries = []
     for text in specs:
         name, options = parse_defence(text)
@@ -94,35 +99,6 @@ def build_defences(args: argparse.Namespace, specs: list[str], device: torch.dev
                 defence.to(memory_format=torch.channels_last)
             entries.append(Entry(defence, file_id(str(path)) if uses_bcm else ""))
     return entries
-
-
-@torch.inference_mode()
-def purify_images(defence: Defence, images: torch.Tensor, ids: torch.Tensor, seed: int, device: torch.device,
-                  batch_size: int = 250, bf16: bool = False, progress: bool = True, desc: str = "purify",
-                  draw: int = 0) -> torch.Tensor:
-    """``defence`` applied to float images in [0, 1] in batches; a randomized defence's noise for image ``i`` is
-    drawn from ``(seed, draw, ids[i])`` (``image_noise``), so the result does not depend on the batch size."""
-    out = torch.empty_like(images)
-    for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
-        x = images[start:start + batch_size].to(device).contiguous(memory_format=torch.channels_last)
-        noise = (defence.fixed_noise(image_noise(ids[start:start + batch_size], defence.noise_shape(x.shape[1:]),
-                                                 seed, draw))
-                 if defence.randomized else contextlib.nullcontext())
-        with noise, autocast(device, bf16):
-            out[start:start + len(x)] = defence(x).float().cpu()
-    return out
-
-
-@torch.no_grad()
-def vote_accuracy(model: nn.Module, draws: list[torch.Tensor], labels: torch.Tensor, how: str,
-                  batch_size: int = 250) -> float:
-    """Accuracy of the decision over several purifications of the same images: the majority of the predicted
-    labels (ties to the smallest label) or the argmax of the mean logits."""
-    model.eval()
-    device = next(model.parameters()).device
-    logits = torch.stack([torch.cat([model(x[i:i + batch_size].to(device)).float().cpu()
-                                     for i in range(0, len(x), batch_size)]) for x in draws])
-    return (vote_scores(logits, how).argmax(1) == labels.cpu()).float().mean().item()
 
 
 def attack_step_cost(defence: Defence, classifier: nn.Module, images: torch.Tensor, device: torch.device,
@@ -168,6 +144,41 @@ def load_classifiers(names: Iterable[str], preset: str, checkpoint_dir: str | os
     return models
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """The options of ``add_common_arguments`` as a command's validated arguments hold them (a command's own
+    dataclass adds its options after these)."""
+    preset: str
+    bcm: str | os.PathLike | None
+    n: int | None
+    seed: int
+    data_root: str | None
+    batch_size: int
+    bf16: bool | None
+    device: str
+    threads: int | None
+    no_progress: bool
+
+
+def from_args(cls, args: argparse.Namespace, **values):
+    """An instance of the dataclass ``cls`` (a command's validated arguments) from the parsed ``args`` of the
+    same names, with ``values`` (validated or derived) for the fields they name."""
+    return cls(**{f.name: values[f.name] if f.name in values else getattr(args, f.name) for f in fields(cls)})
+
+
+def start_runtime(threads: int | None, device: str) -> torch.device:
+    """Apply ``--threads`` (when given) and return the device of ``--device``."""
+    if threads:
+        torch.set_num_threads(threads)
+    return pick_device(device)
+
+
+def command_line(module: str, argv: list[str] | None) -> str:
+    """The command as a shell would run it, for the reports: ``python -m module`` and its arguments (``argv``,
+    default the process's)."""
+    return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
+
+
 def run_command(parser: argparse.ArgumentParser, command, args: argparse.Namespace) -> None:
     """Run ``command(args)``; a missing or bad checkpoint, data root or value, or an output that cannot be
     written, ends with a one-line error and exit status 2, no traceback."""
@@ -187,8 +198,6 @@ def split_name(name: str) -> tuple[str, str | None]:
 def classifier_path(name: str, preset: str, checkpoint_dir: str | os.PathLike) -> Path:
     arch, variant = split_name(name)
     return checkpoint_path(arch, preset, checkpoint_dir, variant)
-
-
 
 
 def load_split(split: str, data_root: str | os.PathLike | None, n: int | None, seed: int,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -33,7 +34,15 @@ from purify.infra.paths import RESULTS_DIR
 from purify.infra.runtime import cpu_capability, cpu_name, pick_device
 from purify.train import Trainer
 
-from .common import BCM_PRESETS, add_preset_arguments, add_runtime_arguments, device_clock, positive_int, resolve_bf16
+from .common import (
+    BCM_PRESETS,
+    add_preset_arguments,
+    add_runtime_arguments,
+    device_clock,
+    from_args,
+    positive_int,
+    resolve_bf16,
+)
 
 CPU = torch.device("cpu")
 
@@ -195,7 +204,24 @@ def attack_memory(config: str, classifier_preset: str, batch: int, threads: int,
     add("recompute / keep: time", "recompute", results[True][1] / results[False][1], "x", "target <= 1.4")
 
 
-def main(argv: list[str] | None = None) -> None:
+@dataclass(frozen=True)
+class PerfRequest:
+    """The command's arguments, ``config`` resolved to the BCM preset or YAML path it measures."""
+    config: str
+    train_steps: int
+    eval_batch: int
+    repeats: int
+    compare_batch: int
+    compare_step_batch: int
+    only: str
+    out: str
+    preset: str
+    bf16: bool | None
+    device: str
+    threads: int | None
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.perf", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None,
@@ -217,35 +243,52 @@ def main(argv: list[str] | None = None) -> None:
     # untrained weights (speed does not depend on them): no checkpoint or batch-size options
     add_preset_arguments(parser, bcm=False, classifier_dir=False)
     add_runtime_arguments(parser, batch_size=None, device=True, progress=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    args.config = args.config or BCM_PRESETS[args.preset]
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        parser.error(f"--out {args.out} is a file; give the folder to write perf-<config>.csv/.md into")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    request = from_args(PerfRequest, args, config=args.config or BCM_PRESETS[args.preset])
+    if Path(request.out).exists() and not Path(request.out).is_dir():
+        parser.error(f"--out {request.out} is a file; give the folder to write perf-<config>.csv/.md into")
+    if request.threads:
+        torch.set_num_threads(request.threads)
     threads = torch.get_num_threads()
     torch.manual_seed(0)
 
     try:
-        preset = load_preset(args.config)
-        classifiers.load_preset(args.preset)
+        preset = load_preset(request.config)
+        classifiers.load_preset(request.preset)
     except (OSError, ValueError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
-    name = Path(args.config).stem
-    device = pick_device(args.device)
-    compare_bf16 = resolve_bf16(args, device)  # the defence comparison's precision
-    batch = preset.train.batch_size
+    device = pick_device(request.device)
+    compare_bf16 = resolve_bf16(request, device)  # the defence comparison's precision
     rows = []
 
     def add(what, layout, value, unit, note=""):
         rows.append({"measurement": what, "layout": layout, "value": round(value, 2), "unit": unit, "note": note})
         print(f"{what:<44} {layout:<14} {value:10.2f} {unit} {note}", flush=True)
 
-    for channels_last in (False, True) if args.only in ("all", "training") else ():
+    if request.only in ("all", "training"):
+        throughput(request, preset, add, device)
+    if request.only in ("all", "memory"):
+        attack_memory(request.config, request.preset, request.compare_step_batch, threads, add, device)
+    if request.only in ("all", "defences"):
+        defence_comparison(BCM(preset.model), build_classifier("wrn", request.preset), request.compare_batch,
+                           request.compare_step_batch, compare_bf16, request.repeats, add, device)
+    write_results(request, pd.DataFrame(rows), threads, device, compare_bf16)
+
+
+def throughput(request: PerfRequest, preset, add, device: torch.device = CPU) -> None:
+    """Training throughput against the bare passes, and the forward throughput of the BCM, the purifier and each
+    classifier, with ``channels_last`` off and on, float32 and bf16."""
+    batch = preset.train.batch_size
+    for channels_last in (False, True):
         layout = "channels_last" if channels_last else "contiguous"
         bcm = BCM(preset.model).to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        bare = bare_bct_passes(bcm, batch, channels_last, args.repeats, device)
-        train = training_throughput(load_preset(args.config), channels_last, args.train_steps, device)
+        bare = bare_bct_passes(bcm, batch, channels_last, request.repeats, device)
+        train = training_throughput(load_preset(request.config), channels_last, request.train_steps, device)
         add(f"BCT training (batch {batch})", layout, train, "images/s", "real trainer: data, EMA, log")
         add("bare BCT network passes (4 fwd, 3 bwd)", layout, batch / bare, "images/s")
         add("trainer step time / bare passes time", layout, (batch / train) / bare, "x", "target <= 1.25")
@@ -253,41 +296,40 @@ def main(argv: list[str] | None = None) -> None:
             kind = layout + ("+bf16" if bf16 else "")
             bcm_forward = lambda x, m=bcm: m(x * 2 - 1, 1.0, 0.002)  # noqa: E731
             add("BCM forward (1 NFE)", kind,
-                forward_throughput(_Call(bcm, bcm_forward), args.eval_batch, channels_last, bf16, args.repeats,
+                forward_throughput(_Call(bcm, bcm_forward), request.eval_batch, channels_last, bf16, request.repeats,
                                    device),
                 "images/s")
             add("BCMPurifier (2 NFE, t*=80)", kind,
-                forward_throughput(BCMPurifier(bcm, seed=0), args.eval_batch, channels_last, bf16, args.repeats,
+                forward_throughput(BCMPurifier(bcm, seed=0), request.eval_batch, channels_last, bf16, request.repeats,
                                    device),
                 "images/s")
             for arch in ARCHS:
-                add(f"classifier forward: {arch} ({args.preset})", kind,
-                    forward_throughput(build_classifier(arch, args.preset), args.eval_batch,
-                                       channels_last, bf16, args.repeats, device), "images/s")
+                add(f"classifier forward: {arch} ({request.preset})", kind,
+                    forward_throughput(build_classifier(arch, request.preset), request.eval_batch,
+                                       channels_last, bf16, request.repeats, device), "images/s")
 
-    if args.only in ("all", "memory"):
-        attack_memory(args.config, args.preset, args.compare_step_batch, threads, add, device)
-    if args.only in ("all", "defences"):
-        defence_comparison(BCM(preset.model), build_classifier("wrn", args.preset), args.compare_batch,
-                           args.compare_step_batch, compare_bf16, args.repeats, add, device)
 
-    table = pd.DataFrame(rows)
+def write_results(request: PerfRequest, table: pd.DataFrame, threads: int, device: torch.device,
+                  compare_bf16: bool) -> None:
+    """``perf-<config>[-<part>][-<device>].csv`` and ``.md`` in ``--out``."""
+    name = Path(request.config).stem
     table.insert(0, "threads", threads)
     table.insert(1, "cpu_capability", cpu_capability())
     table.insert(2, "device", str(device))
-    out = Path(args.out)
-    suffix = ("" if args.only == "all" else f"-{args.only}") + ("" if device.type == "cpu" else f"-{device.type}")
+    out = Path(request.out)
+    suffix = ("" if request.only == "all" else f"-{request.only}") + ("" if device.type == "cpu" else f"-{device.type}")
     atomic_write(out / f"perf-{name}{suffix}.csv", lambda tmp: table.to_csv(tmp, index=False))
     header = (f"# Throughput, preset `{name}`, {threads} thread(s)\n\n"
               f"CPU: {cpu_name()} ({cpu_capability()}); load average at the end: {os.getloadavg()[0]:.2f}. "
               + (f"Device: {torch.cuda.get_device_name(device)}. " if device.type == "cuda" else "")
-              + f"Command: `python -m bench.perf --config {args.config} --threads {threads} --only {args.only} "
-                f"--device {device} --compare-batch {args.compare_batch} --compare-step-batch {args.compare_step_batch}`."
-              + (f" The defence comparison uses the `{args.preset}` `wrn` classifier and runs "
-                 f"{'under bf16 autocast' if compare_bf16 else 'in float32'}." if args.only in ("all", "defences")
+              + f"Command: `python -m bench.perf --config {request.config} --threads {threads} --only {request.only} "
+                f"--device {device} --compare-batch {request.compare_batch} "
+                f"--compare-step-batch {request.compare_step_batch}`."
+              + (f" The defence comparison uses the `{request.preset}` `wrn` classifier and runs "
+                 f"{'under bf16 autocast' if compare_bf16 else 'in float32'}." if request.only in ("all", "defences")
                  else "")
-              + (" The attack-step memory runs in float32 (on the CPU each setting in a fresh process)." if args.only in
-                 ("all", "memory") else "") + "\n\n")
+              + (" The attack-step memory runs in float32 (on the CPU each setting in a fresh process)."
+                 if request.only in ("all", "memory") else "") + "\n\n")
     atomic_write(out / f"perf-{name}{suffix}.md",
                  lambda tmp: Path(tmp).write_text(header + table.to_markdown(index=False) + "\n"))
     print(f"wrote {out}/perf-{name}{suffix}.csv and .md")

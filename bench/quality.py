@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -40,22 +40,53 @@ from tqdm.auto import tqdm
 
 import classifiers
 from purify import BCM, BCMPurifier
-from purify.defences import Vote
 from purify.infra.checkpoint import atomic_write, load_checkpoint
 from purify.infra.data import load_cifar10
 from purify.infra.images import as_float, write_png
 from purify.infra.paths import RESULTS_DIR
-from purify.infra.runtime import pick_device
 from purify.noiser import Noiser, load_noiser
-from purify.sampling import (ANCESTRAL_2, COMBINED_4, INVERSION_SCHEDULES, ZIGZAG_3, initial_noise, invert,
-                             invert_ode, ode_times, pf_ode_nfe, reconstruct, sample_ancestral, sample_combined,
-                             sample_ode, sample_onestep, sample_zigzag)
+from purify.sampling import (
+    ANCESTRAL_2,
+    COMBINED_4,
+    INVERSION_SCHEDULES,
+    ZIGZAG_3,
+    initial_noise,
+    invert,
+    invert_ode,
+    ode_times,
+    pf_ode_nfe,
+    reconstruct,
+    sample_ancestral,
+    sample_combined,
+    sample_ode,
+    sample_onestep,
+    sample_zigzag,
+)
 
-from .common import (DEFENCE_HELP, T_STARS, Entry, add_common_arguments, add_split_argument, build_defences, check_defences, default_bcm_path,
-                     load_classifiers, load_split, missing_bcm_message, positive_int, purify_images, resolve_bf16,
-                     run_command, vote_accuracy, write_text)
+from .batches import draws_accuracy, map_batches, purify_draws
+from .common import (
+    DATASET,
+    DEFENCE_HELP,
+    T_STARS,
+    Entry,
+    RunOptions,
+    add_common_arguments,
+    add_split_argument,
+    bcm_path,
+    build_defences,
+    check_defences,
+    command_line,
+    from_args,
+    load_classifiers,
+    load_split,
+    missing_bcm_message,
+    positive_int,
+    resolve_bf16,
+    run_command,
+    start_runtime,
+    write_text,
+)
 
-DATASET = "CIFAR-10 (JPEG q75 copy)"
 # Section 4.2 / spec §5: per-dimension MSE on the [0, 1] scale, CIFAR-10 test, inversion NFE 1-4.
 PAPER_MSE = {1: 0.00526, 2: 0.00451, 3: 0.00377, 4: 0.00362}
 # The paper's EDM baseline (Figure 4): EDM's network, ODE inversion and ODE generation with EDM's Algorithm 1
@@ -106,15 +137,6 @@ def image_metrics(reconstructed: torch.Tensor, x0: torch.Tensor) -> dict[str, to
             "ssim": kornia.metrics.ssim(a, b, 11).flatten(1).mean(1)}
 
 
-def _run_batches(fn, inputs: torch.Tensor, batch_size: int, device: torch.device, desc: str,
-                 progress: bool) -> tuple[torch.Tensor, float]:
-    """``fn`` on each batch of ``inputs`` in order (on ``device``), the outputs on the CPU and the seconds taken."""
-    started = time.perf_counter()
-    out = torch.cat([fn(batch.to(device)).cpu() for batch in tqdm(inputs.split(batch_size), desc=desc, leave=False,
-                                                                   disable=not progress)])
-    return out, time.perf_counter() - started
-
-
 def reconstruction_table(bcm: BCM, images: torch.Tensor, mean_image: torch.Tensor, seed: int,
                          batch_size: int, device: torch.device, progress: bool = True,
                          noiser: Noiser | None = None) -> pd.DataFrame:
@@ -163,11 +185,13 @@ def reconstruction_table(bcm: BCM, images: torch.Tensor, mean_image: torch.Tenso
 
     rows = []
     for inversion in inversions:
-        latents, inversion_s = _run_batches(inversion.invert, x_all, batch_size, device,
-                                            f"{inversion.method} inversion, NFE {inversion.nfe}", progress)
+        inverted = map_batches(inversion.invert, [x_all], batch_size, device,
+                               desc=f"{inversion.method} inversion, NFE {inversion.nfe}", progress=progress)
+        latents, inversion_s = inverted.output, inverted.seconds
         for decoder in inversion.decoders:
-            reconstructed, decoding_s = _run_batches(decoder.decode, latents, batch_size, device,
-                                                     f"{decoder.name} decoding", progress)
+            decoded = map_batches(decoder.decode, [latents], batch_size, device, desc=f"{decoder.name} decoding",
+                                  progress=progress)
+            reconstructed, decoding_s = decoded.output, decoded.seconds
             metrics = image_metrics(reconstructed, x_all)
             paper_mse, reference = inversion.references.get(decoder.name, (math.nan, ""))
             rows.append({"method": inversion.method, "decoder": decoder.name, "nfe": inversion.nfe,
@@ -220,13 +244,9 @@ def purified_clean_table(entries: list[Entry], models: dict[str, nn.Module], ima
     x = as_float(images)
     for entry in tqdm(entries, desc="clean accuracy after each defence", disable=not progress):
         defence = entry.defence
-        vote = defence if isinstance(defence, Vote) else None
-        base, draws = (vote.base, vote.n) if vote else (defence, 1)
-        purified = [purify_images(base, x, ids, seed, device, batch_size, bf16, progress=False, draw=d)
-                    for d in range(draws)]
+        purified = purify_draws(defence, x, ids, seed, device, batch_size, bf16, progress=False)
         for arch, model in models.items():
-            accuracy = (vote_accuracy(model, purified, labels, vote.how, batch_size) if vote else
-                        classifiers.accuracy(model, purified[0], labels, batch_size, device, progress=False))
+            accuracy = draws_accuracy(model, purified, labels, defence, batch_size)
             rows.append({"arch": arch, "defence": defence.spec(), "family": defence.family(),
                          "t_star": math.nan if entry.t_star is None else entry.t_star, "nfe": defence.nfe,
                          "accuracy": accuracy})
@@ -319,122 +339,178 @@ def main(argv: list[str] | None = None) -> None:
     add_common_arguments(parser, n=1000, seed_help="seed of the test subset and of all noise")
     add_split_argument(parser)
     args = parser.parse_args(argv)
-    args.command = shlex.join(["python", "-m", "bench.quality", *(sys.argv[1:] if argv is None else argv)])
-    args.bcm = Path(args.bcm) if args.bcm else default_bcm_path(args.preset)
-    if not args.bcm.is_file():
-        parser.error(missing_bcm_message(args.bcm, args.preset))
+    bcm = bcm_path(args.bcm, args.preset)
+    if not bcm.is_file():
+        parser.error(missing_bcm_message(bcm, args.preset))
     if args.ct_inversion and args.skip_reconstruction:
         parser.error("--ct-inversion adds reconstruction rows: drop --skip-reconstruction")
     try:
-        args.defence = check_defences(args.defence)
+        defences = check_defences(args.defence)
     except ValueError as err:
         parser.error(str(err))
-    run_command(parser, quality, args)
+    run_command(parser, quality, from_args(QualityRequest, args, bcm=bcm, defences=defences, out=Path(args.out),
+                                           command=command_line("bench.quality", argv)))
 
 
-def quality(args: argparse.Namespace) -> None:
-    """Run the command on parsed arguments; a bad checkpoint, data root or value raises OSError/ValueError."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
-    bcm = BCMPurifier.from_checkpoint(args.bcm, device=device).bcm.to(memory_format=torch.channels_last)
-    step = load_checkpoint(args.bcm).get("step")
+@dataclass(frozen=True)
+class QualityRequest(RunOptions):
+    """The command's validated arguments (``main``'s options; ``command``: the command line, for the reports)."""
+    bcm: Path
+    command: str
+    defences: list[str]
+    t_stars: list[float]
+    grid: int
+    allow_missing_classifiers: bool
+    skip_samples: bool
+    skip_reconstruction: bool
+    skip_classifiers: bool
+    ct_inversion: str | None
+    out: Path
+    classifier_dir: str
+    split: str
+
+
+@dataclass(frozen=True)
+class Models:
+    """The networks the command measures: the BCM (``step``: its training step), the CT Inversion noiser (None
+    without ``--ct-inversion``; ``ct_note`` says which) and the classifiers that have checkpoints."""
+    bcm: BCM
+    step: int | None
+    noiser: Noiser | None
+    ct_note: str
+    classifiers: dict[str, nn.Module]
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every part shares: the images, where and what it writes (``about``: the reports' opening, ``meta``:
+    the columns every CSV row gets)."""
+    images: torch.Tensor
+    labels: torch.Tensor
+    ids: torch.Tensor
+    out: Path
+    about: str
+    meta: dict
+    device: torch.device
+
+
+def load_models(request: QualityRequest, device: torch.device) -> Models:
+    """The BCM, the noiser and the classifiers of ``request``; ValueError for a t* or noiser that does not fit
+    the BCM."""
+    bcm = BCMPurifier.from_checkpoint(request.bcm, device=device).bcm.to(memory_format=torch.channels_last)
     eps, T = bcm.config.eps, bcm.config.T
-    bad = [t for t in args.t_stars if not eps < t <= T]
+    bad = [t for t in request.t_stars if not eps < t <= T]
     if bad:
         raise ValueError(f"--t-stars must lie in ({eps}, {T}], got {bad}")
     noiser, ct_note = None, "CT Inversion rows skipped: no `--ct-inversion` checkpoint given."
-    if args.ct_inversion:
-        noiser, noiser_preset = load_noiser(args.ct_inversion, device)
+    if request.ct_inversion:
+        noiser, noiser_preset = load_noiser(request.ct_inversion, device)
         if (noiser_preset.model.eps, noiser_preset.model.T) != (eps, T):
-            raise ValueError(f"the noiser {args.ct_inversion} is trained on times [{noiser_preset.model.eps}, "
+            raise ValueError(f"the noiser {request.ct_inversion} is trained on times [{noiser_preset.model.eps}, "
                              f"{noiser_preset.model.T}], the BCM on [{eps}, {T}]")
         noiser = noiser.eval().to(memory_format=torch.channels_last)
-        ct_note = (f"CT Inversion rows: noiser `{args.ct_inversion}` "
-                   f"(step {load_checkpoint(args.ct_inversion).get('step')}).")
+        ct_note = (f"CT Inversion rows: noiser `{request.ct_inversion}` "
+                   f"(step {load_checkpoint(request.ct_inversion).get('step')}).")
     models = {}
-    if not args.skip_classifiers:
-        models = load_classifiers(classifiers.ARCHS, args.preset, args.classifier_dir, device,
-                                  allow_missing=args.allow_missing_classifiers)
+    if not request.skip_classifiers:
+        models = load_classifiers(classifiers.ARCHS, request.preset, request.classifier_dir, device,
+                                  allow_missing=request.allow_missing_classifiers)
         if not models:
             print("warning: no classifier checkpoint found; skipping purified clean accuracy", file=sys.stderr)
+    return Models(bcm, load_checkpoint(request.bcm).get("step"), noiser, ct_note, models)
 
-    out = Path(args.out)
-    images, labels, ids = load_split(args.split, args.data_root, args.n, args.seed)
-    n = len(images)
-    about = (f"{DATASET}, {n} {args.split} images (seeded subset, seed {args.seed}); BCM checkpoint `{args.bcm}` "
-             f"(step {step}). Command: `{args.command}`.")
-    meta = {"n": n, "seed": args.seed, "split": args.split, "checkpoint_step": step}
+
+def quality(request: QualityRequest) -> None:
+    """Run the command on validated arguments; a bad checkpoint, data root or value raises OSError/ValueError."""
+    device = start_runtime(request.threads, request.device)
+    models = load_models(request, device)
+    images, labels, ids = load_split(request.split, request.data_root, request.n, request.seed)
+    about = (f"{DATASET}, {len(images)} {request.split} images (seeded subset, seed {request.seed}); BCM checkpoint "
+             f"`{request.bcm}` (step {models.step}). Command: `{request.command}`.")
+    meta = {"n": len(images), "seed": request.seed, "split": request.split, "checkpoint_step": models.step}
+    context = Context(images, labels, ids, request.out, about, meta, device)
+    parts = {"samples": (not request.skip_samples, write_samples),
+             "reconstruction": (not request.skip_reconstruction, write_reconstruction),
+             "classifiers": (bool(models.classifiers), write_purified_clean)}
     timings = {}
-
     with torch.inference_mode():
-        if not args.skip_samples:
-            started = time.perf_counter()
-            nrow = max(1, round(math.sqrt(args.grid)))
-            for nfe, grid in sample_grids(bcm, args.grid, args.seed, device).items():
-                write_png(grid, out / f"samples_nfe{nfe}.png", nrow)
-            timings["samples"] = time.perf_counter() - started
-
-        if not args.skip_reconstruction:
-            started = time.perf_counter()
-            train_images = load_cifar10("train", args.data_root)[0]
-            mean_image = pixel_mean(train_images)
-            table = reconstruction_table(bcm, images, mean_image, args.seed, args.batch_size, device,
-                                         not args.no_progress, noiser)
-            table = table.assign(**meta)
-            write_csv(table, out / "reconstruction.csv")
-            write_text(out / "reconstruction.md",
-                       f"# Reconstruction (inversion, then generation)\n\n{about}\n\n"
-                       f"Per-dimension MSE on the [0, 1] scale, mean over images (`mse_sem`: its standard error), "
-                       f"PSNR (dB, mean over images) and SSIM (11x11 Gaussian window) from kornia.metrics; "
-                       f"`nfe`: network evaluations of the inversion, `total_nfe` with the decoder's; `latent_std`: "
-                       f"the standard deviation of the inverted `x_T / T` (1 for the Gaussian an inversion should "
-                       f"reach; the ODE decoder undoes the ODE inversion step by step whatever its latent, so "
-                       f"ODE-ODE rows measure the solver's reversibility, the `bcm` decoder whether the latent is one "
-                       f"the BCM generates from); `s_per_image`: measured wall time of inversion and decoding "
-                       f"(float32, shared machine). "
-                       f"Methods: `bcm`, Algorithm 5 with the paper's schedules; `ode-euler` / `ode-heun`, the "
-                       f"probability-flow ODE `dx/dt = (x - f(x, t, 0)) / t` with the same BCM as denoiser on "
-                       f"EDM's grid (rho = 7), starting from the image itself at t = {ODE_T_MIN:g}; `ct-inversion`, "
-                       f"the CT Inversion noiser `g(x0, {eps:g})`. Decoders: `bcm`, one step `f(x_T, T, 0)`; "
-                       f"`ode-*`, the ODE back down. `paper_mse` / `reference`: the BCM paper's CIFAR-10 test "
-                       f"numbers (official binary release; its ODE baseline is EDM's own network) and the CT "
-                       f"Inversion report's, for comparison only. Predicting every image as the per-pixel mean "
-                       f"image of the {len(train_images):,} training images scores MSE "
-                       f"{table['mean_image_mse'].iloc[0]:.5f}. {ct_note}\n\n"
-                       f"{reconstruction_markdown(table)}\n")
-            # one column per class (the first image of each), since the subset is sorted by class
-            columns = torch.tensor([(labels == c).nonzero()[0].item() for c in labels.unique().tolist()])
-            write_png(reconstruction_grid(bcm, images[columns], args.seed, device), out / "reconstruction.png",
-                      len(columns))
-            timings["reconstruction"] = time.perf_counter() - started
-            print(table[["method", "decoder", "total_nfe", "mse", "psnr", "ssim", "s_per_image", "paper_mse"]]
-                  .to_string(index=False))
-            if noiser is None:
-                print(f"note: {ct_note}", file=sys.stderr)
-
-        if models:
-            started = time.perf_counter()
-            entries = build_defences(args, args.defence, device, t_stars=args.t_stars)
-            bf16 = resolve_bf16(args, device)
-            table = purified_clean_table(entries, models, images, labels, ids, args.seed, args.batch_size, device,
-                                         bf16, not args.no_progress)
-            table = table.assign(**meta)
-            write_csv(table, out / "purified_clean.csv")
-            write_text(out / "purified_clean.md",
-                       f"# Clean accuracy after each defence (%)\n\n{about}\n\n"
-                       f"`bcm`: invert from eps_inv (capped at t*/2) to t* in one step, then denoise in one step; "
-                       f"`denoise`: add noise `t* z`, then denoise in one step; `none`: unpurified; `nfe`: "
-                       f"network evaluations per image. Classifiers: `{args.preset}` preset; purified "
-                       f"{'under bf16 autocast' if bf16 else 'in float32'}, classified in float32.\n\n"
-                       f"{purified_clean_markdown(table)}\n")
-            plot_purified_clean(table, out / "purified_clean.png",
-                                f"Clean accuracy after purification, {DATASET}, n={n}, BCM step {step}")
-            timings["classifiers"] = time.perf_counter() - started
-            print(purified_clean_markdown(table))
-
+        for part, (wanted, write) in parts.items():
+            if wanted:
+                started = time.perf_counter()
+                write(request, models, context)
+                timings[part] = time.perf_counter() - started
     print("wall time: " + ", ".join(f"{part} {seconds:.0f} s" for part, seconds in timings.items())
-          + f"; results in {out}")
+          + f"; results in {request.out}")
+
+
+def write_samples(request: QualityRequest, models: Models, context: Context) -> None:
+    nrow = max(1, round(math.sqrt(request.grid)))
+    for nfe, grid in sample_grids(models.bcm, request.grid, request.seed, context.device).items():
+        write_png(grid, context.out / f"samples_nfe{nfe}.png", nrow)
+
+
+def write_table(table: pd.DataFrame, context: Context, name: str, markdown: str) -> pd.DataFrame:
+    """``table`` with the shared columns, written to ``name``.csv, and ``markdown`` to ``name``.md."""
+    table = table.assign(**context.meta)
+    write_csv(table, context.out / f"{name}.csv")
+    write_text(context.out / f"{name}.md", markdown)
+    return table
+
+
+def write_reconstruction(request: QualityRequest, models: Models, context: Context) -> None:
+    bcm, eps = models.bcm, models.bcm.config.eps
+    train_images = load_cifar10("train", request.data_root)[0]
+    mean_image = pixel_mean(train_images)
+    table = reconstruction_table(bcm, context.images, mean_image, request.seed, request.batch_size,
+                                 context.device, not request.no_progress, models.noiser)
+    ct_note = models.ct_note
+    table = write_table(table, context, "reconstruction", (
+            f"# Reconstruction (inversion, then generation)\n\n{context.about}\n\n"
+            f"Per-dimension MSE on the [0, 1] scale, mean over images (`mse_sem`: its standard error), "
+            f"PSNR (dB, mean over images) and SSIM (11x11 Gaussian window) from kornia.metrics; "
+            f"`nfe`: network evaluations of the inversion, `total_nfe` with the decoder's; `latent_std`: "
+            f"the standard deviation of the inverted `x_T / T` (1 for the Gaussian an inversion should "
+            f"reach; the ODE decoder undoes the ODE inversion step by step whatever its latent, so "
+            f"ODE-ODE rows measure the solver's reversibility, the `bcm` decoder whether the latent is one "
+            f"the BCM generates from); `s_per_image`: measured wall time of inversion and decoding "
+            f"(float32, shared machine). "
+            f"Methods: `bcm`, Algorithm 5 with the paper's schedules; `ode-euler` / `ode-heun`, the "
+            f"probability-flow ODE `dx/dt = (x - f(x, t, 0)) / t` with the same BCM as denoiser on "
+            f"EDM's grid (rho = 7), starting from the image itself at t = {ODE_T_MIN:g}; `ct-inversion`, "
+            f"the CT Inversion noiser `g(x0, {eps:g})`. Decoders: `bcm`, one step `f(x_T, T, 0)`; "
+            f"`ode-*`, the ODE back down. `paper_mse` / `reference`: the BCM paper's CIFAR-10 test "
+            f"numbers (official binary release; its ODE baseline is EDM's own network) and the CT "
+            f"Inversion report's, for comparison only. Predicting every image as the per-pixel mean "
+            f"image of the {len(train_images):,} training images scores MSE "
+            f"{table['mean_image_mse'].iloc[0]:.5f}. {ct_note}\n\n"
+            f"{reconstruction_markdown(table)}\n"))
+    # one column per class (the first image of each), since the subset is sorted by class
+    labels = context.labels
+    columns = torch.tensor([(labels == c).nonzero()[0].item() for c in labels.unique().tolist()])
+    write_png(reconstruction_grid(bcm, context.images[columns], request.seed, context.device),
+              context.out / "reconstruction.png", len(columns))
+    print(table[["method", "decoder", "total_nfe", "mse", "psnr", "ssim", "s_per_image", "paper_mse"]]
+          .to_string(index=False))
+    if models.noiser is None:
+        print(f"note: {ct_note}", file=sys.stderr)
+
+
+def write_purified_clean(request: QualityRequest, models: Models, context: Context) -> None:
+    entries = build_defences(request, request.defences, context.device, t_stars=request.t_stars)
+    bf16 = resolve_bf16(request, context.device)
+    table = purified_clean_table(entries, models.classifiers, context.images, context.labels, context.ids,
+                                 request.seed, request.batch_size, context.device, bf16, not request.no_progress)
+    table = write_table(table, context, "purified_clean", (
+            f"# Clean accuracy after each defence (%)\n\n{context.about}\n\n"
+            f"`bcm`: invert from eps_inv (capped at t*/2) to t* in one step, then denoise in one step; "
+            f"`denoise`: add noise `t* z`, then denoise in one step; `none`: unpurified; `nfe`: "
+            f"network evaluations per image. Classifiers: `{request.preset}` preset; purified "
+            f"{'under bf16 autocast' if bf16 else 'in float32'}, classified in float32.\n\n"
+            f"{purified_clean_markdown(table)}\n"))
+    plot_purified_clean(table, context.out / "purified_clean.png",
+                        f"Clean accuracy after purification, {DATASET}, n={len(context.images)}, BCM step "
+                        f"{models.step}")
+    print(purified_clean_markdown(table))
 
 
 if __name__ == "__main__":

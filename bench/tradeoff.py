@@ -10,18 +10,14 @@ to it; resumes like bench.transfer. t* is on the [-1, 1] data scale, where eps 8
 from __future__ import annotations
 
 import argparse
-import sys
-import time
 from pathlib import Path
 
 import classifiers
 from purify.infra.paths import RESULTS_DIR
 
-from . import report
-from .common import (DEFENCE_HELP, T_STARS, ResultTable, add_common_arguments, add_split_argument,
-                     build_defences, check_defences, check_names, eps_list, numeric, run_command, split_suffix,
-                     write_text)
-from .transfer import grid_from_args, run_cells, setup, this_run
+from .common import T_STARS, check_defences, check_names, eps_list, from_args, run_command, split_suffix
+from .grid import GridRequest, add_grid_arguments, evaluate_and_report
+from .tables import tradeoff_markdown, tradeoff_plot
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,42 +32,27 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"models evaluated (default: all four: {' '.join(classifiers.ARCHS)})")
     parser.add_argument("--t-stars", nargs="+", type=float, default=list(T_STARS), metavar="T",
                         help=f"purification strengths t* (default: {' '.join(f'{t:g}' for t in T_STARS)})")
-    parser.add_argument("--defence", nargs="+", default=["bcm"], metavar="SPEC",
-                        help=f"{DEFENCE_HELP}. Each defence with a strength (bcm, denoise, diffusion, a vote of one "
-                             f"of them) is evaluated at every --t-stars value; the others once (default: bcm)")
-    parser.add_argument("--out", default=None,
-                        help="results CSV, resumed if it exists; .md and .png are written next to it "
-                             "(default: results/tradeoff/<preset>-<source>.csv)")
-    add_split_argument(parser)
-    add_common_arguments(parser)
+    add_grid_arguments(parser, ". Each defence with a strength (bcm, denoise, diffusion, a vote of one of them) is "
+                               "evaluated at every --t-stars value; the others once (default: bcm)",
+                       "results CSV, resumed if it exists; .md and .png are written next to it "
+                       "(default: results/tradeoff/<preset>-<source>.csv)")
     args = parser.parse_args(argv)
     try:
-        args.eps, args.targets = eps_list(args.eps), check_names(args.targets, "target")
-        args.defence = check_defences(args.defence)
+        eps, targets, defences = eps_list(args.eps), check_names(args.targets, "target"), check_defences(args.defence)
     except (argparse.ArgumentTypeError, ValueError) as err:
         parser.error(str(err))
     if any(t <= 0 for t in args.t_stars):
         parser.error(f"--t-stars must be positive, got {args.t_stars}")
-    run_command(parser, tradeoff, args)
+    out = (Path(args.out) if args.out else
+           RESULTS_DIR / "tradeoff" / f"{args.preset}-{args.source}{split_suffix(args)}.csv")
+    request = from_args(GridRequest, args, sources=[args.source], eps=eps, targets=targets, defences=defences,
+                        t_stars=sorted(set(args.t_stars)), out=out)
+    run_command(parser, tradeoff, request)
 
 
-def tradeoff(args: argparse.Namespace) -> None:
-    """Run the command on parsed, validated arguments."""
-    started = time.monotonic()
-    device = setup(args)
-    out = Path(args.out) if args.out else RESULTS_DIR / "tradeoff" / f"{args.preset}-{args.source}{split_suffix(args)}.csv"
-    table = ResultTable(out)
-    entries = build_defences(args, args.defence, device, t_stars=sorted(set(args.t_stars)))
-    grid, ids, meta = grid_from_args(args, [args.source], args.targets, device)
-    run_cells(grid, table, [(args.source, e) for e in args.eps], entries, args.targets, meta, ids)
-
-    frame = numeric(table.frame())
-    write_text(out.with_suffix(".md"), report.tradeoff_markdown(frame))
-    report.tradeoff_plot(frame, out.with_suffix(".png"))
-    mine = frame[this_run(frame, args, grid) & frame.defence.isin([e.defence.spec() for e in entries])]
-    print(report.tradeoff_markdown(mine))
-    print(f"wrote {out}, {out.with_suffix('.md')} and {out.with_suffix('.png')} "
-          f"({time.monotonic() - started:.0f} s)", file=sys.stderr)
+def tradeoff(request: GridRequest) -> None:
+    """Run the command on validated arguments."""
+    evaluate_and_report(request, tradeoff_markdown, tradeoff_plot)
 
 
 if __name__ == "__main__":

@@ -4,12 +4,15 @@ import pandas as pd
 import pytest
 import torch
 
+import bench.batches
+import bench.grid
 import bench.transfer
 import classifiers
 from attacks import EPS_GRID
-from bench import report
-from bench.common import Entry, ResultTable, numeric, purify_images
-from bench.transfer import TransferGrid, run_cells
+from bench import report, tables
+from bench.batches import purify_images
+from bench.common import Entry, ResultTable, numeric
+from bench.grid import TransferGrid, run_cells
 from classifiers.config import ArchConfig, Archs, TrainConfig
 from purify import BCMPurifier
 from purify.base import Defence
@@ -91,8 +94,8 @@ def test_each_cell_crafts_once_and_clean_work_is_shared(models, data, purifier, 
             return func(*args, **kwargs)
         return wrapped
 
-    monkeypatch.setattr(bench.transfer, "craft", counting("craft", bench.transfer.craft))
-    monkeypatch.setattr(bench.transfer, "purify_images", counting("purify", bench.transfer.purify_images))
+    monkeypatch.setattr(bench.grid, "craft", counting("craft", bench.grid.craft))
+    monkeypatch.setattr(bench.batches, "purify_images", counting("purify", bench.batches.purify_images))
     table = ResultTable(tmp_path / "t.csv")
     cells = [(s, e) for s in ("preact", "wrn") for e in (0, 4)]
     run_cells(grid_of(models, data), table, cells, [Entry(purifier)], list(models), META)
@@ -153,7 +156,7 @@ def test_transfer_cli_end_to_end_and_resume(checkpoints, tmp_path, capsys, monke
     assert frame[(frame.eps == 0) & (frame.target == "vgg")].acc_before.item() == \
         classifiers.accuracy(vgg, images, labels, progress=False)
 
-    monkeypatch.setattr(bench.transfer, "craft", lambda *a, **k: pytest.fail("finished cells were recomputed"))
+    monkeypatch.setattr(bench.grid, "craft", lambda *a, **k: pytest.fail("finished cells were recomputed"))
     before = out.read_text()
     bench.transfer.main(["--source", "wrn", "--eps", "4", "0", "--n", "20", "--out", str(out), *checkpoints])
     assert out.read_text() == before
@@ -204,12 +207,12 @@ def test_tradeoff_cli_and_report_rebuild(checkpoints, tmp_path, capsys):
     assert frame[frame.family == "median(size=3)"].t_star.isna().all()
     printed = capsys.readouterr().out
     assert "Best t* for `bcm(eps_inv=0.11)`" in printed and "Best t* for `median" not in printed
-    best = report.best_t_star(frame, "bcm(eps_inv=0.11)")
+    best = tables.best_t_star(frame, "bcm(eps_inv=0.11)")
     vgg = bcm[(bcm.target == "vgg") & (bcm.t_star == best)].set_index("eps")
-    ratio = report.transfer_ratio(bcm, best)  # preact is the source: only vgg is a transfer target
+    ratio = tables.transfer_ratio(bcm, best)  # preact is the source: only vgg is a transfer target
     assert list(ratio.index) == [4] and ratio.after[4] == vgg.acc_after[4] and ratio.clean[4] == vgg.acc_before[0]
     assert ratio.ratio[4] == pytest.approx(vgg.acc_after[4] / vgg.acc_before[0])
-    assert report.transfer_ratio(bcm[bcm.eps != 0], best).empty
+    assert tables.transfer_ratio(bcm[bcm.eps != 0], best).empty
     md, png = out.with_suffix(".md").read_text(), out.with_suffix(".png")
     assert png.stat().st_size > 10_000
     bench.transfer.main(["--source", "wrn", "--eps", "4", "--n", "12", "--targets", "vgg",
@@ -271,7 +274,7 @@ def test_defence_comparison_by_hand():
                              # the eps-16 cell ran slowed down (another job): the median over cells ignores it
                              defence_s_per_image=cost * (5 if eps == 16 else 1), step_s_per_image=step,
                              checkpoints=""))
-    table = report.defence_comparison(pd.DataFrame(rows), eps_values=(8,)).set_index("defence")
+    table = tables.defence_comparison(pd.DataFrame(rows), eps_values=(8,)).set_index("defence")
     assert list(table.index) == ["none", "bcm(t_star=1)", "jpeg(quality=75)"]
     # clean: mean over both targets at eps 0; transfer: the targets other than the source (wrn only)
     assert table.loc["none", "clean %"] == pytest.approx(85.0)
@@ -281,7 +284,7 @@ def test_defence_comparison_by_hand():
     assert table.loc["jpeg(quality=75)", "from preact, eps 8 %"] == pytest.approx(40.0)
     assert (table.loc["bcm(t_star=1)", "NFE"], table.loc["bcm(t_star=1)", "ms/image"],
             table.loc["bcm(t_star=1)", "attack step ms/image"]) == pytest.approx((2, 10.0, 40.0))
-    assert "defences side by side" in report.transfer_markdown(numeric(pd.DataFrame(rows)))
+    assert "defences side by side" in tables.transfer_markdown(numeric(pd.DataFrame(rows)))
 
 
 def test_rows_of_the_two_splits_never_mix_and_older_files_read_as_test(tmp_path):
@@ -296,7 +299,7 @@ def test_rows_of_the_two_splits_never_mix_and_older_files_read_as_test(tmp_path)
     legacy = tmp_path / "legacy.csv"
     pd.DataFrame([row])[[c for c in bench.common.COLUMNS if c != "split"]].to_csv(legacy, index=False)
     assert ResultTable(legacy).frame().split.tolist() == ["test"]
-    assert "validation images" in report.transfer_markdown(numeric(pd.DataFrame([dict(row, split="val", eps=0)])))
+    assert "validation images" in tables.transfer_markdown(numeric(pd.DataFrame([dict(row, split="val", eps=0)])))
     with pytest.raises(ValueError, match="has columns"):  # any other mismatch is still an error
         pd.DataFrame([row]).drop(columns=["split", "nfe"]).to_csv(legacy, index=False)
         ResultTable(legacy)

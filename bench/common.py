@@ -214,7 +214,7 @@ def load_split(split: str, data_root: str | os.PathLike | None, n: int | None, s
         images, labels = load_cifar10("test", data_root)
         pool = torch.arange(len(images))
     elif split == "sealed":  # the sealed test subset (bench.sealed): headline numbers, evaluated once each
-        from .sealed import sealed_ids  # noqa: PLC0415 (only this split reads the file)
+        from .ledger import sealed_ids  # noqa: PLC0415 (only this split reads the file)
         images, labels = load_cifar10("test", data_root)
         pool = sealed_ids()
     else:

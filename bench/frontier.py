@@ -32,7 +32,8 @@ from purify.infra.checkpoint import atomic_write
 from purify.infra.paths import RESULTS_DIR
 
 from .common import run_command, write_text
-from .whitebox.schema import DATASET, numeric_adaptive
+from .common import DATASET
+from .whitebox.schema import numeric_adaptive
 
 GROUP = ["suite", "preset", "defence", "family", "target", "split", "n", "data_seed", "protocol", "bf16",
          "checkpoints"]

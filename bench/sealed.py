@@ -18,8 +18,7 @@ import sys
 import pandas as pd
 
 from .common import run_command
-# sealed_ids: bench.common.load_split still reads the sealed subset from here (it belongs in bench.ledger)
-from .ledger import LEDGER_PATH, SEALED_PATH, draw_sealed, sealed_ids, used_test_ids  # noqa: F401
+from .ledger import LEDGER_PATH, SEALED_PATH, draw_sealed, sealed_ids, used_test_ids
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -69,6 +69,6 @@ def data_root():
 @pytest.fixture(autouse=True)
 def ledger_in_tmp(tmp_path, monkeypatch):
     """Evaluations the tests run on test images go to a ledger in the test's folder, never the committed one."""
-    import bench.sealed
+    import bench.ledger
 
-    monkeypatch.setattr(bench.sealed, "LEDGER_PATH", tmp_path / "test-ledger.csv")
+    monkeypatch.setattr(bench.ledger, "LEDGER_PATH", tmp_path / "test-ledger.csv")

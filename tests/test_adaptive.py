@@ -243,12 +243,6 @@ def test_square_is_gradient_free_and_lowers_the_margin_inside_the_ball():
     assert (after >= before - 1e-6).all() and (after > before).any()
 
 
-@pytest.fixture(autouse=True)
-def adaptive_ledger_in_tmp(tmp_path, monkeypatch):
-    """The ledger the adaptive runs append to (``bench.ledger``) goes to the test's folder, like conftest's."""
-    monkeypatch.setattr(bench.ledger, "LEDGER_PATH", tmp_path / "test-ledger.csv")
-
-
 def adaptive_args(checkpoints, out, *extra):  # noqa: F811
     return [*checkpoints, "--n", "6", "--batch-size", "6", "--t-stars", "0.5", "1", "--out", str(out), *extra]
 
@@ -516,7 +510,7 @@ def test_a_vote_is_evaluated_as_its_base_with_n_evaluations_and_a_paired_compari
 
 
 def test_runs_on_test_images_are_ledgered_and_validation_runs_are_not(checkpoints, tmp_path, monkeypatch):  # noqa: F811
-    ledger = bench.ledger.LEDGER_PATH  # adaptive_ledger_in_tmp points it into the test's folder
+    ledger = bench.ledger.LEDGER_PATH  # conftest's ledger_in_tmp points it into the test's folder
     assert tmp_path in ledger.parents
     args = [*checkpoints, "--n", "4", "--batch-size", "4", "--t-stars", "0.5", "--threats", "clean", "pgd-margin"]
     bench.adaptive.main([*args, "--out", str(tmp_path / "a.csv")])

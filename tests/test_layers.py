@@ -80,3 +80,19 @@ def test_relative_imports_resolve_to_their_package():
     found = [(target, names) for _, target, names in imports(path, "from .checkpoint import a\nfrom ..bcm import b\n")]
     assert found == [("purify.infra.checkpoint", ["a"]), ("purify.bcm", ["b"])]
     assert violations(path, "from ..bcm import b\n")  # the core is above infra
+
+
+def is_command(path: Path) -> bool:
+    """A bench command: a module run as ``python -m bench.X`` (it has an ``if __name__ == "__main__"`` block)."""
+    return path.parent.name == "bench" and '__name__ == "__main__"' in path.read_text()
+
+
+def test_no_bench_command_imports_another_command():
+    commands = {module_name(path) for path in sources() if is_command(path)}
+    assert {"bench.transfer", "bench.adaptive", "bench.quality"} <= commands
+    problems = [f"{path.relative_to(ROOT)}:{line}: imports the command {imported}"
+                for path in sources() if "bench" in path.relative_to(ROOT).parts
+                for line, target, names in imports(path)
+                for imported in [target, *(f"{target}.{name}" for name in names)]
+                if imported in commands and imported != module_name(path)]
+    assert not problems, "\n".join(problems)

@@ -10,11 +10,11 @@ from attacks import SCORINGS, SUITE, BestIteratePGD, correct_by_scoring, craft
 from purify.infra.checkpoint import atomic_write
 from purify.infra.runtime import pick_device
 
-from ..common import ResultTable, write_text
+from ..common import DATASET, ResultTable, write_text
 from ..intervals import bootstrap_interval
 from .config import Run
 from .grid import measure_costs
-from .schema import COLUMNS, DATASET, KEY, unit_id
+from .schema import COLUMNS, KEY, unit_id
 from .setting import Setting, Workload
 
 

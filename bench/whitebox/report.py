@@ -9,8 +9,9 @@ import pandas as pd
 from attacks import PROTOCOLS, SCORINGS
 from purify.infra.checkpoint import atomic_write
 
+from ..common import DATASET
 from ..intervals import bootstrap_interval
-from .schema import DATASET, DETERMINISTIC_ATTACKS, RANDOMIZED_ATTACKS, THREATS
+from .schema import DETERMINISTIC_ATTACKS, RANDOMIZED_ATTACKS, THREATS
 
 
 def markdown(frame: pd.DataFrame) -> str:

@@ -13,9 +13,8 @@ from purify import Defence, image_noise
 from purify.infra.images import as_float
 from purify.infra.runtime import pick_device
 
-from ..common import write_text
+from ..common import DATASET, write_text
 from .config import Run
-from .schema import DATASET
 from .setting import Workload
 
 SANITY_BUDGETS = [(5, 1), (10, 2), (20, 4), (40, 8)]  # PGD steps x EOT draws; the last but one is the cpu protocol's

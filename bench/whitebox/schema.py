@@ -18,7 +18,6 @@ COLUMNS = KEY + ["family", "nfe", "attack", "steps", "eot", "restarts", "evals",
                  "checkpoints"]
 # the columns every row of one setting (defence before target, on the same images and suite) shares
 SETTING_COLUMNS = ("suite", "preset", "defence", "target", "split", "n", "data_seed", "protocol", "bf16", "checkpoints")
-DATASET = "CIFAR-10 (JPEG q75 copy)"
 
 
 def unit_id(row: dict) -> str:

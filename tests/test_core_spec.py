@@ -278,13 +278,13 @@ def test_ema_is_the_average_of_the_online_weights_after_each_step(tmp_path, tiny
     expected = None
     for _ in range(3):
         trainer.train_step()
-        online = {k: v.detach().clone() for k, v in trainer.bcm.state_dict().items()}
+        online = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
         expected = online if expected is None else {k: decay * expected[k] + (1 - decay) * online[k] for k in online}
     ema = trainer.ema.module.state_dict()
     moved = 0
     for k, v in expected.items():
         torch.testing.assert_close(ema[k], v, rtol=1e-5, atol=1e-7, msg=k)
-        moved += not torch.equal(ema[k], trainer.bcm.state_dict()[k])
+        moved += not torch.equal(ema[k], trainer.model.state_dict()[k])
     assert moved  # the EMA lags the online weights, so the check is not vacuous
 
 
@@ -297,7 +297,7 @@ def test_start_step_continues_the_curriculum(tmp_path, tiny_images):
     trainer = Trainer(tiny_preset(batch_size=4), tmp_path / "b", images=images, init_from=ckpt, start_step=250)
     assert trainer.step == 250
     for k, v in load_checkpoint(ckpt, ("ema",))["ema"].items():
-        assert torch.equal(trainer.bcm.state_dict()[k], v)
+        assert torch.equal(trainer.model.state_dict()[k], v)
     assert trainer.train_step()["N"] == 41 and trainer.step == 251
     with pytest.raises(ValueError, match="init_from"):
         Trainer(tiny_preset(), tmp_path / "c", images=images, start_step=250)

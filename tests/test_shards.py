@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from purify.infra.shards import Shard, blocks, map_blocks
+from purify.infra.shards import blocks, map_blocks
 
 WORKER = Path(__file__).resolve().parent / "shard_worker.py"
 ROOT = WORKER.parent.parent

@@ -58,9 +58,9 @@ def main() -> None:
                             ids=ids[start:stop], noise=stream, progress=False)
         with done.open("a") as log:
             log.write(f"{start}-{stop}\n")
-        return predict_draws(model, adversarial, ids[start:stop], evals=3, noise=evaluation)
+        return predict_draws(model, adversarial, ids[start:stop], evals=3, noise=evaluation).T
 
-    predictions = map_blocks(compute, len(images), args.batch_size, Path(args.out) / "blocks", shard, axis=1,
+    predictions = map_blocks(compute, len(images), args.batch_size, Path(args.out) / "blocks", shard,
                              progress=False)
     remove_blocks(Path(args.out) / "blocks", shard)
     if shard.main:

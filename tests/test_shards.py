@@ -22,11 +22,14 @@ def test_blocks_cover_the_positions_once():
 
 def test_map_blocks_computes_this_ranks_blocks_and_reuses_saved_ones(tmp_path):
     calls = []
-    compute = lambda start, stop: calls.append(start) or torch.arange(start, stop).view(1, -1).repeat(2, 1)  # noqa
-    merged = map_blocks(compute, 7, 3, tmp_path, axis=1, progress=False)
-    assert torch.equal(merged, torch.arange(7).repeat(2, 1)) and calls == [0, 3, 6]
-    assert torch.equal(map_blocks(compute, 7, 3, tmp_path, axis=1, progress=False), merged) and len(calls) == 3
-    with pytest.raises(ValueError, match="computed 1 results"):
+    compute = lambda start, stop: calls.append(start) or torch.arange(start, stop).view(-1, 1).repeat(1, 2)  # noqa
+    merged = map_blocks(compute, 7, 3, tmp_path, progress=False)
+    assert torch.equal(merged, torch.arange(7).view(-1, 1).repeat(1, 2)) and calls == [0, 3, 6]
+    assert torch.equal(map_blocks(compute, 7, 3, tmp_path, progress=False), merged) and len(calls) == 3
+    both = map_blocks(lambda start, stop: {"a": torch.arange(start, stop), "b": -torch.arange(start, stop)}, 5, 2,
+                      tmp_path / "dict", progress=False)
+    assert torch.equal(both["a"], torch.arange(5)) and torch.equal(both["b"], -torch.arange(5))
+    with pytest.raises(ValueError, match="computed {'result': 1} results instead of 2"):
         map_blocks(lambda start, stop: torch.zeros(1), 4, 2, tmp_path / "bad", progress=False)
 
 

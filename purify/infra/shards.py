@@ -13,13 +13,16 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Union
 
 import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .runtime import init_distributed
+
+
+Result = Union[torch.Tensor, dict]
 
 
 @dataclass(frozen=True)
@@ -53,24 +56,28 @@ def blocks(n: int, batch_size: int) -> list[tuple[int, int]]:
     return [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
 
 
-def map_blocks(compute: Callable[[int, int], torch.Tensor], n: int, batch_size: int, folder: str | Path,
-               shard: Shard = Shard(), axis: int = 0, progress: bool = True, desc: str = "blocks") -> torch.Tensor:
-    """``compute(start, stop)`` (a CPU tensor whose ``axis`` runs over positions ``start .. stop-1``) over every
-    block, this rank's blocks computed and saved under ``folder`` (one file per block, reused when present),
-    then all blocks read back and concatenated along ``axis``: the same tensor on every rank. A collective:
-    every rank calls it with the same arguments."""
+def map_blocks(compute: Callable[[int, int], Result], n: int, batch_size: int, folder: str | Path,
+               shard: Shard = Shard(), progress: bool = True, desc: str = "blocks") -> Result:
+    """``compute(start, stop)`` over every block: a CPU tensor, or a dict of them, whose first axis runs over
+    positions ``start .. stop-1``. This rank's blocks are computed and saved under ``folder`` (one file per
+    block, reused when present), then all blocks are read back and concatenated: the same result on every
+    rank. A collective: every rank calls it with the same arguments."""
     folder = Path(folder)
     parts = blocks(n, batch_size)
     path = lambda start, stop: folder / f"{start:06d}-{stop:06d}.pt"  # noqa: E731
-    mine = [(b, span) for b, span in enumerate(parts) if b % shard.world == shard.rank]
-    for _, (start, stop) in tqdm(mine, desc=desc, disable=not progress, leave=False):
+    mine = [(start, stop) for b, (start, stop) in enumerate(parts) if b % shard.world == shard.rank]
+    for start, stop in tqdm(mine, desc=desc, disable=not progress, leave=False):
         if not path(start, stop).is_file():
             result = compute(start, stop)
-            if result.shape[axis] != stop - start:
-                raise ValueError(f"block {start}-{stop} computed {result.shape[axis]} results along axis {axis}")
-            save_checkpoint({"result": result.cpu()}, path(start, stop))
+            parts_of = result if isinstance(result, dict) else {"result": result}
+            wrong = {k: len(v) for k, v in parts_of.items() if len(v) != stop - start}
+            if wrong:
+                raise ValueError(f"block {start}-{stop} computed {wrong} results instead of {stop - start}")
+            save_checkpoint({k: v.cpu() for k, v in parts_of.items()}, path(start, stop))
     shard.barrier()
-    return torch.cat([load_checkpoint(path(start, stop), ("result",))["result"] for start, stop in parts], dim=axis)
+    saved = [load_checkpoint(path(start, stop)) for start, stop in parts]
+    merged = {k: torch.cat([part[k] for part in saved]) for k in saved[0]}
+    return merged["result"] if set(merged) == {"result"} else merged
 
 
 def remove_blocks(folder: str | Path, shard: Shard = Shard()) -> None:

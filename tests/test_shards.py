@@ -1,6 +1,8 @@
 """Sharded evaluation (purify.infra.shards): block assignment, resume by block, and under torchrun (gloo, 2-3
 processes) the merged result of an attack through a purifier equal to one process's, for any world size and
 batch size, after a rank is killed and the job restarted, and a rank that raises stopping the job."""
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -34,11 +36,19 @@ def test_map_blocks_computes_this_ranks_blocks_and_reuses_saved_ones(tmp_path):
 
 
 def torchrun(out: Path, world: int, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    """Run the worker under torchrun in a session of its own, killed whole (workers included) on a timeout."""
     out.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
                str(WORKER), str(out), *args]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True,
+                               env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 @pytest.fixture(scope="module")

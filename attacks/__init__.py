@@ -9,7 +9,7 @@
   averaged over draws, best iterate per image); ``adaptive``: their budgets (``PROTOCOLS``), AutoAttack's standard
   version, BPDA, and the scorings of randomized defences (average, all and strict majority of N).
 
-``_compat`` is the one place that imports RobustBench/AutoAttack.
+``purify.infra.optional`` is the one place that imports RobustBench/AutoAttack.
 """
 from .adaptive import (BPDA, PROTOCOLS, SCORINGS, SUITE, Protocol, autoattack_standard, correct_by_scoring,
                        get_protocol, majority_correct, predict_draws, run_autoattack, score)

@@ -31,8 +31,8 @@ from purify.defences import BCM_DEFENCES
 from purify.infra.checkpoint import atomic_write
 from purify.infra.paths import RESULTS_DIR
 
-from .adaptive import DATASET, numeric_adaptive
 from .common import run_command, write_text
+from .whitebox.schema import DATASET, numeric_adaptive
 
 GROUP = ["suite", "preset", "defence", "family", "target", "split", "n", "data_seed", "protocol", "bf16",
          "checkpoints"]

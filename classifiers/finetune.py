@@ -46,7 +46,7 @@ from .registry import DEFAULT_CHECKPOINT_DIR, checkpoint_path, load_classifier_s
 from .train import train
 
 RECIPE_DIR = CONFIG_DIR / "finetune"
-ATTACKS = ("none", "fgsm", "pgd")
+FINETUNE_ATTACKS = ("none", "fgsm", "pgd")  # the attacks a recipe trains against
 
 
 @dataclasses.dataclass
@@ -65,8 +65,8 @@ class Recipe:
     base: str | None = None       # the variant to start from ({arch}-{preset}-{base}.pt); default the standard one
 
     def __post_init__(self):
-        if self.attack not in ATTACKS:
-            raise ValueError(f"attack must be one of {', '.join(ATTACKS)}, got {self.attack!r}")
+        if self.attack not in FINETUNE_ATTACKS:
+            raise ValueError(f"attack must be one of {', '.join(FINETUNE_ATTACKS)}, got {self.attack!r}")
         if not 0 < self.eps <= 255 or self.steps < 1 or self.epochs < 1 or self.lr <= 0 or self.val_n < 1:
             raise ValueError("eps must be in (0, 255], steps, epochs and val_n at least 1, lr positive")
 

@@ -20,18 +20,17 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from .bcm import CONSISTENCY_KIND, BCM, ConsistencyModel, bcm_weights_from_consistency_model
 from .bct import make_loss
-from .infra.checkpoint import bcm_weights, load_checkpoint, load_state_dict_strict, save_checkpoint
+from .infra.checkpoint import bcm_weights, load_checkpoint, load_state_dict_strict
 from .infra.config import to_dict
 from .infra.data import VAL_SPLIT_SEED, load_cifar10, train_val_split
-from .infra.runtime import (Budget, CSVLog, autocast, gather_objects, init_distributed, native_bf16, pick_device,
-                            rng_state, seed_everything, set_rng_state)
+from .infra.runtime import Budget, autocast, native_bf16
+from .infra.training import Session, resume_run_state, save_run_state
 from .noiser import KIND as NOISER, Noiser
 from .presets import Preset, load_preset, preset_from_dict
 
@@ -57,23 +56,25 @@ def build_model(preset: Preset) -> tuple[str, nn.Module]:
 class LossModule(nn.Module):
     """The trained network together with its loss, so one DDP forward computes all passes of a step (four for BCT)."""
 
-    def __init__(self, bcm: nn.Module, loss):
+    def __init__(self, model: nn.Module, loss):
         super().__init__()
-        self.bcm, self.loss = bcm, loss
+        self.model, self.loss = model, loss
 
     def forward(self, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
-        return self.loss(self.bcm, x, step)
+        return self.loss(self.model, x, step)
 
 
 class Trainer:
-    """One training run in ``out_dir``; ``run()`` trains until ``total_steps`` or the budget is spent."""
+    """One training run in ``out_dir``; ``run()`` trains until ``total_steps`` or the budget is spent.
+
+    ``model`` is the trained network (a BCM, a single-time consistency model or the CT Inversion noiser, as
+    ``kind`` says), ``ema`` its average, ``session`` this process's place in a DDP run."""
 
     def __init__(self, preset: Preset, out_dir: str | os.PathLike, data_root=None, device: str = "auto",
                  resume: bool = False, init_from: str | None = None, start_step: int = 0,
                  images: torch.Tensor | None = None, bf16: bool | None = None):
-        self.rank, self.world, device = init_distributed(device)
-        self.distributed = self.world > 1
-        self.device = pick_device(device)
+        self.session = Session.start(device)
+        self.device = self.session.device
         if self.device.type == "cuda":  # fixed shapes every step: let cuDNN pick its fastest convolutions once
             torch.backends.cudnn.benchmark = True
         # bf16 autocast: by default only on GPUs that run it natively; on CPUs training stays float32
@@ -86,15 +87,14 @@ class Trainer:
             preset = preset_from_dict(start["config"], f"{self.checkpoint_path} config")
         self.preset = preset
         tc = preset.train
-        if tc.batch_size % self.world:
-            raise ValueError(f"batch_size {tc.batch_size} is not divisible by the {self.world} DDP processes")
-        seed_everything(tc.seed + self.rank)
+        if tc.batch_size % self.session.world:
+            raise ValueError(f"batch_size {tc.batch_size} is not divisible by the {self.session.world} DDP processes")
+        self.session.seed(tc.seed)
 
-        # the trained network: a BCM, or the CT Inversion noiser (kind "noiser"), under the same name
         self.kind, model = build_model(preset)
-        self.bcm = model.to(self.device)
+        self.model = model.to(self.device)
         if tc.channels_last:
-            self.bcm = self.bcm.to(memory_format=torch.channels_last)
+            self.model = self.model.to(memory_format=torch.channels_last)
         if init_from is not None and start is None:
             # Fine-tuning (spec §3, last bullet): start from a CT or BCM training checkpoint's EMA weights, or
             # from the weights a release file ships; a single-time consistency model gains the u input first.
@@ -108,13 +108,12 @@ class Trainer:
                 weights = bcm_weights_from_consistency_model(source_model, weights, preset.model, init_from)
             elif source_kind != self.kind:  # a BCM and a noiser share the U-Net's shapes: refuse, don't mix them
                 raise ValueError(f"{init_from} is a {source_kind!r} checkpoint; this preset trains a {self.kind!r}")
-            load_state_dict_strict(self.bcm, weights, init_from)
-        self.ema = AveragedModel(self.bcm, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
-        self.optimizer = torch.optim.RAdam(self.bcm.parameters(), lr=tc.lr)
+            load_state_dict_strict(self.model, weights, init_from)
+        self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
+        self.optimizer = torch.optim.RAdam(self.model.parameters(), lr=tc.lr)
         curriculum = tc.curriculum_steps or tc.total_steps
         self.loss = make_loss(preset.loss, curriculum, preset.model.sigma_data, preset.model.eps, preset.model.T)
-        module = LossModule(self.bcm, self.loss)
-        self.module = nn.parallel.DistributedDataParallel(module) if self.distributed else module
+        self.module = self.session.wrap(LossModule(self.model, self.loss))
         if not 0 <= start_step < tc.total_steps:
             raise ValueError(f"start_step must be in [0, {tc.total_steps}), got {start_step}")
         if start_step and init_from is None:
@@ -123,27 +122,22 @@ class Trainer:
         self.step = start_step
         self.optimizer_start = start_step  # the step at which the optimizer state began (warm-up counts from it)
         if start is not None:
-            load_state_dict_strict(self.bcm, start["model"], str(self.checkpoint_path))
+            self.step = resume_run_state(start, str(self.checkpoint_path), self.model, self.optimizer, self.session,
+                                         tc.seed)
             self.ema.module.load_state_dict(start["ema"])
             self.ema.n_averaged.fill_(start.get("ema_n_averaged", 1))
-            self.optimizer.load_state_dict(start["optimizer"])
-            self.step = start["step"]
             self.optimizer_start = start.get("optimizer_start", 0)
-            if len(start["rng"]) == self.world:  # the same number of processes: each continues its own stream
-                set_rng_state(start["rng"][self.rank])
-            else:  # another number: a fresh stream per rank, distinct from every other rank's and step's
-                seed_everything(tc.seed + 1_000_003 * self.step + self.rank)
 
         if images is None:
             images, _ = load_cifar10("train", data_root)
             if tc.n_val:  # never train on the images settings are chosen on
                 images = images[train_val_split(len(images), tc.n_val, seed=VAL_SPLIT_SEED)[0]]
         self.images = images.to(self.device)
-        self.log = CSVLog(self.out_dir / "log.csv", LOG_FIELDS, resume_step=self.step) if self.rank == 0 else None
+        self.log = self.session.csv_log(self.out_dir / "log.csv", LOG_FIELDS, resume_step=self.step)
 
     def batch(self) -> torch.Tensor:
         """A random batch on the [-1, 1] scale (with random horizontal flips when configured)."""
-        per_rank = self.preset.train.batch_size // self.world
+        per_rank = self.preset.train.batch_size // self.session.world
         # drawn on the images' device: no host-device copy, so no synchronisation, per step
         idx = torch.randint(0, self.images.shape[0], (per_rank,), device=self.images.device)
         x = self.images[idx].float() / 127.5 - 1
@@ -163,7 +157,7 @@ class Trainer:
 
     def train_step(self, sync: bool = True) -> dict[str, float | torch.Tensor]:
         """One optimizer step; with ``sync=False`` the logged terms stay on the device (no host synchronisation)."""
-        self.bcm.train()
+        self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate()
         x = self.batch()
@@ -175,58 +169,38 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.preset.train.grad_clip is not None:
-            nn.utils.clip_grad_norm_(self.bcm.parameters(), self.preset.train.grad_clip)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.preset.train.grad_clip)
         self.optimizer.step()
-        self.ema.update_parameters(self.bcm)
+        self.ema.update_parameters(self.model)
         self.step += 1
-        if self.distributed:  # log the loss of the global batch, not rank 0's share of it
-            dist.all_reduce(logged)
-            logged /= self.world
+        self.session.mean(logged)  # log the loss of the global batch, not rank 0's share of it
         if not sync:
             return {"logged": logged, "N": int(terms["N"])}
         loss, ct, soft = logged.tolist()
         return {"loss": loss, "ct": ct, "soft": soft, "N": int(terms["N"])}
 
-    def should_stop(self, budget: Budget, interrupted: bool) -> bool:
-        """Whether every rank stops before the next step: rank 0's clock decides the budget for all (each rank's
-        own clock could stop them at different steps, one in the gradient all-reduce, another in the
-        checkpoint's gather: a hang), and an interrupt on any rank stops all of them at the same step."""
-        flags = [float(self.rank == 0 and budget.exhausted()), float(interrupted)]
-        if not self.distributed:  # decided on the host: no device round trip per step
-            return any(flags)
-        flags = torch.tensor(flags, device=self.device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        return bool(flags.any())
-
     def save(self) -> None:
-        """Atomic checkpoint with everything needed to resume (rank 0 only; RNG states of every rank)."""
-        states = gather_objects(rng_state())
-        if self.rank == 0:
-            save_checkpoint({
-                "kind": self.kind, "config": to_dict(self.preset), "model": self.bcm.state_dict(),
-                "ema": self.ema.module.state_dict(), "ema_n_averaged": int(self.ema.n_averaged),
-                "optimizer": self.optimizer.state_dict(), "step": self.step, "rng": states,
-                "optimizer_start": self.optimizer_start,
-            }, self.checkpoint_path)
+        """Atomic checkpoint with everything needed to resume (rank 0 writes it; RNG states of every rank)."""
+        save_run_state(self.checkpoint_path, self.session, lambda: {
+            "kind": self.kind, "config": to_dict(self.preset), "model": self.model.state_dict(),
+            "ema": self.ema.module.state_dict(), "ema_n_averaged": int(self.ema.n_averaged),
+            "optimizer": self.optimizer.state_dict(), "step": self.step, "optimizer_start": self.optimizer_start})
 
     def close(self) -> None:
-        """Leave the process group together: a barrier first, so that no rank tears its gloo/NCCL threads down
-        while another is still in a collective (an abort on the other rank), and DDP's reducer goes before it."""
-        if self.distributed and dist.is_initialized():
-            dist.barrier()
-            self.module = None
-            dist.destroy_process_group()
+        """Leave the process group together, DDP's reducer first."""
+        self.module = None
+        self.session.close()
 
     def run(self, max_steps: int | None = None, max_minutes: float | None = None, progress: bool = True) -> int:
         """Train until ``total_steps`` (or ``max_steps`` more steps, or the time budget); returns the step."""
         tc = self.preset.train
         end = tc.total_steps if max_steps is None else min(tc.total_steps, self.step + max_steps)
         budget, started, window_start, window_steps = Budget(max_minutes), time.monotonic(), time.monotonic(), 0
-        bar = tqdm(total=tc.total_steps, initial=self.step, disable=not progress or self.rank != 0,
-                   desc=self.preset.loss.kind.upper(), unit="step", dynamic_ncols=True)
+        bar = self.session.progress(progress, total=tc.total_steps, initial=self.step,
+                                    desc=self.preset.loss.kind.upper(), unit="step", dynamic_ncols=True)
         try:
             with _deferred_interrupts() as interrupted:
-                while self.step < end and not self.should_stop(budget, interrupted()):
+                while self.step < end and not self.session.should_stop(budget, interrupted()):
                     # the loss is read back to the host (a synchronisation) only on the steps that log it
                     report = self.step + 1 == end or (self.step + 1) % tc.log_every == 0
                     terms = self.train_step(sync=report)
@@ -244,7 +218,7 @@ class Trainer:
                         window_start, window_steps = now, 0
                     if self.step % tc.checkpoint_every == 0:
                         self.save()
-                if interrupted() and self.rank == 0:
+                if interrupted() and self.session.main:
                     tqdm.write(f"interrupted at step {self.step}; saving a checkpoint to resume from")
         finally:
             bar.close()
@@ -322,13 +296,13 @@ def main(argv: list[str] | None = None) -> None:
                           init_from=args.init_from, start_step=args.start_step, bf16=args.bf16)
     except (OSError, ValueError) as err:  # also an --out that cannot be a folder
         parser.exit(2, f"{parser.prog}: error: {err}\n")
-    if trainer.rank == 0:
+    if trainer.session.main:
         import yaml
 
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(trainer.preset), sort_keys=False))
     step = trainer.run(max_steps=args.max_steps, max_minutes=args.max_minutes)
-    if trainer.rank == 0:
+    if trainer.session.main:
         print(f"stopped at step {step}/{trainer.preset.train.total_steps}; checkpoint: {trainer.checkpoint_path}")
     trainer.close()
 

@@ -9,8 +9,13 @@ import torch
 from torch import nn
 
 import bench.adaptive
-import bench.sealed
-from attacks import (BPDA, BestIteratePGD, BestLossAPGD, BestMarginSquare, DrawAverage, attack_loss,
+import bench.common
+import bench.intervals
+import bench.ledger
+import bench.whitebox.retime
+import bench.whitebox.sanity
+import bench.whitebox.setting
+from attacks import (BPDA, SCORINGS, BestIteratePGD, BestLossAPGD, BestMarginSquare, DrawAverage, attack_loss,
                      autoattack_standard, correct_by_scoring, craft, predict_draws, run_autoattack, score)
 from attacks.eot import step_size
 from purify import BCMPurifier, image_noise
@@ -238,6 +243,12 @@ def test_square_is_gradient_free_and_lowers_the_margin_inside_the_ball():
     assert (after >= before - 1e-6).all() and (after > before).any()
 
 
+@pytest.fixture(autouse=True)
+def adaptive_ledger_in_tmp(tmp_path, monkeypatch):
+    """The ledger the adaptive runs append to (``bench.ledger``) goes to the test's folder, like conftest's."""
+    monkeypatch.setattr(bench.ledger, "LEDGER_PATH", tmp_path / "test-ledger.csv")
+
+
 def adaptive_args(checkpoints, out, *extra):  # noqa: F811
     return [*checkpoints, "--n", "6", "--batch-size", "6", "--t-stars", "0.5", "1", "--out", str(out), *extra]
 
@@ -262,7 +273,7 @@ def test_bench_adaptive_grid_scores_and_resumes(checkpoints, tmp_path, monkeypat
     def no_attack(self, threat):
         raise AssertionError(f"resumed run recomputed {threat}")
 
-    monkeypatch.setattr(bench.adaptive.Setting, "adversarial", no_attack)
+    monkeypatch.setattr(bench.whitebox.setting.Setting, "adversarial", no_attack)
     before = out.read_text()
     bench.adaptive.main(adaptive_args(checkpoints, out))
     assert out.read_text().splitlines()[0] == before.splitlines()[0]
@@ -274,7 +285,7 @@ def test_retime_rewrites_only_the_selected_settings_costs(checkpoints, tmp_path,
     out = tmp_path / "adaptive.csv"
     bench.adaptive.main(adaptive_args(checkpoints, out))
     before = pd.read_csv(out)
-    monkeypatch.setattr(bench.adaptive, "measure_costs",
+    monkeypatch.setattr(bench.whitebox.retime, "measure_costs",
                         lambda setting, batch_size, bf16: {"purify_s_per_image": 0.25, "step_s_per_image": 0.75})
     bench.adaptive.main([*checkpoints, "--n", "6", "--batch-size", "6", "--t-stars", "1", "2", "--out", str(out),
                          "--retime"])
@@ -365,14 +376,14 @@ def test_sanity_check_fails_without_gradients(tiny_bcm, monkeypatch):
     """A defence that hides its gradient (a hard quantizer without BPDA) must fail the gradient check."""
 
     class Args:
-        batch_size, attack_seed, eval_seed, bf16_on = 10, 0, 1, False
+        batch_size, attack_seed, eval_seed, bf16 = 10, 0, 1, False
 
-    monkeypatch.setattr(bench.adaptive, "SANITY_BUDGETS", [(2, 1), (3, 1), (4, 2), (5, 2)])  # fast
+    monkeypatch.setattr(bench.whitebox.sanity, "SANITY_BUDGETS", [(2, 1), (3, 1), (4, 2), (5, 2)])  # fast
     classifier = TemplateClassifier().eval()
     images, labels = template_data(classifier, n=10)
     purifier = BCMPurifier(tiny_bcm, t_star=0.5)
     masked = nn.Sequential(BPDA(lambda x: x, lambda x: torch.round(x * 4) / 4), classifier).eval()
-    checks = dict((name, ok) for name, ok, _ in bench.adaptive.sanity_checks(
+    checks = dict((name, ok) for name, ok, _ in bench.whitebox.sanity.sanity_checks(
         masked, purifier, (images * 255).to(torch.uint8), labels, torch.arange(10), 8, Args()))
     assert checks["gradients through the purifier are finite and non-zero"] is False
 
@@ -387,12 +398,12 @@ def test_finite_difference_check_passes_exact_gradients_and_fails_wrong_ones(tin
     images[:, :, 0, 0], images[:, :, 0, 1] = 0, 255  # saturated pixels: the probes must stay in [0, 1]
     purifier = BCMPurifier(tiny_bcm, t_star=0.5)
     shape = purifier.noise_shape((3, 32, 32))
-    name, ok, detail = bench.adaptive.finite_difference_check(purifier.wrap(classifier), purifier, images, labels,
-                                                              torch.arange(4), shape, Args())
+    name, ok, detail = bench.whitebox.sanity.finite_difference_check(purifier.wrap(classifier), purifier, images,
+                                                                     labels, torch.arange(4), shape, Args())
     assert ok, detail
     doubled = nn.Sequential(BPDA(lambda x: x, lambda x: 2 * x), purifier.wrap(classifier)).eval()  # gradient x2
-    assert not bench.adaptive.finite_difference_check(doubled, purifier, images, labels, torch.arange(4), shape,
-                                                      Args())[1]
+    assert not bench.whitebox.sanity.finite_difference_check(doubled, purifier, images, labels, torch.arange(4),
+                                                             shape, Args())[1]
 
 
 def test_validation_split_is_the_classifiers_held_out_training_images(monkeypatch):
@@ -505,7 +516,7 @@ def test_a_vote_is_evaluated_as_its_base_with_n_evaluations_and_a_paired_compari
 
 
 def test_runs_on_test_images_are_ledgered_and_validation_runs_are_not(checkpoints, tmp_path, monkeypatch):  # noqa: F811
-    ledger = bench.sealed.LEDGER_PATH  # conftest points it into the test's folder
+    ledger = bench.ledger.LEDGER_PATH  # adaptive_ledger_in_tmp points it into the test's folder
     assert tmp_path in ledger.parents
     args = [*checkpoints, "--n", "4", "--batch-size", "4", "--t-stars", "0.5", "--threats", "clean", "pgd-margin"]
     bench.adaptive.main([*args, "--out", str(tmp_path / "a.csv")])
@@ -522,25 +533,25 @@ def test_sealed_subset_avoids_every_used_test_id_and_is_drawn_once(tmp_path):
     pd.DataFrame({"split": ["test", "val"], "n": ["30", "500"], "seed": ["7", "0"]}).to_csv(results / "a.csv",
                                                                                              index=False)
     torch.save({"ids": torch.tensor([9998, 9999]), "row": {"split": "test"}}, results / "x-predictions" / "u.pt")
-    used = bench.sealed.used_test_ids(results)
+    used = bench.ledger.used_test_ids(results)
     from purify.infra.data import seeded_subset
     expected = set(seeded_subset(10_000, 30, 7).tolist()) | {9998, 9999} | set(seeded_subset(10_000, 2000, 0).tolist())
     assert used == expected  # the val row is not a test image
     path = tmp_path / "sealed.json"
-    record = bench.sealed.draw_sealed(100, seed=1, results_dir=results, path=path)
+    record = bench.ledger.draw_sealed(100, seed=1, results_dir=results, path=path)
     ids = set(json.loads(path.read_text())["ids"])
     assert len(ids) == 100 == record["n"] and not ids & used
-    assert torch.equal(bench.sealed.sealed_ids(path), torch.tensor(sorted(ids)))
+    assert torch.equal(bench.ledger.sealed_ids(path), torch.tensor(sorted(ids)))
     with pytest.raises(ValueError, match="drawn once"):
-        bench.sealed.draw_sealed(100, seed=2, results_dir=results, path=path)
+        bench.ledger.draw_sealed(100, seed=2, results_dir=results, path=path)
 
 
 def test_bootstrap_interval_brackets_the_mean_and_collapses_for_constant_values():
     values = torch.tensor([1.0] * 30 + [0.0] * 70)
-    mean, low, high = bench.sealed.bootstrap_interval(values)
+    mean, low, high = bench.intervals.bootstrap_interval(values)
     assert mean == pytest.approx(0.3) and low < 0.3 < high
     assert (high - low) == pytest.approx(2 * 1.96 * math.sqrt(0.3 * 0.7 / 100), abs=0.03)  # the normal approximation
-    assert bench.sealed.bootstrap_interval(torch.ones(10))[1:] == (1.0, 1.0)
+    assert bench.intervals.bootstrap_interval(torch.ones(10))[1:] == (1.0, 1.0)
 
 
 def test_cost_clock_waits_for_the_cuda_queue_and_not_on_the_cpu(monkeypatch):
@@ -561,7 +572,7 @@ def test_adversarial_images_are_exported_for_rescoring(checkpoints, tmp_path):  
     files = sorted(folder.glob("*.pt"))
     assert [f.name.endswith("-eps8-pgd-margin.pt") for f in files] == [True]  # clean and worst are not attacks
     state = torch.load(files[0], weights_only=True)
-    images, labels, ids = bench.adaptive.load_split("test", str(tmp_path / "data"), 4, 0)
+    images, labels, ids = bench.common.load_split("test", str(tmp_path / "data"), 4, 0)
     assert torch.equal(state["ids"], ids) and torch.equal(state["labels"], labels)
     assert (state["images"] - images.float() / 255).abs().max() <= 8 / 255 + 1e-6
     assert state["row"]["threat"] == "pgd-margin" and state["row"]["suite"] == "v2"
@@ -571,10 +582,25 @@ def test_a_resumed_evaluation_is_one_ledger_line(tmp_path):
     row = dict(date="2026-01-01", split="sealed", n=500, data_seed=0, suite="v2", protocol="gpu", defence="none",
                target="preact", eps=8, clean_vote="70.0", robust_vote="40.0", robust_ci="35.0-45.0", command="a")
     path = tmp_path / "ledger.csv"
-    bench.sealed.append_ledger([row], path)
-    bench.sealed.append_ledger([dict(row, date="2026-01-02", robust_vote="33.0", command="b")], path)
-    bench.sealed.append_ledger([dict(row, defence="bcm", date="2026-01-02")], path)
+    bench.ledger.append_ledger([row], path)
+    bench.ledger.append_ledger([dict(row, date="2026-01-02", robust_vote="33.0", command="b")], path)
+    bench.ledger.append_ledger([dict(row, defence="bcm", date="2026-01-02")], path)
     ledger = pd.read_csv(path, dtype=str)
     assert len(ledger) == 2
     first = ledger[ledger.defence == "none"].iloc[0]
     assert (first.robust_vote, first.command, first.date) == ("33.0", "b", "2026-01-01")
+
+
+def test_the_paired_difference_is_defended_minus_alone_on_the_same_images():
+    """Hand-computed: defended right on images 0-2 of 4 (vote), alone on 0 and 3: 75 - 50 = +25 points; every
+    bootstrap resample of a constant difference gives the same value, so a difference of all 1s has the
+    interval (+100, +100)."""
+    from bench.whitebox.report import paired_differences
+    right = lambda *values: {scoring: torch.tensor(values, dtype=torch.float) for scoring in SCORINGS}  # noqa: E731
+    table = paired_differences({("preact", "bcm", 8): {"worst": right(1, 1, 1, 0)},
+                                ("preact", "none", 8): {"worst": right(1, 0, 0, 1)},
+                                ("wrn", "bcm", 8): {"worst": right(1, 1)}, ("wrn", "none", 8): {"worst": right(0, 0)}})
+    rows = [line for line in table.splitlines() if line.startswith("| preact") and "| vote |" in line]
+    assert len(rows) == 1 and "| 75.0 | 50.0 | +25.0 (" in rows[0]
+    assert "| 100.0 | 0.0 | +100.0 (+100.0 to +100.0) |" in table
+    assert paired_differences({("preact", "bcm", 8): {"worst": right(1)}}) == ""  # no reference, no table

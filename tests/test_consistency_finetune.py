@@ -104,7 +104,7 @@ def test_bct_fine_tunes_a_trained_ct_checkpoint(tmp_path, tiny_images):
     images = _images(tiny_images)
     torch.manual_seed(0)
     ct_run = Trainer(ct_preset(), tmp_path / "ct", images=images)
-    assert ct_run.kind == CONSISTENCY_KIND and isinstance(ct_run.bcm, ConsistencyModel)
+    assert ct_run.kind == CONSISTENCY_KIND and isinstance(ct_run.model, ConsistencyModel)
     ct_run.run(max_steps=3, progress=False)
     # three steps barely move F off its zero initialisation, which would make any u input pass: save random EMA
     # weights instead, so that F(x, t) is far from 0 and depends on t
@@ -114,7 +114,7 @@ def test_bct_fine_tunes_a_trained_ct_checkpoint(tmp_path, tiny_images):
     assert load_checkpoint(ct_checkpoint)["kind"] == CONSISTENCY_KIND
 
     bcm_run = Trainer(tiny_preset(), tmp_path / "bcm", images=images, init_from=str(ct_checkpoint))
-    cm, bcm = ct_run.ema.module.eval(), bcm_run.bcm.eval()
+    cm, bcm = ct_run.ema.module.eval(), bcm_run.model.eval()
     x = TIMES.view(-1, 1, 1, 1) * torch.randn(len(TIMES), 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(bcm(x, TIMES, 0.002), cm(x, TIMES, 0.002), rtol=1e-6, atol=1e-6)
@@ -122,7 +122,7 @@ def test_bct_fine_tunes_a_trained_ct_checkpoint(tmp_path, tiny_images):
     assert F_x.abs().mean() > 0.05 and (F_x[1] - F_x[2]).abs().mean() > 0.01  # the check has something to keep
     before = {k: v.clone() for k, v in bcm.state_dict().items()}
     assert bcm_run.run(max_steps=2, progress=False) == 2
-    after = bcm_run.bcm.state_dict()
+    after = bcm_run.model.state_dict()
     key = "net.encoder.0.affine.weight"
     half = after[key].shape[1] // 2
     assert not before[key][:, half:].any() and after[key][:, half:].any()  # BCT reached the u half

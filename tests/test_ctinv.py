@@ -229,7 +229,7 @@ def images(tiny_images):
 def test_training_runs_checkpoints_and_resumes_bit_identically(tmp_path, images):
     preset = ctinv_preset(checkpoint_every=3)
     straight, resumed, log_a, _ = straight_and_resumed(preset, tmp_path, images)
-    assert isinstance(straight.bcm, Noiser) and isinstance(resumed.bcm, Noiser)
+    assert isinstance(straight.model, Noiser) and isinstance(resumed.model, Noiser)
     assert isinstance(straight.loss, CTInversionLoss) and len(log_a) == 6
     assert all(r["ct"] == r["loss"] and float(r["soft"]) == 0 and r["N"] == "11" for r in log_a)
 
@@ -251,7 +251,7 @@ def test_noiser_and_bcm_checkpoints_are_not_mixed(tmp_path, images):
     with pytest.raises(ValueError, match="'bcm' checkpoint; this preset trains a 'noiser'"):
         Trainer(ctinv_preset(), tmp_path / "c", images=images, init_from=str(tmp_path / "bcm" / "checkpoint.pt"))
     tuned = Trainer(ctinv_preset(), tmp_path / "d", images=images, init_from=str(tmp_path / "ctinv" / "checkpoint.pt"))
-    assert isinstance(tuned.bcm, Noiser)
+    assert isinstance(tuned.model, Noiser)
 
 
 def test_export_ships_the_noisers_ema_weights(tmp_path, images):
@@ -266,7 +266,7 @@ def test_export_ships_the_noisers_ema_weights(tmp_path, images):
     assert release["kind"] == "noiser" and release["weights_from"] == "ema" and release["step"] == 2
     assert set(load_checkpoint(tmp_path / "noiser.pt")) == {"kind", "config", "weights", "weights_from", "step"}
     noiser, _ = load_noiser(tmp_path / "noiser.pt")
-    ema, online = trainer.ema.module.state_dict(), trainer.bcm.state_dict()
+    ema, online = trainer.ema.module.state_dict(), trainer.model.state_dict()
     assert all(torch.equal(noiser.state_dict()[k], ema[k]) for k in ema)
     assert any(not torch.equal(ema[k], online[k]) for k in ema)  # so the check above tells EMA from online
     export(str(run / "checkpoint.pt"), str(tmp_path / "online.pt"), weights="online")
@@ -279,4 +279,4 @@ def test_export_ships_the_noisers_ema_weights(tmp_path, images):
     assert not (tmp_path / "x.pt").exists()
     continued = Trainer(ctinv_preset(), tmp_path / "more", images=images, init_from=str(tmp_path / "online.pt"),
                         start_step=2)
-    assert continued.step == 2 and all(torch.equal(continued.bcm.state_dict()[k], online[k]) for k in online)
+    assert continued.step == 2 and all(torch.equal(continued.model.state_dict()[k], online[k]) for k in online)

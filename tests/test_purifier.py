@@ -150,7 +150,7 @@ def test_export_keeps_ema_and_records_the_purifier_default(tmp_path, tiny_images
         assert torch.equal(a, b)
     export(str(tmp_path / "run" / "checkpoint.pt"), str(tmp_path / "online.pt"), weights="online")
     online = BCMPurifier.from_checkpoint(tmp_path / "online.pt").bcm.state_dict()
-    assert all(torch.equal(a, online[k]) for k, a in trainer.bcm.state_dict().items())
+    assert all(torch.equal(a, online[k]) for k, a in trainer.model.state_dict().items())
     assert not all(torch.equal(a, b) for a, b in zip(online.values(), purifier.bcm.state_dict().values()))
     with pytest.raises(ValueError, match="weights must be"):
         export(str(tmp_path / "run" / "checkpoint.pt"), str(tmp_path / "x.pt"), weights="swa")
@@ -195,7 +195,7 @@ def test_release_files_name_what_they_hold_and_old_ones_still_load(tmp_path, tin
     release = export(str(tmp_path / "run" / "checkpoint.pt"), str(tmp_path / "new.pt"), weights="online")
     assert set(release) == {"kind", "config", "weights", "weights_from", "step"} and release["weights_from"] == "online"
 
-    online = trainer.bcm.state_dict()
+    online = trainer.model.state_dict()
     old = {"kind": "bcm", "config": release["config"], "ema": online, "weights": "online", "step": 2}
     save_checkpoint(old, tmp_path / "old.pt")
     assert all(torch.equal(a, online[k]) for k, a in
@@ -209,7 +209,7 @@ def test_release_files_name_what_they_hold_and_old_ones_still_load(tmp_path, tin
         export(str(tmp_path / "old.pt"), str(tmp_path))
     for path in ("old.pt", "again.pt"):  # fine-tuning starts from the weights a release ships, old or new
         tuned = Trainer(tiny_preset(), tmp_path / f"ft-{path}", images=tiny_images, init_from=str(tmp_path / path))
-        assert all(torch.equal(a, online[k]) for k, a in tuned.bcm.state_dict().items())
+        assert all(torch.equal(a, online[k]) for k, a in tuned.model.state_dict().items())
     assert not (tmp_path / "x.pt").exists()
 
 

@@ -61,7 +61,7 @@ def straight_and_resumed(preset, tmp_path, images) -> tuple[Trainer, Trainer, li
     resumed.run(max_steps=3, progress=False)
 
     assert resumed.step == straight.step == 6
-    for (name, a), b in zip(straight.bcm.state_dict().items(), resumed.bcm.state_dict().values()):
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
     for a, b in zip(straight.ema.module.state_dict().values(), resumed.ema.module.state_dict().values()):
         assert torch.equal(a, b)
@@ -91,7 +91,7 @@ def test_fine_tuning_starts_from_a_ct_checkpoint(tmp_path, tiny_images):
     ct_run.run(max_steps=2, progress=False)
     bcm = Trainer(tiny_preset(), tmp_path / "bcm", images=images, init_from=str(tmp_path / "ct" / "checkpoint.pt"))
     assert bcm.step == 0
-    for a, b in zip(ct_run.ema.module.state_dict().values(), bcm.bcm.state_dict().values()):
+    for a, b in zip(ct_run.ema.module.state_dict().values(), bcm.model.state_dict().values()):
         assert torch.equal(a, b)
 
 
@@ -105,7 +105,7 @@ def test_bf16_decision_is_injectable_and_keeps_the_ct_term_float32(tmp_path, tin
         torch.manual_seed(0)
         trainer = Trainer(tiny_preset(), tmp_path / str(bf16), images=images, bf16=bf16)
         g = torch.Generator().manual_seed(1)  # F = 0 at initialisation would be exact in any precision
-        for p in trainer.bcm.parameters():
+        for p in trainer.model.parameters():
             p.data.add_(torch.randn(p.shape, generator=g) * 0.05)
         logged.append(trainer.train_step())
     assert logged[0]["ct"] == pytest.approx(logged[1]["ct"], rel=1e-6)
@@ -133,7 +133,7 @@ def _ddp_worker(rank, world, port, out, images):
     torch.set_num_threads(1)
     trainer = Trainer(tiny_preset(batch_size=8), out, images=images, device="cpu")
     trainer.run(max_steps=2, progress=False)
-    torch.save(trainer.bcm.state_dict(), os.path.join(out, f"rank{rank}.pt"))
+    torch.save(trainer.model.state_dict(), os.path.join(out, f"rank{rank}.pt"))
     trainer.close()
 
 

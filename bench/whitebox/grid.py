@@ -1,0 +1,145 @@
+"""Running and scoring the white-box grid: every (target, defence, eps) setting's threats, resumably, unit by
+unit, with the costs measured once per setting and runs on test images entered in the test ledger."""
+from __future__ import annotations
+
+import datetime
+import functools
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from attacks import SCORINGS, SUITE, correct_by_scoring
+from purify.infra.checkpoint import atomic_write
+from purify.infra.images import as_float
+from purify.infra.runtime import autocast, pick_device
+
+from ..common import ResultTable, attack_step_cost, device_clock, write_text
+from ..intervals import bootstrap_interval
+from ..ledger import append_ledger
+from .config import Run
+from .report import markdown, paired_differences, plot
+from .schema import COLUMNS, KEY, numeric_adaptive, unit_id
+from .setting import Setting, Workload
+
+
+@dataclass
+class SettingResult:
+    """Per threat of a setting, the per-image correctness under each scoring; and whether any unit ran now."""
+    correct: dict[str, dict[str, torch.Tensor]]
+    ran: bool
+
+
+def evaluate(run: Run) -> None:
+    """The grid: every target x defence x eps setting's threats, written to ``run.out`` unit by unit (resumed
+    where done), then its Markdown (with the paired comparison) and figure."""
+    started = time.monotonic()
+    work = Workload.load(run, pick_device(run.device))
+    out = run.out
+    table = ResultTable(out, KEY, COLUMNS)
+    cache_dir = out.with_name(out.stem + "-predictions")
+    results, ledger = {}, []
+    for target in run.targets:
+        for entry in work.entries:
+            costs = None
+            for eps in run.eps:
+                setting = work.setting(target, entry, eps)
+                costs = costs or measure_costs(setting, run.batch_size, run.bf16)
+                print(f"{target}, {entry.defence.spec()}, eps = {eps}/255", file=sys.stderr)
+                result = run_setting(setting, table, cache_dir, costs)
+                results[target, entry.defence.spec(), eps] = result.correct
+                if result.ran and run.split in ("test", "sealed") and "worst" in result.correct:
+                    ledger.append(ledger_row(setting, result.correct))
+    append_ledger(ledger)
+    paired = paired_differences(results)
+    frame = numeric_adaptive(table.frame())
+    write_text(out.with_suffix(".md"), markdown(frame) + paired)
+    plot(frame, out.with_suffix(".png"))
+    print(markdown(frame[frame.checkpoints.isin(set(work.checkpoint_ids.values()))
+                         & frame.defence.isin([e.defence.spec() for e in work.entries])]) + paired)
+    print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')} ({time.monotonic() - started:.0f} s)",
+          file=sys.stderr)
+
+
+def ledger_row(setting: Setting, correct: dict) -> dict:
+    """The test ledger's line for a setting evaluated on test images in this run."""
+    run = setting.run
+    clean = correct.get("clean", {}).get("vote")
+    mean, low, high = bootstrap_interval(correct["worst"]["vote"])
+    return dict(date=datetime.date.today().isoformat(), split=run.split, n=len(setting.images),
+                data_seed=run.seed, suite=SUITE, protocol=setting.protocol.name, defence=setting.defence.spec(),
+                target=setting.target, eps=setting.eps,
+                clean_vote="" if clean is None else f"{100 * clean.mean().item():.1f}",
+                robust_vote=f"{100 * mean:.1f}", robust_ci=f"{100 * low:.1f}-{100 * high:.1f}", command=run.command)
+
+
+def run_setting(setting: Setting, table: ResultTable, cache_dir: Path, costs: dict) -> SettingResult:
+    """Every threat of ``setting`` not yet in ``table``; each unit's rows are written as soon as it is done.
+    Returns per threat the per-image correctness under each scoring, and whether any unit ran now."""
+    correct: dict[str, dict[str, torch.Tensor]] = {}
+    ran = False
+    for threat in setting.threats:
+        base = setting.row(threat)
+        path = cache_dir / f"{unit_id(base)}.pt"
+        rows = [dict(base, scoring=s) for s in SCORINGS]
+        if threat == "worst":
+            attacks = [t for t in setting.worst_of if t in correct]
+            if not attacks:
+                continue
+            per_image = {s: functools.reduce(torch.minimum, (correct[t][s] for t in attacks)) for s in SCORINGS}
+            wall = sum(float(table.rows[table.key(dict(setting.row(t), scoring="single"))]["wall_s"])
+                       for t in attacks)
+            if all(table.done(r) for r in rows) and not ran:
+                correct[threat] = per_image
+                continue
+        elif path.is_file() and all(table.done(r) for r in rows):
+            stored = torch.load(path, weights_only=True)
+            correct[threat] = correct_by_scoring(stored["predictions"].long(), setting.labels)
+            continue
+        else:
+            if threat == "clean" and setting.eps != setting.run.eps[0]:
+                continue  # clean rows do not depend on eps: computed once, with the first eps
+            started = time.monotonic()
+            adversarial = setting.adversarial(threat)
+            predictions = setting.predictions(threat, adversarial)
+            wall = time.monotonic() - started
+            if setting.run.export_adversarial and threat not in ("clean", "worst"):
+                export_adversarial(setting, threat, adversarial, setting.run.export_adversarial)
+            atomic_write(path, lambda tmp: torch.save({"predictions": predictions.to(torch.int8),
+                                                        "ids": setting.ids, "row": base}, tmp))
+            per_image = correct_by_scoring(predictions.long(), setting.labels)
+            ran = True
+        correct[threat] = per_image
+        n = len(setting.images)
+        cells = []
+        for r in rows:
+            mean, low, high = bootstrap_interval(per_image[r["scoring"]])
+            cells.append(dict(r, accuracy=mean, ci_low=low, ci_high=high, wall_s=wall, s_per_image=wall / n, **costs))
+        table.add(cells)
+    return SettingResult(correct, ran)
+
+
+def export_adversarial(setting: Setting, threat: str, adversarial: torch.Tensor, folder: Path) -> None:
+    """One file per configuration and threat that a third party can re-score: the adversarial images (float32
+    in [0, 1]) with their dataset ids, labels, split and the row describing the attack."""
+    row = setting.row(threat)
+    name = f"{setting.target}-{setting.defence.spec()}-eps{setting.eps}-{threat}".replace(":", "_")
+    name = "".join(c if c.isalnum() or c in "-_.=," else "_" for c in name)
+    atomic_write(folder / f"{name}.pt", lambda tmp: torch.save(
+        {"images": adversarial.float(), "ids": setting.ids, "labels": setting.labels, "row": row}, tmp))
+
+
+def measure_costs(setting: Setting, batch_size: int, bf16: bool) -> dict:
+    """Seconds per image of one defend+classify forward pass (on a batch of ``batch_size``) and of one attack
+    step (forward + backward, BPDA where needed, on 8 images) through the setting's defence and classifier."""
+    device = next(setting.classifier.parameters()).device
+    x = as_float(setting.images[:batch_size]).to(device).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), setting.eval_noise(setting.ids[:batch_size], 0), autocast(device, bf16):
+        setting.defended(x)  # warm-up at the timed batch
+        started = device_clock(device)
+        setting.defended(x)
+        forward = (device_clock(device) - started) / len(x)
+    step = attack_step_cost(setting.defence, setting.classifier, setting.images, device, bf16)
+    return {"purify_s_per_image": forward, "step_s_per_image": step}

@@ -1,0 +1,41 @@
+"""The white-box evaluation's threats and results table: its key and columns, and a results CSV read back."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pandas as pd
+
+# white-box threats of a randomized defence, of a deterministic one; then the rest
+RANDOMIZED_ATTACKS = ("pgd-margin", "pgd-ce", "apgd-ce", "apgd-dlr", "square")
+DETERMINISTIC_ATTACKS = ("pgd-margin", "pgd-ce", "aa-standard")
+THREATS = ("clean", "transfer", "pgd-margin", "pgd-ce", "apgd-ce", "apgd-dlr", "square", "aa-standard", "worst",
+           "pgd-fixed")
+KEY = ["suite", "preset", "defence", "t_star", "eps_inv", "target", "split", "n", "data_seed", "eps", "protocol",
+       "threat", "scoring"]
+COLUMNS = KEY + ["family", "nfe", "attack", "steps", "eot", "restarts", "evals", "attack_seed", "eval_seed", "bf16",
+                 "accuracy", "ci_low", "ci_high", "wall_s", "s_per_image", "purify_s_per_image", "step_s_per_image",
+                 "checkpoints"]
+# the columns every row of one setting (defence before target, on the same images and suite) shares
+SETTING_COLUMNS = ("suite", "preset", "defence", "target", "split", "n", "data_seed", "protocol", "bf16", "checkpoints")
+DATASET = "CIFAR-10 (JPEG q75 copy)"
+
+
+def unit_id(row: dict) -> str:
+    """A file name for one (setting, threat) unit's per-image predictions."""
+    key = json.dumps({k: str(row[k]) for k in KEY if k != "scoring"} | {"checkpoints": row["checkpoints"]},
+                     sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def numeric_adaptive(frame: pd.DataFrame) -> pd.DataFrame:
+    """A results table read as strings (``ResultTable.frame``, ``pd.read_csv(dtype=str)``) with numbers as numbers."""
+    frame = frame.copy()
+    for column in ("t_star", "eps_inv", "accuracy", "ci_low", "ci_high", "wall_s", "s_per_image",
+                   "purify_s_per_image", "step_s_per_image"):
+        frame[column] = pd.to_numeric(frame[column])
+    for column in ("n", "data_seed", "eps", "steps", "eot", "restarts", "evals", "attack_seed", "eval_seed"):
+        frame[column] = frame[column].astype(int)
+    frame["bf16"] = frame["bf16"] == "true"
+    return frame
+

@@ -21,7 +21,9 @@ that decision, not one noisy evaluation of it:
 
 Whether an image resists is decided afterwards by the caller's scoring over fresh evaluations, never here.
 Every attack is a callable ``attack(images, labels) -> adversarial images`` with a ``device`` attribute, the
-interface ``attacks.craft`` runs over a data set.
+interface ``attacks.craft`` runs over a data set. PGD and APGD also take the images' dataset indices
+(``ids=``, default: their positions) and draw their random starts per image from ``(seed, restart, id)``
+(``purify.image_noise``), so an image's attack does not depend on the batch it runs in (``per_image``).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import torch
 from torch import nn
 
 from purify.infra.optional import import_autoattack_part
+from purify.purifier import image_noise
 
 LOSSES = ("ce", "margin")
 # PGD's step size as a fraction of eps, from the given fraction of the steps on
@@ -77,6 +80,19 @@ def step_size(eps: float, step: int, steps: int, schedule=STEP_SCHEDULE) -> floa
     return eps * fraction
 
 
+def random_start(ids: torch.Tensor, shape, seed: int, restart: int, stream: str) -> torch.Tensor:
+    """Per-image uniform noise on [-1, 1) of ``shape`` (C, H, W) for the images ``ids``: the random start of
+    restart ``restart`` of the attack ``stream``."""
+    return image_noise(ids, shape, seed, restart, stream, uniform=True) * 2 - 1
+
+
+def _ids(ids: torch.Tensor | None, images: torch.Tensor) -> torch.Tensor:
+    ids = torch.arange(len(images)) if ids is None else ids.cpu()
+    if len(ids) != len(images):
+        raise ValueError(f"{len(images)} images but {len(ids)} ids")
+    return ids
+
+
 def _device(model: nn.Module) -> torch.device:
     parameter = next(model.parameters(), None)
     return parameter.device if parameter is not None else torch.device("cpu")
@@ -87,23 +103,26 @@ class BestIteratePGD:
     starts, and per image the iterate with the highest loss seen (each step's loss is measured on that step's
     draws, the same ones its gradient comes from)."""
 
+    per_image = True
+
     def __init__(self, model: nn.Module, eps: float, steps: int, draws: int = 1, loss: str = "margin",
-                 restarts: int = 1, random_start: bool = True):
+                 restarts: int = 1, random_start: bool = True, seed: int = 0):
         if eps <= 0 or steps < 1 or restarts < 1:
             raise ValueError(f"PGD needs eps > 0, steps >= 1 and restarts >= 1; got eps={eps}, steps={steps}, "
                              f"restarts={restarts}")
         attack_loss(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), loss)  # checks the name
         self.scores, self.eps, self.steps, self.loss = DrawAverage(model, draws), eps, steps, loss
-        self.restarts, self.random_start = restarts, random_start
+        self.restarts, self.random_start, self.seed = restarts, random_start, seed
         self.device = _device(model)
         self.history: list[torch.Tensor] = []  # the mean loss of each step of the last call, on the device
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        x, eps = images.detach().float(), self.eps
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        x, eps, ids = images.detach().float(), self.eps, _ids(ids, images)
         best, best_loss = x.clone(), torch.full((len(x),), -math.inf, device=x.device)
         self.history = []
-        for _ in range(self.restarts):
-            start = torch.empty_like(x).uniform_(-eps, eps) if self.random_start else torch.zeros_like(x)
+        for restart in range(self.restarts):
+            start = (eps * random_start(ids, x.shape[1:], self.seed, restart, "pgd").to(x.device)
+                     if self.random_start else torch.zeros_like(x))
             adv = (x + start).clamp(0, 1)
             for step in range(self.steps + 1):  # the last pass only measures the final iterate
                 adv.requires_grad_(True)
@@ -124,7 +143,10 @@ class BestIteratePGD:
 
 class BestLossAPGD:
     """APGD-CE or APGD-DLR (AutoAttack's, ``loss`` "ce" or "dlr") on ``DrawAverage(model, draws)`` for
-    ``iters`` iterations and ``restarts`` restarts, returning per image the highest-loss iterate."""
+    ``iters`` iterations and ``restarts`` restarts, returning per image the highest-loss iterate over the
+    restarts (``perturb(best_loss=True)``'s rule), each restart from a per-image random start."""
+
+    per_image = True
 
     def __init__(self, model: nn.Module, eps: float, iters: int, draws: int = 1, loss: str = "ce",
                  restarts: int = 1, seed: int = 0):
@@ -137,9 +159,21 @@ class BestLossAPGD:
         apgd = import_autoattack_part("autopgd_base").APGDAttack
         self.apgd = apgd(DrawAverage(model, draws), n_iter=iters, norm="Linf", eps=eps, loss=loss,
                          n_restarts=restarts, eot_iter=1, seed=seed, device=self.device)
+        self.restarts, self.seed = restarts, seed
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.apgd.perturb(images.detach().float(), labels, best_loss=True).detach()
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        x, ids = images.detach().float(), _ids(ids, images)
+        self.apgd.init_hyperparam(x)
+        best, best_loss = x.clone(), torch.full((len(x),), -math.inf, device=x.device)
+        for restart in range(self.restarts):
+            # APGD's own L-inf start, x + eps * t / max|t|, with t drawn per image
+            t = random_start(ids, x.shape[1:], self.seed, restart, "apgd").to(x.device)
+            start = x + self.apgd.eps * t / t.flatten(1).abs().amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
+            adv, _, loss, _ = self.apgd.attack_single_run(x, labels, x_init=start)
+            better = loss > best_loss
+            best = torch.where(better.view(-1, 1, 1, 1), adv, best)
+            best_loss = torch.where(better, loss, best_loss)
+        return best.detach()
 
 
 class BestMarginSquare:

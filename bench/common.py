@@ -274,8 +274,10 @@ class ResultTable:
     uninterrupted one.
     """
 
-    def __init__(self, path: str | os.PathLike, key: list[str] = KEY, columns: list[str] = COLUMNS):
+    def __init__(self, path: str | os.PathLike, key: list[str] = KEY, columns: list[str] = COLUMNS,
+                 writes: bool = True):
         self.path, self.key_columns, self.columns = Path(path), list(key), list(columns)
+        self.writes = writes  # False on the ranks of a sharded run that only follow rank 0's table
         if self.path.is_dir():  # found now, not after the first cell's work
             raise ValueError(f"--out {self.path} is a directory; give the CSV file to write")
         if self.path.is_file():
@@ -303,8 +305,9 @@ class ResultTable:
     def add(self, rows: list[dict]) -> None:
         for row in rows:
             self.rows[self.key(row)] = {column: text(row[column]) for column in self.columns}
-        frame = self.frame()
-        atomic_write(self.path, lambda tmp: frame.to_csv(tmp, index=False))
+        if self.writes:
+            frame = self.frame()
+            atomic_write(self.path, lambda tmp: frame.to_csv(tmp, index=False))
 
     def frame(self) -> pd.DataFrame:
         """All rows, sorted by key, as strings (``numeric(frame)`` converts the numeric columns)."""

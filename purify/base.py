@@ -4,7 +4,8 @@ A defence declares what an evaluation needs to know about it: its name and full 
 of every result row), its cost in network evaluations per image (``nfe``), whether gradients through it are
 exact (``differentiable``; if not, attacks use BPDA) and whether it draws noise (``randomized``; then
 ``noise_shape`` is the noise it needs per image and ``with defence.fixed_noise(z)`` supplies it, so results do
-not depend on batching).
+not depend on batching; ``with defence.noise_stream(ids, seed)`` draws fresh noise per call, per image, for
+attacks).
 """
 from __future__ import annotations
 
@@ -46,6 +47,11 @@ class Defence(nn.Module):
     @contextlib.contextmanager
     def fixed_noise(self, noise: torch.Tensor) -> Iterator["Defence"]:
         """Within the block, use ``noise`` (batch x ``noise_shape``) instead of drawing it (no-op here)."""
+        yield self
+
+    @contextlib.contextmanager
+    def noise_stream(self, indices: torch.Tensor, seed: int) -> Iterator["Defence"]:
+        """Within the block, draw every call's noise per image from ``(seed, indices)`` (no-op here)."""
         yield self
 
     def purify(self, images: torch.Tensor) -> torch.Tensor:

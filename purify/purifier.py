@@ -77,6 +77,7 @@ class _NoisyDefence(Defence):
         self.seed, self.recompute = seed, bool(recompute)
         self.generator: torch.Generator | None = None
         self._fixed_noise: torch.Tensor | None = None
+        self._stream: dict | None = None
         self.reseed()
 
     def reseed(self) -> None:
@@ -100,9 +101,32 @@ class _NoisyDefence(Defence):
         finally:
             self._fixed_noise = previous
 
+    @contextlib.contextmanager
+    def noise_stream(self, indices: torch.Tensor, seed: int) -> Iterator["_NoisyDefence"]:
+        """Within the block, the defence draws fresh noise on every call, but per image: call ``c`` on a batch
+        of ``k`` copies of the images at ``indices`` (one after another, as ``attacks.DrawAverage`` lays out its
+        draws) gives copy ``j`` of image ``i`` the noise ``image_noise(i, seed, draw=f"{c}.{j}", stream="attack")``.
+        An attack that makes the same calls on every batch then gets the same noise for an image whatever the
+        batch size or the process it runs in."""
+        previous, self._stream = self._stream, {"indices": indices.cpu(), "seed": int(seed), "calls": 0}
+        try:
+            yield self
+        finally:
+            self._stream = previous
+
+    def _stream_noise(self, x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        indices, stream = self._stream["indices"], self._stream
+        if x.shape[0] % len(indices):
+            raise ValueError(f"a noise stream for {len(indices)} images cannot serve a batch of {x.shape[0]}")
+        call, stream["calls"] = stream["calls"], stream["calls"] + 1
+        return torch.cat([image_noise(indices, shape[1:], stream["seed"], f"{call}.{copy}", "attack")
+                          for copy in range(x.shape[0] // len(indices))]).to(device=x.device, dtype=x.dtype)
+
     def _noise(self, x: torch.Tensor) -> torch.Tensor:
         """Noise of shape (batch, *noise_shape) for the image batch ``x``."""
         shape = (x.shape[0], *self.noise_shape(x.shape[1:]))
+        if self._stream is not None and self._fixed_noise is None:
+            return self._stream_noise(x, shape)
         if self._fixed_noise is not None:
             if tuple(self._fixed_noise.shape) != shape:
                 raise ValueError(f"fixed noise of shape {tuple(self._fixed_noise.shape)} does not match the "
@@ -282,14 +306,18 @@ class DiffusionPurifier(_NoisyDefence):
         return clamp_straight_through((x0 + 1) / 2, 0, 1)
 
 
-def image_noise(indices: torch.Tensor, shape: Sequence[int], seed: int, draw: int = 0) -> torch.Tensor:
-    """Standard normal noise of ``shape`` (C, H, W) for each image index: image ``i``'s noise depends only on
-    ``(seed, draw, i)``, so results do not depend on batch size, batch order or device. ``draw`` numbers
-    independent evaluations of the same image."""
+def image_noise(indices: torch.Tensor, shape: Sequence[int], seed: int, draw: int | str = 0, stream: str = "",
+                uniform: bool = False) -> torch.Tensor:
+    """Standard normal noise of ``shape`` (C, H, W) for each image index (``uniform``: uniform on [0, 1)):
+    image ``i``'s noise depends only on ``(stream, seed, draw, i)``, so results do not depend on batch size,
+    batch order, device or how the images are split across processes. ``draw`` numbers independent evaluations
+    of the same image; ``stream`` names a use (an attack's random start, its purifier noise), so that two uses
+    never share noise (the evaluation draws use the empty stream)."""
     out = torch.empty(len(indices), *shape)
+    prefix, draw = f"{stream}:" if stream else "", draw if isinstance(draw, str) else int(draw)
     for row, index in enumerate(indices.tolist()):
         # a stable digest (Python's hash of a tuple may change between versions)
-        key = hashlib.blake2b(f"{int(seed)}:{int(draw)}:{int(index)}".encode(), digest_size=8).digest()
+        key = hashlib.blake2b(f"{prefix}{int(seed)}:{draw}:{int(index)}".encode(), digest_size=8).digest()
         generator = torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1)
-        out[row] = torch.randn(tuple(shape), generator=generator)
+        out[row] = (torch.rand if uniform else torch.randn)(tuple(shape), generator=generator)
     return out

@@ -2,6 +2,7 @@
 (best iterate per image), BPDA, AutoAttack, bench.adaptive, the sealed test subset and its ledger."""
 import json
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -202,7 +203,7 @@ def test_apgd_returns_the_highest_loss_iterate_over_draws_not_the_clean_input(lo
     attack = BestLossAPGD(model, eps=4 / 255, iters=8, draws=3, loss=loss)
     attack.apgd.model = recorder = Recorder(attack.apgd.model)
     adversarial = attack(images, labels)
-    calls = recorder.calls[1:]  # the first call is APGD's look at the clean input
+    calls = recorder.calls  # every call is an iterate (no look at the clean input: the start is drawn per image)
     inputs = torch.stack([x for x, _ in calls])
     criterion = (lambda o, y: nn.functional.cross_entropy(o, y, reduction="none")) if loss == "ce" \
         else attack.apgd.dlr_loss
@@ -598,3 +599,37 @@ def test_the_paired_difference_is_defended_minus_alone_on_the_same_images():
     assert len(rows) == 1 and "| 75.0 | 50.0 | +25.0 (" in rows[0]
     assert "| 100.0 | 0.0 | +100.0 (+100.0 to +100.0) |" in table
     assert paired_differences({("preact", "bcm", 8): {"worst": right(1)}}) == ""  # no reference, no table
+
+
+def test_bench_adaptive_under_torchrun_writes_what_one_process_writes(checkpoints, tmp_path):  # noqa: F811
+    """2 ranks (gloo) in blocks of 3 against one process in blocks of 2, attacks through a randomized purifier:
+    the same adversarial images, predictions and accuracies, one CSV and no leftover blocks. (The command runs with its test ledger
+    moved into the test's folder.)"""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parent.parent
+    outputs = {}
+    launch = (f"import sys, pathlib, bench.ledger, bench.adaptive; "
+              f"bench.ledger.LEDGER_PATH = pathlib.Path({str(tmp_path / 'ledger.csv')!r}); bench.adaptive.main()")
+    for world, batch_size in ((1, "2"), (2, "3")):
+        out = tmp_path / f"world{world}" / "adaptive.csv"
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
+                   "--no-python", "--", sys.executable, "-c", launch, *checkpoints, "--n", "6",
+                   "--batch-size", batch_size, "--t-stars", "1", "--export-adversarial", str(out.parent / "adv"),
+                   "--threats", "clean", "pgd-margin", "apgd-ce", "--threads", "1", "--out", str(out)]
+        result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=600,
+                                env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        caches = sorted(out.with_name("adaptive-predictions").glob("*.pt"))
+        outputs[world] = (pd.read_csv(out), {p.name: torch.load(p, weights_only=True)["predictions"] for p in caches},
+                          {p.name: torch.load(p, weights_only=True)["images"] for p in (out.parent / "adv").glob("*")})
+        assert not (out.with_name("adaptive-predictions") / ".blocks").exists() or \
+            not any((out.with_name("adaptive-predictions") / ".blocks").iterdir())
+    (one, one_predictions, one_images), (two, two_predictions, two_images) = outputs[1], outputs[2]
+    assert one_images.keys() == two_images.keys() and len(one_images) == 2  # the two attacks
+    for name, images in one_images.items():  # every attack step's purifier noise is drawn per image
+        torch.testing.assert_close(two_images[name], images, rtol=0, atol=1e-6)
+    assert one_predictions.keys() == two_predictions.keys() and len(one_predictions) == 3  # clean and 2 attacks
+    assert all(torch.equal(one_predictions[k], two_predictions[k]) for k in one_predictions)
+    columns = ["threat", "scoring", "accuracy", "ci_low", "ci_high"]
+    pd.testing.assert_frame_equal(one[columns], two[columns])

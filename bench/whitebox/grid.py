@@ -1,5 +1,10 @@
 """Running and scoring the white-box grid: every (target, defence, eps) setting's threats, resumably, unit by
-unit, with the costs measured once per setting and runs on test images entered in the test ledger."""
+unit, with the costs measured once per setting and runs on test images entered in the test ledger.
+
+Under ``torchrun`` the images of every unit are split across the ranks by blocks (``purify.infra.shards``);
+every random draw is per image or per block, so the merged predictions are those of a single process, and
+rank 0 writes every file. A unit's finished blocks survive an interruption, in the cache folder's
+``.blocks/``, and a rerun continues from them."""
 from __future__ import annotations
 
 import datetime
@@ -14,7 +19,8 @@ import torch
 from attacks import SCORINGS, SUITE, correct_by_scoring
 from purify.infra.checkpoint import atomic_write
 from purify.infra.images import as_float
-from purify.infra.runtime import autocast, pick_device
+from purify.infra.runtime import autocast, leave_distributed, pick_device
+from purify.infra.shards import Shard, map_blocks, remove_blocks
 
 from ..common import ResultTable, attack_step_cost, device_clock, write_text
 from ..intervals import bootstrap_interval
@@ -36,9 +42,10 @@ def evaluate(run: Run) -> None:
     """The grid: every target x defence x eps setting's threats, written to ``run.out`` unit by unit (resumed
     where done), then its Markdown (with the paired comparison) and figure."""
     started = time.monotonic()
-    work = Workload.load(run, pick_device(run.device))
+    shard, device = Shard.join(run.device)
+    work = Workload.load(run, pick_device(device))
     out = run.out
-    table = ResultTable(out, KEY, COLUMNS)
+    table = ResultTable(out, KEY, COLUMNS, writes=shard.main)
     cache_dir = out.with_name(out.stem + "-predictions")
     results, ledger = {}, []
     for target in run.targets:
@@ -47,11 +54,15 @@ def evaluate(run: Run) -> None:
             for eps in run.eps:
                 setting = work.setting(target, entry, eps)
                 costs = costs or measure_costs(setting, run.batch_size, run.bf16)
-                print(f"{target}, {entry.defence.spec()}, eps = {eps}/255", file=sys.stderr)
-                result = run_setting(setting, table, cache_dir, costs)
+                if shard.main:
+                    print(f"{target}, {entry.defence.spec()}, eps = {eps}/255", file=sys.stderr)
+                result = run_setting(setting, table, cache_dir, costs, shard)
                 results[target, entry.defence.spec(), eps] = result.correct
                 if result.ran and run.split in ("test", "sealed") and "worst" in result.correct:
                     ledger.append(ledger_row(setting, result.correct))
+    leave_distributed()
+    if not shard.main:
+        return
     append_ledger(ledger)
     paired = paired_differences(results)
     frame = numeric_adaptive(table.frame())
@@ -75,9 +86,11 @@ def ledger_row(setting: Setting, correct: dict) -> dict:
                 robust_vote=f"{100 * mean:.1f}", robust_ci=f"{100 * low:.1f}-{100 * high:.1f}", command=run.command)
 
 
-def run_setting(setting: Setting, table: ResultTable, cache_dir: Path, costs: dict) -> SettingResult:
-    """Every threat of ``setting`` not yet in ``table``; each unit's rows are written as soon as it is done.
-    Returns per threat the per-image correctness under each scoring, and whether any unit ran now."""
+def run_setting(setting: Setting, table: ResultTable, cache_dir: Path, costs: dict,
+                shard: Shard = Shard()) -> SettingResult:
+    """Every threat of ``setting`` not yet in ``table``; each unit's rows are written as soon as it is done
+    (by rank 0). Returns per threat the per-image correctness under each scoring, and whether any unit ran
+    now."""
     correct: dict[str, dict[str, torch.Tensor]] = {}
     ran = False
     for threat in setting.threats:
@@ -102,13 +115,18 @@ def run_setting(setting: Setting, table: ResultTable, cache_dir: Path, costs: di
             if threat == "clean" and setting.eps != setting.run.eps[0]:
                 continue  # clean rows do not depend on eps: computed once, with the first eps
             started = time.monotonic()
-            adversarial = setting.adversarial(threat)
-            predictions = setting.predictions(threat, adversarial)
+            blocks = cache_dir / ".blocks" / unit_id(base)
+            merged = map_blocks(lambda start, stop: attack_block(setting.part(start, stop), threat),
+                                len(setting.images), setting.run.batch_size, blocks, shard, setting.run.progress,
+                                threat)
+            predictions = merged["predictions"].T
             wall = time.monotonic() - started
-            if setting.run.export_adversarial and threat not in ("clean", "worst"):
-                export_adversarial(setting, threat, adversarial, setting.run.export_adversarial)
-            atomic_write(path, lambda tmp: torch.save({"predictions": predictions.to(torch.int8),
-                                                        "ids": setting.ids, "row": base}, tmp))
+            if shard.main:
+                if "adversarial" in merged:
+                    export_adversarial(setting, threat, merged["adversarial"], setting.run.export_adversarial)
+                atomic_write(path, lambda tmp: torch.save({"predictions": predictions.to(torch.int8),
+                                                            "ids": setting.ids, "row": base}, tmp))
+            remove_blocks(blocks, shard)
             per_image = correct_by_scoring(predictions.long(), setting.labels)
             ran = True
         correct[threat] = per_image
@@ -119,6 +137,16 @@ def run_setting(setting: Setting, table: ResultTable, cache_dir: Path, costs: di
             cells.append(dict(r, accuracy=mean, ci_low=low, ci_high=high, wall_s=wall, s_per_image=wall / n, **costs))
         table.add(cells)
     return SettingResult(correct, ran)
+
+
+def attack_block(part: Setting, threat: str) -> dict[str, torch.Tensor]:
+    """One block's predictions (image-major: positions x evaluations) under ``threat``, with its adversarial
+    images when the run exports them."""
+    adversarial = part.adversarial(threat)
+    block = {"predictions": part.predictions(threat, adversarial).T.contiguous()}
+    if part.run.export_adversarial and threat not in ("clean", "worst"):
+        block["adversarial"] = adversarial
+    return block
 
 
 def export_adversarial(setting: Setting, threat: str, adversarial: torch.Tensor, folder: Path) -> None:

@@ -4,6 +4,8 @@ attacks differentiate, the noise of evaluation and each threat's adversarial ima
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +54,11 @@ class Setting:
             return contextlib.nullcontext()
         return self.defence.fixed_noise(image_noise(ids, self.noise_shape, self.run.eval_seed, draw))
 
+    def attack_noise(self, ids: torch.Tensor, draw: int):
+        """Fresh defence noise at every attack step, drawn per image from the attack seed (a noise stream), so
+        an image's attack does not depend on its batch or on the process that runs it."""
+        return self.defence.noise_stream(ids, self.run.attack_seed)
+
     def frozen_noise(self, ids: torch.Tensor, draw: int):
         """The fixed-randomness ablation: one noise per image (whatever the draw), for attack and evaluation."""
         return self.defence.fixed_noise(image_noise(ids, self.noise_shape, self.run.eval_seed, 0))
@@ -87,9 +94,9 @@ class Setting:
         """The attack object of a white-box ``threat`` (``attacks.eot``)."""
         eps, steps, seed = self.eps / 255, self.protocol.steps, self.run.attack_seed
         if threat in ("pgd-margin", "pgd-ce"):
-            return BestIteratePGD(self.attacked, eps, steps, self.eot, threat.split("-")[1], self.restarts)
+            return BestIteratePGD(self.attacked, eps, steps, self.eot, threat.split("-")[1], self.restarts, seed=seed)
         if threat == "pgd-fixed":
-            return BestIteratePGD(self.attacked, eps, steps, 1, "margin")
+            return BestIteratePGD(self.attacked, eps, steps, 1, "margin", seed=seed)
         if threat in ("apgd-ce", "apgd-dlr"):
             return BestLossAPGD(self.attacked, eps, steps, self.eot, threat.split("-")[1], seed=seed)
         if threat == "square":
@@ -109,8 +116,15 @@ class Setting:
             device = next(self.classifier.parameters()).device
             adversary = autoattack_standard(self.attacked, self.eps / 255, run.attack_seed, device)
             return run_autoattack(adversary, self.images, self.labels, run.batch_size, run.bf16)
-        noise = self.frozen_noise if threat == "pgd-fixed" else None
+        noise = self.frozen_noise if threat == "pgd-fixed" else self.attack_noise
         return craft(self.attack(threat), self.images, self.labels, desc=threat, noise=noise, **common)
+
+    def part(self, start: int, stop: int) -> "Setting":
+        """The same setting on the images at positions ``start .. stop-1`` (one block of a sharded run)."""
+        part = copy.copy(self)
+        part.images, part.labels, part.ids = self.images[start:stop], self.labels[start:stop], self.ids[start:stop]
+        part.run = dataclasses.replace(self.run, progress=False)
+        return part
 
     def predictions(self, threat: str, images: torch.Tensor) -> torch.Tensor:
         noise = self.frozen_noise if threat == "pgd-fixed" else self.eval_noise

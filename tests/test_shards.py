@@ -1,0 +1,86 @@
+"""Sharded evaluation (purify.infra.shards): block assignment, resume by block, and under torchrun (gloo, 2-3
+processes) the merged result of an attack through a purifier equal to one process's, for any world size and
+batch size, after a rank is killed and the job restarted, and a rank that raises stopping the job."""
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from purify.infra.shards import blocks, map_blocks
+
+WORKER = Path(__file__).resolve().parent / "shard_worker.py"
+ROOT = WORKER.parent.parent
+
+
+def test_blocks_cover_the_positions_once():
+    assert blocks(7, 3) == [(0, 3), (3, 6), (6, 7)]
+    with pytest.raises(ValueError, match="batch size must be positive"):
+        blocks(7, 0)
+
+
+def test_map_blocks_computes_this_ranks_blocks_and_reuses_saved_ones(tmp_path):
+    calls = []
+    compute = lambda start, stop: calls.append(start) or torch.arange(start, stop).view(-1, 1).repeat(1, 2)  # noqa
+    merged = map_blocks(compute, 7, 3, tmp_path, progress=False)
+    assert torch.equal(merged, torch.arange(7).view(-1, 1).repeat(1, 2)) and calls == [0, 3, 6]
+    assert torch.equal(map_blocks(compute, 7, 3, tmp_path, progress=False), merged) and len(calls) == 3
+    both = map_blocks(lambda start, stop: {"a": torch.arange(start, stop), "b": -torch.arange(start, stop)}, 5, 2,
+                      tmp_path / "dict", progress=False)
+    assert torch.equal(both["a"], torch.arange(5)) and torch.equal(both["b"], -torch.arange(5))
+    with pytest.raises(ValueError, match="computed {'result': 1} results instead of 2"):
+        map_blocks(lambda start, stop: torch.zeros(1), 4, 2, tmp_path / "bad", progress=False)
+
+
+def torchrun(out: Path, world: int, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    """Run the worker under torchrun in a session of its own, killed whole (workers included) on a timeout."""
+    out.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
+               str(WORKER), str(out), *args]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True,
+                               env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> torch.Tensor:
+    out = tmp_path_factory.mktemp("single")
+    result = torchrun(out, 1, "--batch-size", "10")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return torch.load(out / "predictions.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("world, batch_size", [(2, 2), (3, 4)])
+def test_sharded_attack_and_evaluation_equal_one_process(tmp_path, single, world, batch_size):
+    result = torchrun(tmp_path, world, "--batch-size", str(batch_size))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert torch.equal(torch.load(tmp_path / "predictions.pt", weights_only=True), single)
+    computed = [(tmp_path / f"computed-rank{rank}.txt").read_text().split() for rank in range(world)]
+    assert sorted(sum(computed, [])) == sorted(f"{a}-{b}" for a, b in blocks(10, batch_size))  # each block once
+    assert all(computed) and not (tmp_path / "blocks").exists()
+
+
+def test_a_killed_rank_and_a_restarted_job_give_the_uninterrupted_result(tmp_path, single):
+    killed = torchrun(tmp_path, 2, "--batch-size", "2", "--fail", "kill")
+    assert killed.returncode != 0 and not (tmp_path / "predictions.pt").exists()
+    before = (tmp_path / "computed-rank1.txt").read_text().split()  # rank 1 finished its first block
+    restarted = torchrun(tmp_path, 2, "--batch-size", "2")
+    assert restarted.returncode == 0, restarted.stderr[-2000:]
+    assert torch.equal(torch.load(tmp_path / "predictions.pt", weights_only=True), single)
+    again = (tmp_path / "computed-rank1.txt").read_text().split()
+    assert len(before) == 1 and again[0] == before[0] and before[0] not in again[1:]  # not recomputed
+
+
+def test_a_rank_that_raises_stops_the_job_with_its_message(tmp_path):
+    result = torchrun(tmp_path, 2, "--batch-size", "2", "--fail", "raise", timeout=120)
+    assert result.returncode != 0
+    assert "cannot be attacked on rank 1" in result.stderr + result.stdout

@@ -21,6 +21,23 @@ def test_cifar10_test_split_loads_as_uint8():
     assert data.load_cifar10("test")[0] is images  # cached in memory
 
 
+def test_a_subset_decodes_only_its_files_and_equals_the_whole_splits_rows(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from conftest import write_image_folder
+
+    write_image_folder(tmp_path, n=30)
+    opened, real_open = [], Image.open
+    monkeypatch.setattr(Image, "open", lambda path, *a, **k: opened.append(path) or real_open(path, *a, **k))
+    indices = torch.tensor([3, 17, 4, 29])
+    images, labels = data.load_cifar10("test", tmp_path, indices)
+    assert len(opened) == 4  # the four files, not the 30 of the split
+    everything, all_labels = data.load_cifar10("test", tmp_path)
+    assert len(opened) == 4 + 30
+    assert torch.equal(images, everything[indices]) and torch.equal(labels, all_labels[indices])
+    assert torch.equal(data.cifar10_labels("test", tmp_path), all_labels)
+
+
 def test_missing_data_names_both_options(tmp_path, monkeypatch):
     import torchvision.datasets
 

@@ -1,6 +1,7 @@
 """CIFAR-10 as in-memory uint8 tensors, shared by every package.
 
-The images are read once per process from either
+A whole split is read once per process (a subset, ``load_cifar10(..., indices)``, decodes only its own files)
+from either
 - an ImageFolder root (``<root>/{train,test}/<class>/*.jpg``), such as the offline JPEG copy; or
 - torchvision's ``CIFAR10`` binary release under ``<root>`` (downloaded there on a connected machine).
 
@@ -26,34 +27,59 @@ def default_data_root() -> Path:
     return Path(env) if env else DEFAULT_DOWNLOAD_ROOT
 
 
-def load_cifar10(split: str, root: str | os.PathLike | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(images, labels)``: uint8 ``(N, 3, 32, 32)`` and int64 ``(N,)``; cached per process."""
+def load_cifar10(split: str, root: str | os.PathLike | None = None,
+                 indices: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(images, labels)``: uint8 ``(N, 3, 32, 32)`` and int64 ``(N,)``; the whole split is cached per
+    process. With ``indices``, only those images: from an ImageFolder copy only their files are decoded (a
+    subset of the 50,000 training images costs its own size, not the split's)."""
+    root = _root(split, root)
+    if indices is not None and (root / split).is_dir():
+        paths, labels = _listing(root / split)
+        return _decode([paths[i] for i in indices.tolist()], root / split), labels[indices]
+    images, labels = _load(split, root)
+    return (images, labels) if indices is None else (images[indices], labels[indices])
+
+
+def cifar10_labels(split: str, root: str | os.PathLike | None = None) -> torch.Tensor:
+    """Every label of the split (int64), without decoding an ImageFolder copy's images."""
+    root = _root(split, root)
+    return _listing(root / split)[1] if (root / split).is_dir() else _load(split, root)[1]
+
+
+def _root(split: str, root: str | os.PathLike | None) -> Path:
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     root = Path(root) if root is not None else default_data_root()
-    return _load(split, root.expanduser().resolve())
+    return root.expanduser().resolve()
 
 
 @functools.lru_cache(maxsize=4)
 def _load(split: str, root: Path) -> tuple[torch.Tensor, torch.Tensor]:
     if (root / split).is_dir():
-        images, labels = _read_image_folder(root / split)
-    else:
-        images, labels = _read_torchvision(split, root)
+        paths, labels = _listing(root / split)
+        return _decode(paths, root / split), labels
+    images, labels = _read_torchvision(split, root)
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels).long()
 
 
-def _read_image_folder(folder: Path) -> tuple[np.ndarray, np.ndarray]:
-    from PIL import Image
+@functools.lru_cache(maxsize=4)
+def _listing(folder: Path) -> tuple[list[str], torch.Tensor]:
+    """The image files of an ImageFolder copy in torchvision's order, and their labels."""
     from torchvision.datasets import ImageFolder
 
     dataset = ImageFolder(str(folder))
     if tuple(dataset.classes) != CLASSES:
         raise ValueError(f"{folder} has class folders {dataset.classes}, expected CIFAR-10's {list(CLASSES)}")
-    images = np.stack([np.asarray(Image.open(path).convert("RGB")) for path, _ in dataset.samples])
+    return [path for path, _ in dataset.samples], torch.tensor(dataset.targets, dtype=torch.int64)
+
+
+def _decode(paths: list[str], folder: Path) -> torch.Tensor:
+    from PIL import Image
+
+    images = np.stack([np.asarray(Image.open(path).convert("RGB")) for path in paths])
     if images.shape[1:] != (32, 32, 3):
         raise ValueError(f"{folder} holds images of shape {images.shape[1:]}, expected 32x32 RGB")
-    return images, np.asarray(dataset.targets, dtype=np.int64)
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
 
 
 def _read_torchvision(split: str, root: Path) -> tuple[np.ndarray, np.ndarray]:

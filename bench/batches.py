@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-import classifiers
 from purify import Defence, image_noise
+from purify.base import check_images
 from purify.defences import Vote, vote_scores
 from purify.infra.runtime import autocast
 
@@ -65,20 +65,24 @@ def purify_draws(defence: Defence, images: torch.Tensor, ids: torch.Tensor, seed
 
 
 @torch.no_grad()
-def vote_accuracy(model: nn.Module, draws: list[torch.Tensor], labels: torch.Tensor, how: str,
-                  batch_size: int = 250) -> float:
-    """Accuracy of the decision over several purifications of the same images: the majority of the predicted
-    labels (ties to the smallest label) or the argmax of the mean logits."""
+def draws_predictions(model: nn.Module, draws: list[torch.Tensor], defence: Defence | None = None,
+                      batch_size: int = 250) -> torch.Tensor:
+    """The label ``model`` predicts for each image from ``purify_draws``' output for ``defence`` (float32, in
+    batches): a vote's decision over its draws (``vote_scores``: the majority of the predicted labels, ties to the
+    smallest label, or the argmax of the mean logits), else the argmax on the one image (``draws[0]``; also with no
+    defence, e.g. for unpurified images). Images outside [0, 1] or not finite raise ``ValueError``."""
+    for x in draws:
+        check_images(x)
     model.eval()
     device = next(model.parameters()).device
+    if not isinstance(defence, Vote):
+        return map_batches(model, [draws[0]], batch_size, device, progress=False).output.argmax(1)
     logits = torch.stack([map_batches(model, [x], batch_size, device, progress=False).output for x in draws])
-    return (vote_scores(logits, how).argmax(1) == labels.cpu()).float().mean().item()
+    return vote_scores(logits, defence.how).argmax(1)
 
 
 def draws_accuracy(model: nn.Module, draws: list[torch.Tensor], labels: torch.Tensor, defence: Defence,
                    batch_size: int = 250) -> float:
-    """Accuracy in [0, 1] of ``model`` on ``purify_draws``' output for ``defence``: a vote's decision over its
-    draws, else the accuracy on the one purification."""
-    if isinstance(defence, Vote):
-        return vote_accuracy(model, draws, labels, defence.how, batch_size)
-    return classifiers.accuracy(model, draws[0], labels, batch_size, progress=False)
+    """Accuracy in [0, 1] of ``model`` on ``purify_draws``' output for ``defence`` (``draws_predictions``)."""
+    correct = draws_predictions(model, draws, defence, batch_size) == labels.cpu()
+    return correct.sum().item() / len(correct)

@@ -4,7 +4,10 @@ by each defence and given to target classifiers, every piece of work done once, 
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +20,10 @@ from tqdm.auto import tqdm
 
 import classifiers
 from attacks import craft, paper_pgd
-from purify import Defence
+from purify.infra.runtime import leave_distributed
+from purify.infra.shards import Shard, map_blocks, remove_blocks
 
-from .batches import draws_accuracy, purify_draws
+from .batches import draws_predictions, purify_draws
 from .common import (
     DEFENCE_HELP,
     Entry,
@@ -42,83 +46,108 @@ from .common import (
 
 
 class TransferGrid:
-    """Table 3's experiment with every piece of work done once.
+    """Table 3's experiment, cell by cell, every piece of work done once.
 
-    Per (source, eps): the adversarial images are crafted once on the source (batched); every target's
-    accuracy on them ("before") is computed once and shared by all defences; per defence the images are
-    purified once (a ``vote`` of n: n times, with independent noise) and every target is evaluated ("after").
-    At eps 0 the images are the clean ones for every source, so clean results are computed once for all
-    sources. PGD's random start is seeded for every cell, and a randomized defence's noise is drawn per image
-    from the seed, the draw and the image's index (``ids``), so a cell's numbers depend neither on which cells
-    ran before it nor on the batch size.
+    A cell is a (source, eps): its adversarial images are crafted on the source; each target predicts on them
+    once ("before"), shared by every defence; per defence the images are purified once (a ``vote`` of n: n times,
+    with independent noise) and every target predicts on them ("after"). A cell runs block by block (one block is
+    one batch, ``purify.infra.shards``): under ``torchrun`` the blocks are split across the ranks and every rank
+    ends with every image's predictions. At eps 0 the images are the clean ones for every source, so the clean
+    cell is computed once for all sources. PGD's random start and a randomized defence's noise are drawn per image
+    from the seed and the image's index (``ids``), so a cell's numbers depend neither on which cells ran before
+    it, nor on the batch size, nor on the number of processes. Block files go under ``blocks`` (a folder every
+    rank sees; required with more than one process) and are removed once the cell is merged.
     """
 
     def __init__(self, sources: dict[str, nn.Module], targets: dict[str, nn.Module], images: torch.Tensor,
                  labels: torch.Tensor, *, ids: torch.Tensor | None = None, seed: int = 0, batch_size: int = 250,
-                 bf16: bool = False, progress: bool = True):
+                 bf16: bool = False, progress: bool = True, shard: Shard = Shard(),
+                 blocks: str | Path | None = None):
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        if blocks is None and shard.world > 1:
+            raise ValueError("a sharded grid needs a blocks folder that every rank sees")
         self.sources, self.targets = sources, targets
         self.images, self.labels = images, labels
         self.ids = torch.arange(len(images)) if ids is None else ids
         self.seed, self.batch_size, self.bf16, self.progress = seed, batch_size, bf16, progress
+        self.shard, self.blocks = shard, None if blocks is None else Path(blocks)
         self.device = next(next(iter(sources.values())).parameters()).device
-        self._images: tuple[tuple, torch.Tensor] | None = None  # last crafted (cell, images); cells run in order
-        self._purified: tuple[tuple, list[torch.Tensor]] | None = None  # last purified (cell, entry): one per draw
-        self._accuracy: dict[tuple, float] = {}
+        self._outputs: dict[tuple, dict[str, torch.Tensor]] = {}  # per cell, the per-image outputs so far
         self._step_costs: dict[tuple, float] = {}  # per (entry, target): seconds per image of one attack step
-        self.purify_seconds: dict[tuple, float] = {}  # per (cell, entry): wall time of its purification
 
     @staticmethod
     def cell(source: str, eps: int) -> tuple:
         return ("clean",) if eps == 0 else (source, eps)
 
-    def adversarial(self, source: str, eps: int) -> torch.Tensor:
-        """PGD examples at eps = ``eps``/255 crafted on ``source`` (float in [0, 1]; the clean images at eps 0)."""
-        cell = self.cell(source, eps)
-        if self._images is None or self._images[0] != cell:
-            attack = paper_pgd(self.sources[source], eps)
-            images = craft(attack, self.images, self.labels, self.batch_size, seed=self.seed, bf16=self.bf16,
-                           progress=self.progress, desc=f"PGD {eps}/255 on {source}")
-            self._images = (cell, images)
-        return self._images[1]
+    def adversarial(self, source: str, eps: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """PGD examples at eps = ``eps``/255 crafted on ``source`` for the images at positions ``start`` to
+        ``stop`` - 1 (default: all), float in [0, 1]; the clean images at eps 0."""
+        part = slice(start, len(self.images) if stop is None else stop)
+        return craft(paper_pgd(self.sources[source], eps, seed=self.seed), self.images[part], self.labels[part],
+                     self.batch_size, seed=self.seed, bf16=self.bf16, progress=False, ids=self.ids[part])
 
-    def purified(self, source: str, eps: int, entry: Entry) -> list[torch.Tensor]:
-        """The adversarial images of (``source``, ``eps``) after ``entry``'s defence: one tensor per draw (the n
-        purifications of a vote, else one)."""
-        key = (self.cell(source, eps), id(entry))
-        if self._purified is None or self._purified[0] != key:
-            images = self.adversarial(source, eps)
-            started = time.perf_counter()
-            purified = purify_draws(entry.defence, images, self.ids, self.seed, self.device, self.batch_size,
-                                    self.bf16, self.progress)
-            self.purify_seconds[key] = time.perf_counter() - started
-            self._purified = (key, purified)
-        return self._purified[1]
-
-    def _target_accuracy(self, key: tuple, target: str, images, defence: Defence | None = None) -> float:
-        if key + (target,) not in self._accuracy:
-            model, draws = self.targets[target], images()
-            if defence is None:
-                accuracy = classifiers.accuracy(model, draws[0], self.labels, self.batch_size, progress=False)
+    def outputs(self, source: str, eps: int, entries: list[Entry], targets: list[str],
+                unit: str | None = None) -> dict[str, torch.Tensor]:
+        """Per image of the cell (``source``, ``eps``): the label each target predicts on the adversarial images
+        (key ``before|T``) and after each of ``entries``' defences (``after|SPEC|T``, SPEC the defence's spec; a
+        vote's decision), and the seconds each defence took per image (``seconds|SPEC``). Computed once per cell
+        (blocks under ``blocks/unit``, default a name made of the cell and what it computes)."""
+        have = self._outputs.setdefault(self.cell(source, eps), {})
+        purifying = [e for e in entries if e.defence.name != "none"]
+        needed = [f"before|{t}" for t in targets] + [f"after|{e.defence.spec()}|{t}" for e in purifying
+                                                     for t in targets]
+        if not set(needed) <= set(have):
+            unit = unit or hashlib.sha256(repr((self.cell(source, eps), needed)).encode()).hexdigest()[:16]
+            compute = functools.partial(self._block, source, eps, purifying, targets)
+            desc = f"{source} eps {eps}/255" if eps else "clean"
+            if self.blocks is None:
+                with tempfile.TemporaryDirectory() as folder:
+                    have.update(map_blocks(compute, len(self.images), self.batch_size, folder, self.shard,
+                                           self.progress, desc))
             else:
-                accuracy = draws_accuracy(model, draws, self.labels, defence, self.batch_size)
-            self._accuracy[key + (target,)] = accuracy
-        return self._accuracy[key + (target,)]
+                have.update(map_blocks(compute, len(self.images), self.batch_size, self.blocks / unit, self.shard,
+                                       self.progress and self.shard.main, desc))
+                remove_blocks(self.blocks / unit, self.shard)
+        return have
 
-    def before(self, source: str, eps: int, targets: list[str]) -> dict[str, float]:
+    def _block(self, source: str, eps: int, entries: list[Entry], targets: list[str], start: int,
+               stop: int) -> dict[str, torch.Tensor]:
+        """``outputs`` for the images at positions ``start`` to ``stop`` - 1."""
+        images, ids = self.adversarial(source, eps, start, stop), self.ids[start:stop]
+        out = {f"before|{t}": draws_predictions(self.targets[t], [images], None, self.batch_size) for t in targets}
+        for entry in entries:
+            spec, started = entry.defence.spec(), time.perf_counter()
+            draws = purify_draws(entry.defence, images, ids, self.seed, self.device, self.batch_size, self.bf16,
+                                 progress=False)
+            out[f"seconds|{spec}"] = torch.full((len(images),), (time.perf_counter() - started) / len(images),
+                                                dtype=torch.float64)
+            for t in targets:
+                out[f"after|{spec}|{t}"] = draws_predictions(self.targets[t], draws, entry.defence, self.batch_size)
+        return out
+
+    def accuracy(self, predictions: torch.Tensor) -> float:
+        """The fraction of ``predictions`` (one per image) equal to the labels."""
+        return (predictions == self.labels.cpu()).sum().item() / len(self.labels)
+
+    def before(self, source: str, eps: int, targets: list[str], unit: str | None = None) -> dict[str, float]:
         """Accuracy in [0, 1] of each target on the unpurified adversarial images."""
-        key = (self.cell(source, eps), None)
-        return {t: self._target_accuracy(key, t, lambda: [self.adversarial(source, eps)]) for t in targets}
+        outputs = self.outputs(source, eps, [], targets, unit)
+        return {t: self.accuracy(outputs[f"before|{t}"]) for t in targets}
 
-    def after(self, source: str, eps: int, entry: Entry, targets: list[str]) -> dict[str, float]:
+    def after(self, source: str, eps: int, entry: Entry, targets: list[str],
+              unit: str | None = None) -> dict[str, float]:
         """Accuracy in [0, 1] of each target on the adversarial images after ``entry``'s defence (for a vote,
         of the decision over its n purifications)."""
         if entry.defence.name == "none":
-            return self.before(source, eps, targets)
-        key = (self.cell(source, eps), id(entry))
-        return {t: self._target_accuracy(key, t, lambda: self.purified(source, eps, entry), entry.defence)
-                for t in targets}
+            return self.before(source, eps, targets, unit)
+        outputs = self.outputs(source, eps, [entry], targets, unit)
+        return {t: self.accuracy(outputs[f"after|{entry.defence.spec()}|{t}"]) for t in targets}
+
+    def defence_seconds(self, source: str, eps: int, entry: Entry) -> float | None:
+        """Seconds per image that ``entry``'s defence took on the cell's images (None without a defence)."""
+        seconds = self._outputs.get(self.cell(source, eps), {}).get(f"seconds|{entry.defence.spec()}")
+        return None if seconds is None else seconds.sum().item() / len(seconds)
 
     def step_cost(self, entry: Entry, target: str) -> float:
         """Seconds per image of one attack step through ``entry``'s defence and ``target`` (measured once)."""
@@ -132,27 +161,34 @@ class TransferGrid:
 def run_cells(grid: TransferGrid, table: ResultTable, cells: list[tuple[str, int]], entries: list[Entry],
               targets: list[str], meta: dict, checkpoint_ids: dict[str, str] | None = None) -> None:
     """Evaluate every (source, eps) of ``cells`` under every defence on ``targets``, skipping rows already in
-    ``table`` and writing each finished (source, eps, defence) to it at once, with its cost. ``meta`` holds the
-    columns that are the same for every row (preset, n, seed); ``checkpoint_ids`` maps model names to weight
-    ids."""
+    ``table`` and writing each finished cell's rows to it at once, with their costs (the attack step's measured
+    by the main process only). ``meta`` holds the columns that are the same for every row (preset, n, seed);
+    ``checkpoint_ids`` maps model names to weight ids."""
     ids = checkpoint_ids or {}
-    jobs = [(source, eps, entry) for source, eps in cells for entry in entries]
-    bar = tqdm(jobs, desc="cells", disable=not grid.progress)
-    for source, eps, entry in bar:
-        defence = entry.defence
-        bar.set_postfix_str(f"{source} eps {eps}/255 {defence.spec()}")
-        rows = {t: dict(meta, bf16=grid.bf16, source=source, eps=eps, target=t, defence=defence.spec(),
-                        family=defence.family(), t_star=entry.t_star, nfe=defence.nfe,
-                        checkpoints=combine_ids(ids.get(source, ""), ids.get(t, ""), entry.checkpoint_id))
-                for t in targets}
-        todo = [t for t in targets if not table.done(rows[t])]
+    bar = tqdm(cells, desc="cells", disable=not (grid.progress and grid.shard.main))
+    for source, eps in bar:
+        bar.set_postfix_str(f"{source} eps {eps}/255")
+        todo = []
+        for entry in entries:
+            defence = entry.defence
+            for t in targets:
+                row = dict(meta, bf16=grid.bf16, source=source, eps=eps, target=t, defence=defence.spec(),
+                           family=defence.family(), t_star=entry.t_star, nfe=defence.nfe,
+                           checkpoints=combine_ids(ids.get(source, ""), ids.get(t, ""), entry.checkpoint_id))
+                if not table.done(row):
+                    todo.append((entry, t, row))
         if not todo:
             continue
-        before, after = grid.before(source, eps, todo), grid.after(source, eps, entry, todo)
-        seconds = grid.purify_seconds.get((grid.cell(source, eps), id(entry)))
-        table.add([dict(rows[t], acc_before=before[t], acc_after=after[t],
-                        defence_s_per_image=None if seconds is None else seconds / len(grid.images),
-                        step_s_per_image=grid.step_cost(entry, t)) for t in todo])
+        # what the cell computes, and with which weights, names its block files
+        unit = hashlib.sha256(repr(sorted(table.key(row) + (row["checkpoints"],) for *_, row in todo)).encode())
+        todo_entries = list({id(entry): entry for entry, *_ in todo}.values())
+        todo_targets = [t for t in targets if any(t == target for _, target, _ in todo)]
+        grid.outputs(source, eps, todo_entries, todo_targets, unit.hexdigest()[:16])
+        table.add([dict(row, acc_before=grid.before(source, eps, [t])[t],
+                        acc_after=grid.after(source, eps, entry, [t])[t],
+                        defence_s_per_image=grid.defence_seconds(source, eps, entry),
+                        step_s_per_image=grid.step_cost(entry, t) if grid.shard.main else None)
+                   for entry, t, row in todo])
 
 
 @dataclass(frozen=True)
@@ -199,8 +235,9 @@ def add_grid_arguments(parser: argparse.ArgumentParser, defence_help: str, out_h
     add_common_arguments(parser)
 
 
-def load_grid(request: GridRequest, device: torch.device) -> GridRun:
-    """The grid over the classifiers and images ``request`` names."""
+def load_grid(request: GridRequest, device: torch.device, shard: Shard = Shard()) -> GridRun:
+    """The grid over the classifiers and images ``request`` names (this process's part of a sharded run: its
+    block files next to the results file, under ``.blocks/``)."""
     names = list(dict.fromkeys(request.sources + request.targets))
     models = load_classifiers(names, request.preset, request.classifier_dir, device)
     ids = {name: file_id(str(classifier_path(name, request.preset, request.classifier_dir))) for name in names}
@@ -208,7 +245,8 @@ def load_grid(request: GridRequest, device: torch.device) -> GridRun:
                                            classifiers.load_preset(request.preset).n_val)
     grid = TransferGrid({s: models[s] for s in request.sources}, {t: models[t] for t in request.targets}, images,
                         labels, ids=image_ids, seed=request.seed, batch_size=request.batch_size,
-                        bf16=resolve_bf16(request), progress=not request.no_progress)
+                        bf16=resolve_bf16(request), progress=not request.no_progress, shard=shard,
+                        blocks=request.out.parent / ".blocks" / request.out.stem)
     return GridRun(grid, ids, dict(preset=request.preset, split=request.split, n=len(images), seed=request.seed))
 
 
@@ -220,13 +258,19 @@ def this_run(frame: pd.DataFrame, request: GridRequest, grid: TransferGrid) -> p
             & frame.target.isin(list(grid.targets)))
 
 
-def evaluate(request: GridRequest) -> GridResults:
-    """Run every cell of ``request`` not yet in its results file (resuming it) and read the file back."""
-    device = start_runtime(request.threads, request.device)
-    table = ResultTable(request.out)
+def evaluate(request: GridRequest) -> GridResults | None:
+    """Run every cell of ``request`` not yet in its results file (resuming it) and read the file back; under
+    ``torchrun`` the ranks share each cell's images and only rank 0 writes and gets the results (the others
+    None)."""
+    shard, device = Shard.join(request.device)
+    device = start_runtime(request.threads, device)
+    table = ResultTable(request.out, writes=shard.main)
     entries = build_defences(request, request.defences, device, t_stars=request.t_stars)
-    run = load_grid(request, device)
+    run = load_grid(request, device, shard)
     run_cells(run.grid, table, request.cells(), entries, request.targets, run.meta, run.checkpoint_ids)
+    leave_distributed()
+    if not shard.main:
+        return None
     frame = numeric(table.frame())
     mine = frame[this_run(frame, request, run.grid) & frame.defence.isin([e.defence.spec() for e in entries])]
     return GridResults(frame, mine)
@@ -235,9 +279,11 @@ def evaluate(request: GridRequest) -> GridResults:
 def evaluate_and_report(request: GridRequest, markdown: Callable[[pd.DataFrame], str],
                         plot: Callable[[pd.DataFrame, Path], None] | None = None) -> None:
     """A grid command's run: ``evaluate`` the request, write the ``markdown`` view of the whole results file
-    (and its ``plot``) next to it, print this run's view and what was written."""
+    (and its ``plot``) next to it, print this run's view and what was written (rank 0 of a sharded run)."""
     started = time.monotonic()
     results = evaluate(request)
+    if results is None:
+        return
     written = [request.out, request.out.with_suffix(".md")]
     write_text(written[1], markdown(results.frame))
     if plot is not None:

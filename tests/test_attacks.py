@@ -68,14 +68,48 @@ def test_pgd_stays_in_the_eps_ball_and_lowers_white_box_accuracy_as_eps_grows():
 
 
 def test_craft_is_seeded_and_leaves_the_global_rng_alone():
+    """torchattacks' own PGD draws its random start from the global RNG: ``craft`` seeds it per batch and
+    restores the caller's state afterwards."""
     model = TemplateClassifier()
     x, y = template_data(model, n=12)
     torch.manual_seed(123)
     state = torch.get_rng_state()
-    a = craft(paper_pgd(model, 8), x, y, batch_size=5, seed=1, progress=False)
+    pgd = make_attack("PGD", model, eps=8 / 255, alpha=2 / 255, steps=10, random_start=True)
+    a = craft(pgd, x, y, batch_size=5, seed=1, progress=False)
     assert torch.equal(torch.get_rng_state(), state)
-    assert torch.equal(a, craft(paper_pgd(model, 8), x, y, batch_size=5, seed=1, progress=False))
-    assert not torch.equal(a, craft(paper_pgd(model, 8), x, y, batch_size=5, seed=2, progress=False))
+    assert torch.equal(a, craft(pgd, x, y, batch_size=5, seed=1, progress=False))
+    assert not torch.equal(a, craft(pgd, x, y, batch_size=5, seed=2, progress=False))
+
+
+def test_paper_pgd_is_torchattacks_pgd_from_a_random_start_drawn_per_image():
+    """Without a random start ``paper_pgd`` is torchattacks' PGD step for step; its start (0 steps) is uniform
+    in the eps-ball, depends on the seed and on the image's id and not on the batch it is drawn in, and the whole
+    attack does not depend on the batch size either (its predictions; a few pixels of a linear model's gradient
+    are zero up to rounding, and their sign may differ between batch shapes)."""
+    import torchattacks
+
+    model = TemplateClassifier().eval()
+    x, y = template_data(model, n=12)
+    ours = paper_pgd(model, 8, random_start=False)
+    reference = torchattacks.PGD(model, eps=8 / 255, alpha=2 / 255, steps=10, random_start=False)
+    assert torch.equal(ours(x, y), reference(x, y))
+
+    start = paper_pgd(model, 8, seed=3)
+    start.steps = 0
+    by_5, by_3 = (craft(start, x, y, batch_size=b, progress=False) for b in (5, 3))
+    assert torch.equal(by_5, by_3)
+    delta = (by_5 - x)[(x > 8 / 255) & (x < 1 - 8 / 255)]  # away from the clamp
+    assert delta.abs().max() <= 8 / 255 + 1e-6 and delta.abs().mean() == pytest.approx(4 / 255, rel=0.05)
+    # the start follows the image's id, not its row in the batch
+    assert torch.equal(craft(start, x[1:], y[1:], batch_size=5, ids=torch.arange(1, 12), progress=False),
+                          by_5[1:])
+    start.seed = 4
+    assert not torch.equal(craft(start, x, y, batch_size=5, progress=False), by_5)
+
+    attack = paper_pgd(model, 8, seed=3)
+    by_12, by_5 = (craft(attack, x, y, batch_size=b, progress=False) for b in (12, 5))
+    assert torch.equal(model(by_12).argmax(1), model(by_5).argmax(1))
+    assert accuracy(model, by_12, y) < accuracy(model, x, y)
 
 
 def test_other_torchattacks_attacks_by_name():

@@ -1,4 +1,5 @@
 import argparse
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -70,6 +71,18 @@ def grid_of(models, data, **kwargs) -> TransferGrid:
     return TransferGrid(sources, models, *data, batch_size=16, progress=False, **kwargs)
 
 
+def test_a_blocks_adversarial_images_are_those_of_its_images_in_any_batch(models, data):
+    """PGD's random start is drawn per image id: the images at positions 10..19 crafted as one block (in batches
+    of 4) are those crafted with all 30 (in batches of 16), up to the sign of a few gradients that are zero up to
+    rounding."""
+    sources = {"wrn": models["wrn"]}
+    ids = torch.arange(100, 130)
+    whole = TransferGrid(sources, models, *data, ids=ids, batch_size=16, progress=False).adversarial("wrn", 8)
+    part = TransferGrid(sources, models, *data, ids=ids, batch_size=4, progress=False).adversarial("wrn", 8, 10, 20)
+    assert (part - whole[10:20]).abs().gt(1e-6).float().mean() < 0.01
+    assert (whole - data[0]).abs().max() > 7 / 255
+
+
 def test_accuracy_before_purification_at_eps_0_is_the_clean_accuracy(models, data):
     grid = grid_of(models, data)
     clean = {t: classifiers.accuracy(m, *data, progress=False) for t, m in models.items()}
@@ -86,20 +99,21 @@ def test_undefended_source_accuracy_falls_as_eps_grows(models, data):
 
 
 def test_each_cell_crafts_once_and_clean_work_is_shared(models, data, purifier, monkeypatch, tmp_path):
-    calls = {"craft": 0, "purify": 0}
+    calls = {"craft": 0, "purify": 0}  # images crafted and purified (block by block)
 
-    def counting(name, func):
+    def counting(name, func, images_at):
         def wrapped(*args, **kwargs):
-            calls[name] += 1
+            calls[name] += len(args[images_at])
             return func(*args, **kwargs)
         return wrapped
 
-    monkeypatch.setattr(bench.grid, "craft", counting("craft", bench.grid.craft))
-    monkeypatch.setattr(bench.batches, "purify_images", counting("purify", bench.batches.purify_images))
+    monkeypatch.setattr(bench.grid, "craft", counting("craft", bench.grid.craft, 1))
+    monkeypatch.setattr(bench.batches, "purify_images", counting("purify", bench.batches.purify_images, 1))
     table = ResultTable(tmp_path / "t.csv")
     cells = [(s, e) for s in ("preact", "wrn") for e in (0, 4)]
     run_cells(grid_of(models, data), table, cells, [Entry(purifier)], list(models), META)
-    assert calls == {"craft": 3, "purify": 3}  # eps 0 once for both sources, eps 4 once per source
+    n = len(data[0])
+    assert calls == {"craft": 3 * n, "purify": 3 * n}  # eps 0 once for both sources, eps 4 once per source
     frame = numeric(table.frame())
     assert len(frame) == 4 * 4
     clean = frame[frame.eps == 0].set_index(["source", "target"])
@@ -111,18 +125,18 @@ def test_resumed_grid_gives_the_same_csv(models, data, purifier, monkeypatch, tm
     defences = [Entry(purifier), Entry(Defence())]
     run_cells(grid_of(models, data), ResultTable(tmp_path / "full.csv"), cells, defences, list(models), META)
 
-    after, calls = TransferGrid.after, []
+    outputs, calls = TransferGrid.outputs, []
 
     def interrupted(self, *args):
-        calls.append(args)
-        if len(calls) == 5:
+        calls.extend([args] if args[4] is not None else [])  # a cell's computation (named unit), not a look-up
+        if len(calls) == 3:
             raise KeyboardInterrupt
-        return after(self, *args)
+        return outputs(self, *args)
 
-    monkeypatch.setattr(TransferGrid, "after", interrupted)
+    monkeypatch.setattr(TransferGrid, "outputs", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_cells(grid_of(models, data), ResultTable(tmp_path / "resumed.csv"), cells, defences, list(models), META)
-    monkeypatch.setattr(TransferGrid, "after", after)
+    monkeypatch.setattr(TransferGrid, "outputs", outputs)
     assert 0 < len(ResultTable(tmp_path / "resumed.csv").rows) < 2 * 6 * 4
     run_cells(grid_of(models, data), ResultTable(tmp_path / "resumed.csv"), cells, defences, list(models), META)
     timings = ["defence_s_per_image", "step_s_per_image"]  # measured wall times differ from run to run
@@ -330,3 +344,29 @@ def test_perf_measures_the_attack_step_memory_with_and_without_recomputed_activa
     assert step > 0 and kept > 0 and set(table.device) == {"cpu"}
     ratio = table.loc[("recompute / keep: time", "recompute"), "value"]
     assert ratio == pytest.approx(step / kept, rel=0.02)
+
+
+def test_bench_transfer_under_torchrun_writes_what_one_process_writes(checkpoints, tmp_path):
+    """2 ranks (gloo) in blocks of 3 against one process in blocks of 2: the same accuracies for PGD crafted on
+    the source (random starts drawn per image), a randomized purifier, a vote of two of its draws and a
+    deterministic transform; one CSV, written by rank 0, and no leftover block files."""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parent.parent
+    frames = {}
+    for world, batch_size in ((1, "2"), (2, "3")):
+        out = tmp_path / f"world{world}" / "transfer.csv"
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
+                   "-m", "bench.transfer", "--", *checkpoints, "--source", "preact", "--eps", "0", "8",
+                   "--n", "7", "--batch-size", batch_size, "--targets", "preact", "vgg",
+                   "--defence", "bcm", "vote:n=2", "jpeg:quality=50", "none", "--threads", "1", "--out", str(out)]
+        result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=600,
+                                env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        frames[world] = pd.read_csv(out)
+        assert not any((out.parent / ".blocks").rglob("*.pt"))
+        assert list(out.parent.glob("*.csv")) == [out]
+    columns = ["source", "eps", "target", "defence", "acc_before", "acc_after"]
+    one, two = frames[1][columns], frames[2][columns]
+    assert len(one) == 2 * 2 * 4 and one.acc_after.nunique() > 2  # not all equal: the comparison means something
+    pd.testing.assert_frame_equal(one, two)

@@ -83,7 +83,8 @@ def sanity_checks(classifier, purifier: Defence, images, labels, ids, eps: int, 
                    f"mean margin loss {first:.3f} at the start, {last:.3f} after 20 steps"))
     huge = accuracy(defended, pgd(defended, 128, 20, 1))
     checks.append(("a huge eps (128/255) drives accuracy to ~0", huge <= 0.10, f"{100 * huge:.1f}%"))
-    transfer = accuracy(defended, craft(paper_pgd(classifier, eps), images, labels, **common))
+    transfer_pgd = paper_pgd(classifier, eps, seed=run.attack_seed)
+    transfer = accuracy(defended, craft(transfer_pgd, images, labels, **common))
     checks.append(("white-box is not above transfer from the same model", cpu <= transfer + slack,
                    f"white-box (20x4) {100 * cpu:.1f}% vs transfer {100 * transfer:.1f}%"))
     checks.append(finite_difference_check(defended, purifier, images[:4], labels[:4], ids[:4], shape, run))

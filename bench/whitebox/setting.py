@@ -110,8 +110,8 @@ class Setting:
         if threat == "clean":
             return as_float(self.images)
         if threat == "transfer":
-            return craft(paper_pgd(self.classifier, self.eps), self.images, self.labels, desc="transfer PGD",
-                         **common)
+            return craft(paper_pgd(self.classifier, self.eps, seed=run.attack_seed), self.images, self.labels,
+                         desc="transfer PGD", **common)
         if threat == "aa-standard":
             device = next(self.classifier.parameters()).device
             adversary = autoattack_standard(self.attacked, self.eps / 255, run.attack_seed, device)

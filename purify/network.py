@@ -308,18 +308,23 @@ class UNet(nn.Module):
                 h = pyramid = self.encoder_residual[str(index)](pyramid, h)
             skips.append(h)
         for block in self.decoder:
-            if block.takes_skip:
-                h = torch.cat([h, skips.pop()], dim=1)
-            h = self._run(block, h, emb)
+            h = self._run(block, h, emb, skips.pop() if block.takes_skip else None)
         return self.conv_out(F.silu(self.norm_out(h)))
 
-    def _run(self, block: nn.Module, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """One residual block; with ``recompute`` (``recompute_activations``) its activations are not kept for
-        the backward pass but recomputed there (``torch.utils.checkpoint``, the RNG state replayed, so dropout
-        draws the same mask): the memory of a backward pass through the network drops to about one block's."""
+    def _run(self, block: nn.Module, h: torch.Tensor, emb: torch.Tensor,
+             skip: torch.Tensor | None = None) -> torch.Tensor:
+        """One residual block, on ``h`` concatenated with the encoder's ``skip`` when given; with ``recompute``
+        (``recompute_activations``) its activations are not kept for the backward pass but recomputed there
+        (``torch.utils.checkpoint``, the RNG state replayed, so dropout draws the same mask): what a backward pass
+        through the network keeps is then each block's input (the concatenation too is recomputed: the skip is
+        kept anyway) and the memory of one block at a time."""
         if self.recompute and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(block, h, emb, use_reentrant=False)
-        return block(h, emb)
+            return torch.utils.checkpoint.checkpoint(_skip_block, block, h, emb, skip, use_reentrant=False)
+        return _skip_block(block, h, emb, skip)
+
+
+def _skip_block(block: nn.Module, h: torch.Tensor, emb: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+    return block(h if skip is None else torch.cat([h, skip], dim=1), emb)
 
 
 @contextlib.contextmanager

@@ -344,6 +344,28 @@ def test_perf_measures_the_attack_step_memory_with_and_without_recomputed_activa
     assert step > 0 and kept > 0 and set(table.device) == {"cpu"}
     ratio = table.loc[("recompute / keep: time", "recompute"), "value"]
     assert ratio == pytest.approx(step / kept, rel=0.02)
+    memory = {kind: table.loc[("attack step memory (batch 2, t*=0.5, wrn)", kind), "value"]
+              for kind in ("keep activations", "recompute")}
+    assert 0 < memory["recompute"] < memory["keep activations"]
+    assert table.loc[("recompute / keep: memory", "recompute"), "value"] == pytest.approx(
+        memory["recompute"] / memory["keep activations"], rel=0.02)
+
+
+def test_cpu_allocated_peak_is_what_a_function_holds_at_once():
+    """4 MiB and 2 MiB held together, then 1 MiB after the 4 are freed: a peak of 6 MiB over what was held
+    before (the 1 MiB tensor allocated earlier does not count), whatever the process's resident memory does."""
+    import bench.perf
+
+    before = torch.ones(1 << 18)
+
+    def function():
+        a, b = torch.ones(1 << 20), torch.ones(1 << 19)
+        del a
+        c = torch.ones(1 << 18)
+        return b, c
+
+    peak = bench.perf.cpu_allocated_peak(function)
+    assert 6 * 2**20 <= peak < 6 * 2**20 + 2**16 and before.sum() > 0
 
 
 def test_bench_transfer_under_torchrun_writes_what_one_process_writes(checkpoints, tmp_path):

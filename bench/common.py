@@ -102,9 +102,10 @@ def build_defences(args: argparse.Namespace, specs: list[str], device: torch.dev
 
 
 def attack_step_cost(defence: Defence, classifier: nn.Module, images: torch.Tensor, device: torch.device,
-                     bf16: bool, batch: int = 8) -> float:
+                     bf16: bool, batch: int) -> float:
     """Seconds per image of one attack step, forward + backward through ``defence`` (BPDA where it is not
-    differentiable; one draw of a vote's base) and ``classifier``, on a batch of ``batch`` images."""
+    differentiable; one draw of a vote's base) and ``classifier``, on a batch of ``batch`` images (the batch the
+    command runs: the per-image cost of a GPU depends on it), after a warm-up step at that batch."""
     base = defence.base if isinstance(defence, Vote) else defence
     model = nn.Sequential(base if base.differentiable else BPDA(base), classifier).eval()
     x = as_float(images[:batch]).to(device)

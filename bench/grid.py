@@ -154,7 +154,7 @@ class TransferGrid:
         key = (id(entry), target)
         if key not in self._step_costs:
             self._step_costs[key] = attack_step_cost(entry.defence, self.targets[target], self.images, self.device,
-                                                     self.bf16)
+                                                     self.bf16, self.batch_size)
         return self._step_costs[key]
 
 

@@ -153,6 +153,29 @@ def defence_comparison(bcm: BCM, classifier: torch.nn.Module, batch: int, step_b
     add("BCM purifier / bare passes, attack step", kind, step[bcm_name] / step[bare], "x", "target <= 1.10")
 
 
+def compile_comparison(bcm: BCM, classifier: torch.nn.Module, batch: int, step_batch: int, bf16: bool,
+                       repeats: int, add, device: torch.device = CPU) -> None:
+    """The BCM purifier + classifier eager against ``torch.compile`` (inductor, default mode): purify + classify
+    and one attack step per image, their speed-ups, and the seconds the first compiled call of each took."""
+    bcm = bcm.to(memory_format=torch.channels_last).eval().requires_grad_(False)
+    model = BCMPurifier(bcm, t_star=1.0, eps_inv=0.3, seed=0).wrap(classifier.eval().requires_grad_(False))
+    kind = "channels_last" + ("+bf16" if bf16 else "")
+    for what, measure, size in (("defend + classify", forward_throughput, batch), ("attack step", step_time,
+                                                                                     step_batch)):
+        def per_image(m: torch.nn.Module, measure=measure, size=size) -> float:
+            value = measure(m, size, True, bf16, repeats, device)  # images/s, or seconds per image
+            return 1 / value if measure is forward_throughput else value
+
+        eager, compiled = per_image(model), torch.compile(model)
+        start = device_clock(device)
+        measure(compiled, size, True, bf16, 0, device)  # only the warm-up call, which compiles
+        compiling = device_clock(device) - start
+        fast = per_image(compiled)
+        add(f"{what}: BCM purifier + classifier (batch {size})", kind, 1000 * eager, "ms/image", "eager")
+        add(f"{what}: BCM purifier + classifier (batch {size})", kind, 1000 * fast, "ms/image", "torch.compile")
+        add(f"torch.compile speed-up, {what}", kind, eager / fast, "x", f"first call {compiling:.0f} s")
+
+
 def _attack_step_memory(config: str, classifier_preset: str, batch: int, recompute: bool, threads: int,
                         device: str = "cpu") -> tuple:
     """One attack step (forward + backward to the input through the purifier, t* = 0.5, and the ``wrn``
@@ -280,10 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compare-step-batch", type=positive_int, default=8,
                         help="batch of its attack-step measurements; 100 steps of activations are kept for the "
                              "backward pass of the diffusion defence (default: 8)")
-    parser.add_argument("--only", choices=("all", "training", "defences", "memory"), default="all",
+    parser.add_argument("--only", choices=("all", "training", "defences", "memory", "compile"), default="all",
                         help="measure everything, only the training/throughput part, only the defence "
-                             "comparison, or only the attack step's memory with and without recomputed "
-                             "activations (default: all)")
+                             "comparison, only the attack step's memory with and without recomputed "
+                             "activations, or only torch.compile's speed-up of the purifier and classifier "
+                             "(minutes of compilation: not part of all) (default: all)")
     parser.add_argument("--out", default=str(RESULTS_DIR / "perf"), help="output folder")
     # untrained weights (speed does not depend on them): no checkpoint or batch-size options
     add_preset_arguments(parser, bcm=False, classifier_dir=False)
@@ -321,6 +345,9 @@ def main(argv: list[str] | None = None) -> None:
         attack_memory(request.config, request.preset, request.compare_step_batch, threads, add, device)
     if request.only in ("all", "defences"):
         defence_comparison(BCM(preset.model), build_classifier("wrn", request.preset), request.compare_batch,
+                           request.compare_step_batch, compare_bf16, request.repeats, add, device)
+    if request.only == "compile":
+        compile_comparison(BCM(preset.model), build_classifier("wrn", request.preset), request.compare_batch,
                            request.compare_step_batch, compare_bf16, request.repeats, add, device)
     write_results(request, pd.DataFrame(rows), threads, device, compare_bf16)
 
@@ -371,7 +398,8 @@ def write_results(request: PerfRequest, table: pd.DataFrame, threads: int, devic
                 f"--device {device} --compare-batch {request.compare_batch} "
                 f"--compare-step-batch {request.compare_step_batch}`."
               + (f" The defence comparison uses the `{request.preset}` `wrn` classifier and runs "
-                 f"{'under bf16 autocast' if compare_bf16 else 'in float32'}." if request.only in ("all", "defences")
+                 f"{'under bf16 autocast' if compare_bf16 else 'in float32'}."
+                 if request.only in ("all", "defences", "compile")
                  else "")
               + (" The attack-step memory runs in float32 (on the CPU each setting in a fresh process)."
                  if request.only in ("all", "memory") else "") + "\n\n")

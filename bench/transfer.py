@@ -11,6 +11,7 @@ checkpoints) are not recomputed.
     python -m bench.transfer --source wrn --eps 8
     python -m bench.transfer --source preact wrn --eps all --n 1000 --threads 2
     python -m bench.transfer --source preact --eps 8 --defence bcm diffusion jpeg:quality=75 vote:n=10
+    torchrun --standalone --nproc-per-node 4 -m bench.transfer -- --source wrn --eps all   # images split 4 ways
 """
 from __future__ import annotations
 

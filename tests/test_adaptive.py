@@ -406,7 +406,9 @@ def test_validation_split_is_the_classifiers_held_out_training_images(monkeypatc
     from purify.infra.data import train_val_split
 
     images = torch.arange(50_000).view(-1, 1, 1, 1)
-    monkeypatch.setattr(bench.common, "load_cifar10", lambda split, root: (images, images.flatten() % 10))
+    monkeypatch.setattr(bench.common, "cifar10_labels", lambda split, root: images.flatten() % 10)
+    monkeypatch.setattr(bench.common, "load_cifar10",
+                        lambda split, root, ids: (images[ids], images.flatten()[ids] % 10) if split == "train" else None)
     x, y, ids = bench.common.load_split("val", None, n=200, seed=3)
     train, held_out = train_val_split(50_000, 1000, seed=0)
     assert len(ids) == 200 and set(ids.tolist()) <= set(held_out.tolist())

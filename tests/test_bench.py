@@ -351,6 +351,37 @@ def test_perf_measures_the_attack_step_memory_with_and_without_recomputed_activa
         memory["recompute"] / memory["keep activations"], rel=0.02)
 
 
+def test_perf_measures_torch_compile_against_eager(tmp_path, monkeypatch):
+    """bench.perf --only compile: eager and compiled per-image times of purify + classify and of an attack step,
+    and their ratio (here ``torch.compile`` stands replaced by a wrapper that runs the model twice, so the
+    "compiled" model is measurably slower and the speed-up is below 1, not an artefact of the clock)."""
+    import yaml
+
+    import bench.perf
+
+    class Twice(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            self.model(x)
+            return self.model(x)
+
+    monkeypatch.setattr(torch, "compile", Twice)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(to_dict(tiny_preset())))
+    bench.perf.main(["--config", str(config), "--only", "compile", "--threads", "1", "--compare-batch", "4",
+                     "--compare-step-batch", "2", "--repeats", "2", "--device", "cpu", "--no-bf16",
+                     "--out", str(tmp_path / "perf")])
+    table = pd.read_csv(tmp_path / "perf" / "perf-tiny-compile.csv")
+    for what, size in (("defend + classify", 4), ("attack step", 2)):
+        times = table[table.measurement == f"{what}: BCM purifier + classifier (batch {size})"].set_index("note")
+        speedup = table[table.measurement == f"torch.compile speed-up, {what}"].value.item()
+        assert speedup == pytest.approx(times.value["eager"] / times.value["torch.compile"], rel=0.05)
+        assert 0.3 < speedup < 0.8
+
+
 def test_cpu_allocated_peak_is_what_a_function_holds_at_once():
     """4 MiB and 2 MiB held together, then 1 MiB after the 4 are freed: a peak of 6 MiB over what was held
     before (the 1 MiB tensor allocated earlier does not count), whatever the process's resident memory does."""

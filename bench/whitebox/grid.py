@@ -160,8 +160,8 @@ def export_adversarial(setting: Setting, threat: str, adversarial: torch.Tensor,
 
 
 def measure_costs(setting: Setting, batch_size: int, bf16: bool) -> dict:
-    """Seconds per image of one defend+classify forward pass (on a batch of ``batch_size``) and of one attack
-    step (forward + backward, BPDA where needed, on 8 images) through the setting's defence and classifier."""
+    """Seconds per image of one defend+classify forward pass and of one attack step (forward + backward, BPDA
+    where needed), each on a batch of ``batch_size``, through the setting's defence and classifier."""
     device = next(setting.classifier.parameters()).device
     x = as_float(setting.images[:batch_size]).to(device).contiguous(memory_format=torch.channels_last)
     with torch.no_grad(), setting.eval_noise(setting.ids[:batch_size], 0), autocast(device, bf16):
@@ -169,5 +169,5 @@ def measure_costs(setting: Setting, batch_size: int, bf16: bool) -> dict:
         started = device_clock(device)
         setting.defended(x)
         forward = (device_clock(device) - started) / len(x)
-    step = attack_step_cost(setting.defence, setting.classifier, setting.images, device, bf16)
+    step = attack_step_cost(setting.defence, setting.classifier, setting.images, device, bf16, batch_size)
     return {"purify_s_per_image": forward, "step_s_per_image": step}

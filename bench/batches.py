@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 import classifiers
 from purify import Defence, image_noise
+from purify.base import check_images
 from purify.defences import Vote, vote_scores
 from purify.infra.runtime import autocast
 
@@ -82,3 +83,27 @@ def draws_accuracy(model: nn.Module, draws: list[torch.Tensor], labels: torch.Te
     if isinstance(defence, Vote):
         return vote_accuracy(model, draws, labels, defence.how, batch_size)
     return classifiers.accuracy(model, draws[0], labels, batch_size, progress=False)
+
+
+@torch.no_grad()
+def draws_predictions(model: nn.Module, draws: list[torch.Tensor], defence: Defence | None,
+                      batch_size: int = 250) -> torch.Tensor:
+    """Per image the label ``model`` decides on ``purify_draws``' output for ``defence`` (None: the unpurified
+    images, float in [0, 1]): a vote's decision over its draws, else the argmax on the one tensor. With
+    ``decisions_accuracy`` this is ``draws_accuracy`` image by image, so the decisions of blocks of images can be
+    merged and scored exactly as the whole set."""
+    model.eval()
+    device = next(model.parameters()).device
+    if not isinstance(defence, Vote):
+        check_images(draws[0])  # as classifiers.accuracy does
+    logits = torch.stack([map_batches(model, [x], batch_size, device, progress=False).output for x in draws])
+    return (vote_scores(logits, defence.how) if isinstance(defence, Vote) else logits[0]).argmax(-1)
+
+
+def decisions_accuracy(decisions: torch.Tensor, labels: torch.Tensor, defence: Defence | None) -> float:
+    """The accuracy ``draws_accuracy`` (``classifiers.accuracy`` for None) reports, from ``draws_predictions``'
+    decisions: the same float, a vote's as a float32 mean, any other as the count of correct over the images."""
+    correct = decisions.cpu() == labels.cpu()
+    if isinstance(defence, Vote):
+        return correct.float().mean().item()
+    return correct.sum().item() / max(1, len(labels))

@@ -81,8 +81,8 @@ def draws_predictions(model: nn.Module, draws: list[torch.Tensor], defence: Defe
     return vote_scores(logits, defence.how).argmax(1)
 
 
-def draws_accuracy(model: nn.Module, draws: list[torch.Tensor], labels: torch.Tensor, defence: Defence,
-                   batch_size: int = 250) -> float:
-    """Accuracy in [0, 1] of ``model`` on ``purify_draws``' output for ``defence`` (``draws_predictions``)."""
-    correct = draws_predictions(model, draws, defence, batch_size) == labels.cpu()
+def decisions_accuracy(decisions: torch.Tensor, labels: torch.Tensor) -> float:
+    """The fraction of ``draws_predictions``' decisions equal to ``labels``: the count of correct over the images,
+    so that the decisions of blocks of images merged give the whole set's accuracy exactly."""
+    correct = decisions.cpu() == labels.cpu()
     return correct.sum().item() / len(correct)

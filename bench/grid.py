@@ -23,7 +23,7 @@ from attacks import craft, paper_pgd
 from purify.infra.runtime import leave_distributed
 from purify.infra.shards import Shard, map_blocks, remove_blocks
 
-from .batches import draws_predictions, purify_draws
+from .batches import decisions_accuracy, draws_predictions, purify_draws
 from .common import (
     DEFENCE_HELP,
     Entry,
@@ -126,14 +126,10 @@ class TransferGrid:
                 out[f"after|{spec}|{t}"] = draws_predictions(self.targets[t], draws, entry.defence, self.batch_size)
         return out
 
-    def accuracy(self, predictions: torch.Tensor) -> float:
-        """The fraction of ``predictions`` (one per image) equal to the labels."""
-        return (predictions == self.labels.cpu()).sum().item() / len(self.labels)
-
     def before(self, source: str, eps: int, targets: list[str], unit: str | None = None) -> dict[str, float]:
         """Accuracy in [0, 1] of each target on the unpurified adversarial images."""
         outputs = self.outputs(source, eps, [], targets, unit)
-        return {t: self.accuracy(outputs[f"before|{t}"]) for t in targets}
+        return {t: decisions_accuracy(outputs[f"before|{t}"], self.labels) for t in targets}
 
     def after(self, source: str, eps: int, entry: Entry, targets: list[str],
               unit: str | None = None) -> dict[str, float]:
@@ -142,7 +138,7 @@ class TransferGrid:
         if entry.defence.name == "none":
             return self.before(source, eps, targets, unit)
         outputs = self.outputs(source, eps, [entry], targets, unit)
-        return {t: self.accuracy(outputs[f"after|{entry.defence.spec()}|{t}"]) for t in targets}
+        return {t: decisions_accuracy(outputs[f"after|{entry.defence.spec()}|{t}"], self.labels) for t in targets}
 
     def defence_seconds(self, source: str, eps: int, entry: Entry) -> float | None:
         """Seconds per image that ``entry``'s defence took on the cell's images (None without a defence)."""

@@ -21,10 +21,15 @@ can be skipped and rerun on its own:
 
 All noise is seeded (a randomized defence's noise per image from ``--seed`` and the image's index), so a rerun
 with the same options gives the same numbers.
+
+``torchrun --standalone --nproc-per-node N -m bench.quality -- <options>`` splits the images across the ranks by
+blocks (resumable, in ``<out>/.blocks/``); rank 0 writes every file, with the numbers of one process.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
 import sys
 import time
@@ -36,7 +41,6 @@ import kornia
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 import classifiers
 from purify import BCM, BCMPurifier
@@ -44,6 +48,8 @@ from purify.infra.checkpoint import atomic_write, load_checkpoint
 from purify.infra.data import load_cifar10
 from purify.infra.images import as_float, write_png
 from purify.infra.paths import RESULTS_DIR
+from purify.infra.runtime import leave_distributed
+from purify.infra.shards import Shard, blocks, map_blocks, remove_blocks
 from purify.noiser import Noiser, load_noiser
 from purify.sampling import (
     ANCESTRAL_2,
@@ -63,7 +69,7 @@ from purify.sampling import (
     sample_zigzag,
 )
 
-from .batches import draws_accuracy, map_batches, purify_draws
+from .batches import decisions_accuracy, draws_predictions, map_batches, purify_draws
 from .common import (
     DATASET,
     DEFENCE_HELP,
@@ -75,7 +81,9 @@ from .common import (
     bcm_path,
     build_defences,
     check_defences,
+    classifier_path,
     command_line,
+    file_id,
     from_args,
     load_classifiers,
     load_split,
@@ -123,7 +131,7 @@ class Inversion(NamedTuple):
     method: str
     times: str                                        # the inversion's times, as the table shows them
     nfe: int
-    invert: Callable[[torch.Tensor], torch.Tensor]    # image -> x_T, on a batch (batches in order)
+    invert: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (image, its stream noise) -> x_T, on a batch
     decoders: list[Decoder]
     references: dict[str, tuple[float, str]]          # decoder name -> (paper_mse, reference)
 
@@ -137,24 +145,41 @@ def image_metrics(reconstructed: torch.Tensor, x0: torch.Tensor) -> dict[str, to
             "ssim": kornia.metrics.ssim(a, b, 11).flatten(1).mean(1)}
 
 
-def reconstruction_table(bcm: BCM, images: torch.Tensor, mean_image: torch.Tensor, seed: int,
+def stream_states(seed: int, n: int, batch_size: int, shape: tuple[int, ...]) -> dict[int, torch.Tensor]:
+    """The state of the noise stream seeded by ``seed`` at the first image of every block of ``batch_size``
+    (keyed by the block's start): image ``i``'s noise is the ``i``-th image-sized stretch of one stream over the
+    images in order, what one pass in batches draws, so a block restores its state and draws its images'."""
+    generator, states = torch.Generator().manual_seed(seed), {}
+    for start, stop in blocks(n, batch_size):
+        states[start] = generator.get_state()
+        torch.randn((stop - start, *shape), generator=generator)
+    return states
+
+
+def reconstruction_table(bcm: BCM, images: torch.Tensor, mean_image: torch.Tensor | None, seed: int,
                          batch_size: int, device: torch.device, progress: bool = True,
-                         noiser: Noiser | None = None) -> pd.DataFrame:
+                         noiser: Noiser | None = None, *, folder: Path, shard: Shard = Shard()) -> pd.DataFrame:
     """One row per (inversion method, decoder): MSE (mean and standard error over images), PSNR, SSIM and
     seconds per image (inversion + decoding), next to the paper's / the report's numbers and the mean-image
-    baseline; ``latent_std``, the standard deviation of ``x_T / T`` over every image and dimension, says how
-    close the inversion comes to the Gaussian N(0, I) it should reach (1).
+    baseline (NaN without ``mean_image``); ``latent_std``, the standard deviation of ``x_T / T`` over every image
+    and dimension, says how close the inversion comes to the Gaussian N(0, I) it should reach (1).
 
     - ``bcm``: Algorithm 5 with the paper's schedules for NFE 1-4, decoded in one step ``f(x_T, T, 0)``; the
-      inversion noise restarts from ``seed`` for every NFE, so each image starts from the same noise;
+      inversion noise restarts from ``seed`` for every NFE, so each image starts from the same noise (its
+      stretch of the stream ``stream_states`` describes);
     - ``ode-euler`` / ``ode-heun``: ODE inversion on EDM's grid from ``ODE_T_MIN`` to T (``ODE_STEPS``), decoded in
       one BCM step and by the same solver on the same grid back down (the inversion's mirror);
     - ``ct-inversion`` (with ``noiser``): ``x_T = g(x0, eps)`` in one evaluation (the image as the trajectory's
       point at eps, as the report assumes), decoded in one BCM step and by the ODE decoder of the ``ode-heun``
       row with ``CT_INVERSION_DECODER``'s steps.
+
+    The images are measured in blocks of ``batch_size`` (``map_blocks``: saved under ``folder``, split across
+    the ranks of ``shard``, every rank gets the table); a block returns per-image values only, so the merged
+    table is one process's.
     """
     x_all = as_float(images) * 2 - 1
-    baseline = ((as_float(images) - mean_image) ** 2).flatten(1).mean(1).mean().item()
+    baseline = (math.nan if mean_image is None
+                else ((as_float(images) - mean_image) ** 2).flatten(1).mean(1).mean().item())
     eps, T = bcm.config.eps, bcm.config.T
     one_step = Decoder("bcm", 1, lambda x_T: sample_onestep(bcm, x_T, T, eps))
 
@@ -163,45 +188,65 @@ def reconstruction_table(bcm: BCM, images: torch.Tensor, mean_image: torch.Tenso
 
     inversions = []
     for nfe, times in INVERSION_SCHEDULES.items():
-        generator = torch.Generator().manual_seed(seed)
         inversions.append(Inversion(
             "bcm", " -> ".join(f"{t:g}" for t in times), nfe,
-            lambda x, times=times, generator=generator: invert(bcm, x, times, generator=generator), [one_step],
+            lambda x, z, times=times: invert(bcm, x, times, noise=z), [one_step],
             {"bcm": (PAPER_MSE[nfe], f"BCM paper: MSE {PAPER_MSE[nfe]}, {nfe} NFE")}))
     for solver, steps in ODE_STEPS:
         times = ode_times(steps, ODE_T_MIN, T)
         paper_nfe, paper_mse = PAPER_ODE_MSE[(solver, steps)]
         inversions.append(Inversion(
             f"ode-{solver}", f"{ODE_T_MIN:g} -> {T:g}, {steps} steps", pf_ode_nfe(times, solver),
-            lambda x, times=times, solver=solver: invert_ode(bcm, x, times, solver, eps),
+            lambda x, z, times=times, solver=solver: invert_ode(bcm, x, times, solver, eps),
             [one_step, ode_decoder(solver, times)],
             {f"ode-{solver}": (paper_mse, f"EDM ODE inversion + ODE (BCM paper): MSE {paper_mse}, {paper_nfe} NFE")}))
     if noiser is not None:
         solver, steps = CT_INVERSION_DECODER
         inversions.append(Inversion(
-            "ct-inversion", f"g(x0, {eps:g}) -> {T:g}", 1, lambda x: noiser(x, eps),
+            "ct-inversion", f"g(x0, {eps:g}) -> {T:g}", 1, lambda x, z: noiser(x, eps),
             [one_step, ode_decoder(solver, ode_times(steps, ODE_T_MIN, T))],
             {name: (math.nan, reference) for name, reference in CT_INVERSION_REFERENCE.items()}))
 
+    states = stream_states(seed, len(x_all), batch_size, tuple(x_all.shape[1:]))
+
+    def block(start: int, stop: int) -> dict[str, torch.Tensor]:
+        """Per image of ``start .. stop-1``: every row's metrics and seconds (the block's wall time spread over
+        its images), and per inversion the sum and sum of squares of the latent (float64, for ``latent_std``)."""
+        x = x_all[start:stop]
+        generator = torch.Generator()
+        generator.set_state(states[start])
+        z = torch.randn(x.shape, generator=generator)
+        out = {}
+        for k, inversion in enumerate(inversions):
+            inverted = map_batches(inversion.invert, [x, z], len(x), device, progress=False)
+            latents = inverted.output.double().flatten(1)
+            out[f"{k}/latent_sum"], out[f"{k}/latent_sumsq"] = latents.sum(1), latents.pow(2).sum(1)
+            for j, decoder in enumerate(inversion.decoders):
+                decoded = map_batches(decoder.decode, [inverted.output], len(x), device, progress=False)
+                for name, values in image_metrics(decoded.output, x).items():
+                    out[f"{k}/{j}/{name}"] = values
+                out[f"{k}/{j}/seconds"] = torch.full((len(x),), (inverted.seconds + decoded.seconds) / len(x),
+                                                     dtype=torch.float64)
+        return out
+
+    merged = map_blocks(block, len(x_all), batch_size, folder, shard, progress, "reconstruction")
     rows = []
-    for inversion in inversions:
-        inverted = map_batches(inversion.invert, [x_all], batch_size, device,
-                               desc=f"{inversion.method} inversion, NFE {inversion.nfe}", progress=progress)
-        latents, inversion_s = inverted.output, inverted.seconds
-        for decoder in inversion.decoders:
-            decoded = map_batches(decoder.decode, [latents], batch_size, device, desc=f"{decoder.name} decoding",
-                                  progress=progress)
-            reconstructed, decoding_s = decoded.output, decoded.seconds
-            metrics = image_metrics(reconstructed, x_all)
+    for k, inversion in enumerate(inversions):
+        count = x_all.numel()  # the latents' values: images x dimensions
+        mean = merged[f"{k}/latent_sum"].sum() / count
+        variance = (merged[f"{k}/latent_sumsq"].sum() - count * mean * mean) / (count - 1)
+        latent_std = (torch.tensor(variance.sqrt().item(), dtype=torch.float32) / T).item()
+        for j, decoder in enumerate(inversion.decoders):
+            metrics = {name: merged[f"{k}/{j}/{name}"] for name in ("mse", "psnr", "ssim")}
             paper_mse, reference = inversion.references.get(decoder.name, (math.nan, ""))
             rows.append({"method": inversion.method, "decoder": decoder.name, "nfe": inversion.nfe,
                          "decoder_nfe": decoder.nfe, "total_nfe": inversion.nfe + decoder.nfe,
-                         "inversion_times": inversion.times, "latent_std": (latents.std() / T).item(),
+                         "inversion_times": inversion.times, "latent_std": latent_std,
                          "mse": metrics["mse"].mean().item(),
                          "mse_sem": (metrics["mse"].std() / math.sqrt(len(x_all))).item(),
                          "psnr": metrics["psnr"].mean().item(), "ssim": metrics["ssim"].mean().item(),
-                         "s_per_image": (inversion_s + decoding_s) / len(x_all), "paper_mse": paper_mse,
-                         "reference": reference, "mean_image_mse": baseline})
+                         "s_per_image": merged[f"{k}/{j}/seconds"].sum().item() / len(x_all),
+                         "paper_mse": paper_mse, "reference": reference, "mean_image_mse": baseline})
     return pd.DataFrame(rows)
 
 
@@ -232,24 +277,34 @@ def sample_grids(bcm: BCM, count: int, seed: int, device: torch.device) -> dict[
 
 def purified_clean_table(entries: list[Entry], models: dict[str, nn.Module], images: torch.Tensor,
                          labels: torch.Tensor, ids: torch.Tensor, seed: int, batch_size: int,
-                         device: torch.device, bf16: bool = False, progress: bool = True) -> pd.DataFrame:
+                         device: torch.device, bf16: bool = False, progress: bool = True, *, folder: Path,
+                         shard: Shard = Shard()) -> pd.DataFrame:
     """Accuracy of every classifier on the unpurified images and after every defence (purified under bf16
     autocast with ``bf16``, classified in float32).
 
     Each defence purifies the images once (a vote: once per draw) and the purified images are shared by all
-    classifiers; a randomized defence's noise is drawn per image from ``seed`` and ``ids``."""
+    classifiers; a randomized defence's noise is drawn per image from ``seed`` and ``ids``. The images go in
+    blocks of ``batch_size`` (``map_blocks``: saved under ``folder``, split across the ranks of ``shard``), each
+    returning every classifier's decision per image, so the merged accuracies are one process's."""
+    def block(start: int, stop: int) -> dict[str, torch.Tensor]:
+        x, block_ids = as_float(images[start:stop]), ids[start:stop]
+        out = {f"none/{arch}": draws_predictions(model, [x], None, batch_size) for arch, model in models.items()}
+        for k, entry in enumerate(entries):
+            purified = purify_draws(entry.defence, x, block_ids, seed, device, batch_size, bf16, progress=False)
+            for arch, model in models.items():
+                out[f"{k}/{arch}"] = draws_predictions(model, purified, entry.defence, batch_size)
+        return out
+
+    decisions = map_blocks(block, len(images), batch_size, folder, shard, progress,
+                           "clean accuracy after each defence")
     rows = [{"arch": arch, "defence": "none", "family": "none", "t_star": math.nan, "nfe": 0,
-             "accuracy": classifiers.accuracy(model, images, labels, batch_size, device, progress=False)}
-            for arch, model in models.items()]
-    x = as_float(images)
-    for entry in tqdm(entries, desc="clean accuracy after each defence", disable=not progress):
+             "accuracy": decisions_accuracy(decisions[f"none/{arch}"], labels)} for arch in models]
+    for k, entry in enumerate(entries):
         defence = entry.defence
-        purified = purify_draws(defence, x, ids, seed, device, batch_size, bf16, progress=False)
-        for arch, model in models.items():
-            accuracy = draws_accuracy(model, purified, labels, defence, batch_size)
+        for arch in models:
             rows.append({"arch": arch, "defence": defence.spec(), "family": defence.family(),
                          "t_star": math.nan if entry.t_star is None else entry.t_star, "nfe": defence.nfe,
-                         "accuracy": accuracy})
+                         "accuracy": decisions_accuracy(decisions[f"{k}/{arch}"], labels)})
     return pd.DataFrame(rows)
 
 
@@ -384,7 +439,7 @@ class Models:
 @dataclass(frozen=True)
 class Context:
     """What every part shares: the images, where and what it writes (``about``: the reports' opening, ``meta``:
-    the columns every CSV row gets)."""
+    the columns every CSV row gets), and this process's shard of the job (rank 0 writes)."""
     images: torch.Tensor
     labels: torch.Tensor
     ids: torch.Tensor
@@ -392,6 +447,25 @@ class Context:
     about: str
     meta: dict
     device: torch.device
+    shard: Shard
+
+    def blocks_folder(self, part: str, request: QualityRequest, **inputs) -> Path:
+        """Where ``part``'s blocks are saved until its table is written: one folder per part and everything its
+        numbers depend on (the images, seed, device and ``inputs``, e.g. checkpoint ids), so a rerun of the same
+        measurement resumes from the finished blocks and any other starts afresh."""
+        key = dict(part=part, ids=hashlib.sha256(self.ids.numpy().tobytes()).hexdigest(), split=request.split,
+                   data_root=str(request.data_root), seed=request.seed, device=self.device.type, **inputs)
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return self.out / ".blocks" / f"{part}-{digest}"
+
+    def remove_blocks(self, folder: Path) -> None:
+        """Delete ``folder`` once every rank has read it, and ``.blocks`` when nothing else is left in it."""
+        remove_blocks(folder, self.shard)
+        if self.shard.main:
+            try:
+                folder.parent.rmdir()
+            except OSError:
+                pass  # another part's (or another run's) blocks are still there
 
 
 def load_models(request: QualityRequest, device: torch.device) -> Models:
@@ -422,13 +496,14 @@ def load_models(request: QualityRequest, device: torch.device) -> Models:
 
 def quality(request: QualityRequest) -> None:
     """Run the command on validated arguments; a bad checkpoint, data root or value raises OSError/ValueError."""
-    device = start_runtime(request.threads, request.device)
+    shard, device = Shard.join(request.device)
+    device = start_runtime(request.threads, device)
     models = load_models(request, device)
     images, labels, ids = load_split(request.split, request.data_root, request.n, request.seed)
     about = (f"{DATASET}, {len(images)} {request.split} images (seeded subset, seed {request.seed}); BCM checkpoint "
              f"`{request.bcm}` (step {models.step}). Command: `{request.command}`.")
     meta = {"n": len(images), "seed": request.seed, "split": request.split, "checkpoint_step": models.step}
-    context = Context(images, labels, ids, request.out, about, meta, device)
+    context = Context(images, labels, ids, request.out, about, meta, device, shard)
     parts = {"samples": (not request.skip_samples, write_samples),
              "reconstruction": (not request.skip_reconstruction, write_reconstruction),
              "classifiers": (bool(models.classifiers), write_purified_clean)}
@@ -439,11 +514,16 @@ def quality(request: QualityRequest) -> None:
                 started = time.perf_counter()
                 write(request, models, context)
                 timings[part] = time.perf_counter() - started
+    leave_distributed()
+    if not shard.main:
+        return
     print("wall time: " + ", ".join(f"{part} {seconds:.0f} s" for part, seconds in timings.items())
           + f"; results in {request.out}")
 
 
 def write_samples(request: QualityRequest, models: Models, context: Context) -> None:
+    if not context.shard.main:  # a few seeded grids: rank 0 alone
+        return
     nrow = max(1, round(math.sqrt(request.grid)))
     for nfe, grid in sample_grids(models.bcm, request.grid, request.seed, context.device).items():
         write_png(grid, context.out / f"samples_nfe{nfe}.png", nrow)
@@ -458,11 +538,16 @@ def write_table(table: pd.DataFrame, context: Context, name: str, markdown: str)
 
 
 def write_reconstruction(request: QualityRequest, models: Models, context: Context) -> None:
-    bcm, eps = models.bcm, models.bcm.config.eps
-    train_images = load_cifar10("train", request.data_root)[0]
-    mean_image = pixel_mean(train_images)
-    table = reconstruction_table(bcm, context.images, mean_image, request.seed, request.batch_size,
-                                 context.device, not request.no_progress, models.noiser)
+    bcm, eps, shard = models.bcm, models.bcm.config.eps, context.shard
+    folder = context.blocks_folder("reconstruction", request, bcm=file_id(str(request.bcm)),
+                                   noiser=file_id(request.ct_inversion) if request.ct_inversion else "")
+    train_images = load_cifar10("train", request.data_root)[0] if shard.main else None  # rank 0's baseline
+    mean_image = None if train_images is None else pixel_mean(train_images)
+    table = reconstruction_table(bcm, context.images, mean_image, request.seed, request.batch_size, context.device,
+                                 not request.no_progress and shard.main, models.noiser, folder=folder, shard=shard)
+    context.remove_blocks(folder)
+    if not shard.main:
+        return
     ct_note = models.ct_note
     table = write_table(table, context, "reconstruction", (
             f"# Reconstruction (inversion, then generation)\n\n{context.about}\n\n"
@@ -498,8 +583,18 @@ def write_reconstruction(request: QualityRequest, models: Models, context: Conte
 def write_purified_clean(request: QualityRequest, models: Models, context: Context) -> None:
     entries = build_defences(request, request.defences, context.device, t_stars=request.t_stars)
     bf16 = resolve_bf16(request, context.device)
+    shard = context.shard
+    folder = context.blocks_folder(
+        "purified_clean", request, bf16=bf16,
+        defences=[[entry.defence.spec(), entry.checkpoint_id] for entry in entries],
+        classifiers={arch: file_id(str(classifier_path(arch, request.preset, request.classifier_dir)))
+                     for arch in models.classifiers})
     table = purified_clean_table(entries, models.classifiers, context.images, context.labels, context.ids,
-                                 request.seed, request.batch_size, context.device, bf16, not request.no_progress)
+                                 request.seed, request.batch_size, context.device, bf16,
+                                 not request.no_progress and shard.main, folder=folder, shard=shard)
+    context.remove_blocks(folder)
+    if not shard.main:
+        return
     table = write_table(table, context, "purified_clean", (
             f"# Clean accuracy after each defence (%)\n\n{context.about}\n\n"
             f"`bcm`: invert from eps_inv (capped at t*/2) to t* in one step, then denoise in one step; "

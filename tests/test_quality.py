@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -175,6 +180,73 @@ def test_missing_checkpoints_give_clear_errors_or_are_skipped(setup, capsys):
     assert "skipping wrn" in capsys.readouterr().err
     clean = pd.read_csv(setup / "out" / "purified_clean.csv")
     assert set(clean["arch"]) == set(classifiers.ARCHS) - {"wrn"}
+
+
+def test_quality_under_torchrun_writes_what_one_process_writes(setup):
+    """2 ranks (gloo) in blocks of 3 against one process in blocks of 3 and of 8, through randomized purifiers
+    and a vote: every per-image-derived number equal (reconstruction to the last bit in the same blocks, the
+    accuracies in any), rank 0's images the same, and no block files left."""
+    root = Path(__file__).resolve().parent.parent
+    _spread_predictions(setup / "cls")
+    options = ["--defence", "bcm", "denoise", "vote:n=3,base=denoise", "--t-stars", "0.5", "80"]
+    out = setup / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "bench.quality", "--", "--bcm", str(setup / "bcm.pt"), "--n", "20", "--seed", "0",
+               "--grid", "4", "--batch-size", "3", "--data-root", str(setup / "data"), "--classifier-dir",
+               str(setup / "cls"), "--out", str(setup / "sharded"), "--threads", "1", "--no-progress", *options]
+    process = subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True,
+                               env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+    try:
+        _, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the workers too
+        raise
+    assert process.returncode == 0, stderr[-3000:]
+    sharded = _tables(setup / "sharded")
+    _run(setup, "--batch-size", "3", *options)  # later options win: blocks of 3, as the ranks'
+    same_blocks = _tables(out)
+    pngs = {name: (out / name).read_bytes() for name in ["samples_nfe1.png", "samples_nfe4.png",
+                                                           "reconstruction.png", "purified_clean.png"]}
+    _run(setup, *options)  # blocks of 8
+    other_blocks = _tables(out)
+
+    recon, clean = sharded
+    assert len(recon) == 12 and len(clean) == 4 * (1 + 3 * 2) and (recon["s_per_image"] > 0).all()
+    timing = ["s_per_image"]
+    pd.testing.assert_frame_equal(recon.drop(columns=timing), same_blocks[0].drop(columns=timing), check_exact=True)
+    pd.testing.assert_frame_equal(clean, same_blocks[1], check_exact=True)
+    pd.testing.assert_frame_equal(clean, other_blocks[1], check_exact=True)  # decisions do not depend on blocks
+    # other blocks: the network runs on other batches, equal up to float rounding
+    pd.testing.assert_frame_equal(recon.drop(columns=timing), other_blocks[0].drop(columns=timing),
+                                  check_exact=False, rtol=1e-5, atol=0)
+    assert clean["accuracy"].nunique() >= 3  # the accuracies tell the defences and classifiers apart
+    for name, png in pngs.items():  # rank 0 alone draws the samples and the grid, as one process does
+        assert (setup / "sharded" / name).read_bytes() == png, name
+    for folder in (setup / "sharded", out):
+        assert not (folder / ".blocks").exists()
+
+
+def _spread_predictions(folder) -> None:
+    """Rewrite the untrained classifiers with batch-norm statistics of smooth random images, so that they predict
+    many classes and their decisions follow the purifier's noise (untrained statistics give one class for all)."""
+    g = torch.Generator().manual_seed(2)
+    images = torch.nn.functional.interpolate(torch.rand(64, 3, 8, 8, generator=g), size=32, mode="bilinear")
+    for path in folder.glob("*.pt"):
+        checkpoint = torch.load(path, weights_only=True)
+        model = classifiers.build_classifier(checkpoint["arch"], config=TINY)
+        model.load_state_dict(checkpoint["model"])
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.reset_running_stats()
+                module.momentum = None  # the plain mean over the batch
+        with torch.no_grad():
+            model.train()(images)
+        save_checkpoint(dict(checkpoint, model=model.state_dict()), path)
+
+
+def _tables(out) -> tuple[pd.DataFrame, pd.DataFrame]:
+    return pd.read_csv(out / "reconstruction.csv"), pd.read_csv(out / "purified_clean.csv")
 
 
 def test_losscurve_plots_and_summarises_a_denoise_and_a_bct_log(tmp_path, capsys):

@@ -56,7 +56,8 @@ class TransferGrid:
     cell is computed once for all sources. PGD's random start and a randomized defence's noise are drawn per image
     from the seed and the image's index (``ids``), so a cell's numbers depend neither on which cells ran before
     it, nor on the batch size, nor on the number of processes. Block files go under ``blocks`` (a folder every
-    rank sees; required with more than one process) and are removed once the cell is merged.
+    rank sees; required with more than one process, else a temporary folder) and are removed once the cell is
+    merged.
     """
 
     def __init__(self, sources: dict[str, nn.Module], targets: dict[str, nn.Module], images: torch.Tensor,
@@ -71,7 +72,8 @@ class TransferGrid:
         self.images, self.labels = images, labels
         self.ids = torch.arange(len(images)) if ids is None else ids
         self.seed, self.batch_size, self.bf16, self.progress = seed, batch_size, bf16, progress
-        self.shard, self.blocks = shard, None if blocks is None else Path(blocks)
+        self._temporary = tempfile.TemporaryDirectory(ignore_cleanup_errors=True) if blocks is None else None
+        self.shard, self.blocks = shard, Path(blocks if blocks is not None else self._temporary.name)
         self.device = next(next(iter(sources.values())).parameters()).device
         self._outputs: dict[tuple, dict[str, torch.Tensor]] = {}  # per cell, the per-image outputs so far
         self._step_costs: dict[tuple, float] = {}  # per (entry, target): seconds per image of one attack step
@@ -101,14 +103,9 @@ class TransferGrid:
             unit = unit or hashlib.sha256(repr((self.cell(source, eps), needed)).encode()).hexdigest()[:16]
             compute = functools.partial(self._block, source, eps, purifying, targets)
             desc = f"{source} eps {eps}/255" if eps else "clean"
-            if self.blocks is None:
-                with tempfile.TemporaryDirectory() as folder:
-                    have.update(map_blocks(compute, len(self.images), self.batch_size, folder, self.shard,
-                                           self.progress, desc))
-            else:
-                have.update(map_blocks(compute, len(self.images), self.batch_size, self.blocks / unit, self.shard,
-                                       self.progress and self.shard.main, desc))
-                remove_blocks(self.blocks / unit, self.shard)
+            have.update(map_blocks(compute, len(self.images), self.batch_size, self.blocks / unit, self.shard,
+                                   self.progress and self.shard.main, desc))
+            remove_blocks(self.blocks / unit, self.shard)
         return have
 
     def _block(self, source: str, eps: int, entries: list[Entry], targets: list[str], start: int,
@@ -176,10 +173,10 @@ def run_cells(grid: TransferGrid, table: ResultTable, cells: list[tuple[str, int
         if not todo:
             continue
         # what the cell computes, and with which weights, names its block files
-        unit = hashlib.sha256(repr(sorted(table.key(row) + (row["checkpoints"],) for *_, row in todo)).encode())
+        digest = hashlib.sha256(repr(sorted(table.key(row) + (row["checkpoints"],) for *_, row in todo)).encode())
         todo_entries = list({id(entry): entry for entry, *_ in todo}.values())
         todo_targets = [t for t in targets if any(t == target for _, target, _ in todo)]
-        grid.outputs(source, eps, todo_entries, todo_targets, unit.hexdigest()[:16])
+        grid.outputs(source, eps, todo_entries, todo_targets, f"{table.path.stem}-{digest.hexdigest()[:16]}")
         table.add([dict(row, acc_before=grid.before(source, eps, [t])[t],
                         acc_after=grid.after(source, eps, entry, [t])[t],
                         defence_s_per_image=grid.defence_seconds(source, eps, entry),
@@ -233,7 +230,7 @@ def add_grid_arguments(parser: argparse.ArgumentParser, defence_help: str, out_h
 
 def load_grid(request: GridRequest, device: torch.device, shard: Shard = Shard()) -> GridRun:
     """The grid over the classifiers and images ``request`` names (this process's part of a sharded run: its
-    block files next to the results file, under ``.blocks/``)."""
+    block files in ``.blocks/`` next to the results file)."""
     names = list(dict.fromkeys(request.sources + request.targets))
     models = load_classifiers(names, request.preset, request.classifier_dir, device)
     ids = {name: file_id(str(classifier_path(name, request.preset, request.classifier_dir))) for name in names}
@@ -242,7 +239,7 @@ def load_grid(request: GridRequest, device: torch.device, shard: Shard = Shard()
     grid = TransferGrid({s: models[s] for s in request.sources}, {t: models[t] for t in request.targets}, images,
                         labels, ids=image_ids, seed=request.seed, batch_size=request.batch_size,
                         bf16=resolve_bf16(request), progress=not request.no_progress, shard=shard,
-                        blocks=request.out.parent / ".blocks" / request.out.stem)
+                        blocks=request.out.parent / ".blocks")
     return GridRun(grid, ids, dict(preset=request.preset, split=request.split, n=len(images), seed=request.seed))
 
 

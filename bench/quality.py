@@ -458,15 +458,6 @@ class Context:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
         return self.out / ".blocks" / f"{part}-{digest}"
 
-    def remove_blocks(self, folder: Path) -> None:
-        """Delete ``folder`` once every rank has read it, and ``.blocks`` when nothing else is left in it."""
-        remove_blocks(folder, self.shard)
-        if self.shard.main:
-            try:
-                folder.parent.rmdir()
-            except OSError:
-                pass  # another part's (or another run's) blocks are still there
-
 
 def load_models(request: QualityRequest, device: torch.device) -> Models:
     """The BCM, the noiser and the classifiers of ``request``; ValueError for a t* or noiser that does not fit
@@ -545,7 +536,7 @@ def write_reconstruction(request: QualityRequest, models: Models, context: Conte
     mean_image = None if train_images is None else pixel_mean(train_images)
     table = reconstruction_table(bcm, context.images, mean_image, request.seed, request.batch_size, context.device,
                                  not request.no_progress and shard.main, models.noiser, folder=folder, shard=shard)
-    context.remove_blocks(folder)
+    remove_blocks(folder, shard)
     if not shard.main:
         return
     ct_note = models.ct_note
@@ -592,7 +583,7 @@ def write_purified_clean(request: QualityRequest, models: Models, context: Conte
     table = purified_clean_table(entries, models.classifiers, context.images, context.labels, context.ids,
                                  request.seed, request.batch_size, context.device, bf16,
                                  not request.no_progress and shard.main, folder=folder, shard=shard)
-    context.remove_blocks(folder)
+    remove_blocks(folder, shard)
     if not shard.main:
         return
     table = write_table(table, context, "purified_clean", (

@@ -81,7 +81,12 @@ def map_blocks(compute: Callable[[int, int], Result], n: int, batch_size: int, f
 
 
 def remove_blocks(folder: str | Path, shard: Shard = Shard()) -> None:
-    """Delete the block files once every rank has read them (a collective; rank 0 deletes)."""
+    """Delete the block files once every rank has read them, and the folder that holds ``folder`` (e.g. a
+    ``.blocks`` beside the results) when nothing else is left in it (a collective; rank 0 deletes)."""
     shard.barrier()
     if shard.main:
         shutil.rmtree(folder, ignore_errors=True)
+        try:
+            Path(folder).parent.rmdir()
+        except OSError:
+            pass  # other units' blocks (or other files) are still there

@@ -76,7 +76,7 @@ class TransferGrid:
         self.shard, self.blocks = shard, Path(blocks if blocks is not None else self._temporary.name)
         self.device = next(next(iter(sources.values())).parameters()).device
         self._outputs: dict[tuple, dict[str, torch.Tensor]] = {}  # per cell, the per-image outputs so far
-        self._step_costs: dict[tuple, float] = {}  # per (entry, target): seconds per image of one attack step
+        self._step_costs: dict[tuple, float] = {}  # per (defence spec, target): seconds per image of one attack step
 
     @staticmethod
     def cell(source: str, eps: int) -> tuple:
@@ -142,20 +142,26 @@ class TransferGrid:
         seconds = self._outputs.get(self.cell(source, eps), {}).get(f"seconds|{entry.defence.spec()}")
         return None if seconds is None else seconds.sum().item() / len(seconds)
 
-    def step_cost(self, entry: Entry, target: str) -> float:
-        """Seconds per image of one attack step through ``entry``'s defence and ``target`` (measured once)."""
-        key = (id(entry), target)
-        if key not in self._step_costs:
-            self._step_costs[key] = attack_step_cost(entry.defence, self.targets[target], self.images, self.device,
-                                                     self.bf16, self.batch_size)
-        return self._step_costs[key]
+    def step_costs(self, pairs: list[tuple[Entry, str]]) -> list[float]:
+        """Per (entry, target) of ``pairs``, the seconds per image of one attack step through the entry's defence
+        and the target, each measured once. A collective: under ``torchrun`` the ranks time the pairs in turn
+        (pair i on rank i % world, each rank with its own threads), so timing is no serial part of the job."""
+        keys = [(entry.defence.spec(), target) for entry, target in pairs]  # the same on every rank
+        todo = list(dict.fromkeys(key for key in keys if key not in self._step_costs))
+        entries = {entry.defence.spec(): entry for entry, _ in pairs}
+        mine = {key: attack_step_cost(entries[key[0]].defence, self.targets[key[1]], self.images, self.device,
+                                      self.bf16, self.batch_size)
+                for i, key in enumerate(todo) if i % self.shard.world == self.shard.rank}
+        for measured in self.shard.gather(mine):
+            self._step_costs.update(measured)
+        return [self._step_costs[key] for key in keys]
 
 
 def run_cells(grid: TransferGrid, table: ResultTable, cells: list[tuple[str, int]], entries: list[Entry],
               targets: list[str], meta: dict, checkpoint_ids: dict[str, str] | None = None) -> None:
     """Evaluate every (source, eps) of ``cells`` under every defence on ``targets``, skipping rows already in
     ``table`` and writing each finished cell's rows to it at once, with their costs (the attack step's measured
-    by the main process only). ``meta`` holds the columns that are the same for every row (preset, n, seed);
+    in turn by the ranks). ``meta`` holds the columns that are the same for every row (preset, n, seed);
     ``checkpoint_ids`` maps model names to weight ids."""
     ids = checkpoint_ids or {}
     bar = tqdm(cells, desc="cells", disable=not (grid.progress and grid.shard.main))
@@ -177,11 +183,11 @@ def run_cells(grid: TransferGrid, table: ResultTable, cells: list[tuple[str, int
         todo_entries = list({id(entry): entry for entry, *_ in todo}.values())
         todo_targets = [t for t in targets if any(t == target for _, target, _ in todo)]
         grid.outputs(source, eps, todo_entries, todo_targets, f"{table.path.stem}-{digest.hexdigest()[:16]}")
+        steps = grid.step_costs([(entry, t) for entry, t, _ in todo])
         table.add([dict(row, acc_before=grid.before(source, eps, [t])[t],
                         acc_after=grid.after(source, eps, entry, [t])[t],
-                        defence_s_per_image=grid.defence_seconds(source, eps, entry),
-                        step_s_per_image=grid.step_cost(entry, t) if grid.shard.main else None)
-                   for entry, t, row in todo])
+                        defence_s_per_image=grid.defence_seconds(source, eps, entry), step_s_per_image=step)
+                   for (entry, t, row), step in zip(todo, steps)])
 
 
 @dataclass(frozen=True)

@@ -402,7 +402,8 @@ def test_cpu_allocated_peak_is_what_a_function_holds_at_once():
 def test_bench_transfer_under_torchrun_writes_what_one_process_writes(checkpoints, tmp_path):
     """2 ranks (gloo) in blocks of 3 against one process in blocks of 2: the same accuracies for PGD crafted on
     the source (random starts drawn per image), a randomized purifier, a vote of two of its draws and a
-    deterministic transform; one CSV, written by rank 0, and no leftover block files."""
+    deterministic transform; one CSV, written by rank 0, and no leftover block files. The attack-step costs are
+    timed by the ranks in turn and every row gets its own."""
     import subprocess
     import sys
     root = Path(__file__).resolve().parent.parent
@@ -423,3 +424,7 @@ def test_bench_transfer_under_torchrun_writes_what_one_process_writes(checkpoint
     one, two = frames[1][columns], frames[2][columns]
     assert len(one) == 2 * 2 * 4 and one.acc_after.nunique() > 2  # not all equal: the comparison means something
     pd.testing.assert_frame_equal(one, two)
+    for frame in frames.values():
+        assert (frame.step_s_per_image > 0).all()
+        by_pair = frame.groupby(["defence", "target"]).step_s_per_image
+        assert (by_pair.nunique() == 1).all() and by_pair.first().nunique() > 4  # once per pair, each measured

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 import classifiers
 from attacks import craft, paper_pgd
-from purify.infra.runtime import leave_distributed
+from purify.infra.runtime import gather_objects, leave_distributed
 from purify.infra.shards import Shard, map_blocks, remove_blocks
 
 from .batches import decisions_accuracy, draws_predictions, purify_draws
@@ -152,7 +152,7 @@ class TransferGrid:
         mine = {key: attack_step_cost(entries[key[0]].defence, self.targets[key[1]], self.images, self.device,
                                       self.bf16, self.batch_size)
                 for i, key in enumerate(todo) if i % self.shard.world == self.shard.rank}
-        for measured in self.shard.gather(mine):
+        for measured in gather_objects(mine):
             self._step_costs.update(measured)
         return [self._step_costs[key] for key in keys]
 

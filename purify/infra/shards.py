@@ -48,14 +48,6 @@ class Shard:
         if self.world > 1:
             torch.distributed.barrier()
 
-    def gather(self, value: object) -> list:
-        """Every rank's ``value`` (any picklable object), in rank order, on every rank (a collective)."""
-        if self.world == 1:
-            return [value]
-        values = [None] * self.world
-        torch.distributed.all_gather_object(values, value)
-        return values
-
 
 def blocks(n: int, batch_size: int) -> list[tuple[int, int]]:
     """``(start, stop)`` of every block of ``batch_size`` positions out of ``n``."""

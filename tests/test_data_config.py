@@ -2,6 +2,7 @@
 import os
 from dataclasses import dataclass, field
 
+import pandas as pd
 import pytest
 import torch
 
@@ -111,3 +112,20 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
     with pytest.raises(ValueError, match="corrupt"):
         load_checkpoint(tmp_path / "bad.pt")
     assert sorted(os.listdir(tmp_path)) == ["bad.pt", "c.pt"]  # no temporary files left behind
+
+
+def test_every_shipped_preset_loads_and_the_gpu_continuation_starts_where_the_shipped_model_stopped():
+    """Every YAML under configs/bcm is a valid preset. The GPU continuation recipe trains the shipped weights on
+    at the N they stopped at (41, the shipped log's last), for 4,000 steps, then at 81, never above."""
+    from purify.bct import curriculum_boundaries
+    from purify.infra.paths import REPO_ROOT
+
+    names = sorted(path.stem for path in (REPO_ROOT / "configs" / "bcm").glob("*.yaml"))
+    assert "cifar10-small-gpu-continue" in names
+    presets = {name: load_preset(name) for name in names}
+    shipped_n = int(pd.read_csv(REPO_ROOT / "results" / "bcm" / "cifar10-small-2-bct-log.csv").N.iloc[-1])
+    preset = presets["cifar10-small-gpu-continue"]
+    loss, train = preset.loss, preset.train
+    n_at = [curriculum_boundaries(k, train.curriculum_steps, loss.s0, loss.s1) for k in (0, 3_999, 4_000, 99_999)]
+    assert n_at == [shipped_n, shipped_n, 81, 81]
+    assert train.batch_size == 512 and train.warmup_steps > 0 and train.n_val == 1000

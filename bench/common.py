@@ -46,8 +46,9 @@ COLUMNS = KEY + ["family", "t_star", "nfe", "acc_before", "acc_after", "defence_
                  "checkpoints"]
 DEFENCE_HELP = ("defence(s) after the attack, each NAME or NAME:key=value,... or a YAML file (a path, or a name "
                 "under configs/defences/): none; bcm (invert eps_inv -> t* in one step, then f(., t*, 0): the "
-                "paper's purifier; t_star, eps_inv, inversion_times, denoise_times, rounds); denoise (x + t* z, then "
-                "f(., t*, 0); t_star, rounds); diffusion (DiffPure-style with the same network: x + t* z, then 100 "
+                "paper's purifier; t_star, eps_inv, inversion_times, denoise_times, rounds, t_star_max: each image's t* "
+                "drawn log-uniformly in [t_star, t_star_max]); denoise (x + t* z, then f(., t*, 0); t_star, rounds, "
+                "t_star_max); diffusion (DiffPure-style with the same network: x + t* z, then 100 "
                 "reverse-SDE steps; t_star, steps, solver=sde|ode); jpeg (quality); bits (bits); median (size); vote "
                 "(majority of n purifications by base; base, n, how=majority|logits and the base's options). "
                 "The BCM defences default to the checkpoint's t* and eps_inv")

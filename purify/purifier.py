@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -157,6 +158,9 @@ class BCMPurifier(_NoisyDefence):
         rounds: purify this many times in a row, each round from the last one's output with fresh noise
             (invert, denoise, re-noise: the zigzag idea of Algorithm 4 applied to purification); ``rounds``
             times the network evaluations.
+        t_star_max: when given, every image (and round) gets its own strength, drawn log-uniformly in
+            ``[t_star, t_star_max]`` from one more standard normal of its noise (``Phi`` of it is the position
+            on the log scale), with its own ``eps_inv`` cap; one-step inversion and denoising only.
         seed: when given, noise comes from a generator seeded with it (``reseed()`` restarts the stream), so
             an evaluation is reproducible; otherwise from torch's global RNG. ``with purifier.fixed_noise(z)``
             uses the given noise instead (e.g. ``image_noise``: drawn per image, independent of batching).
@@ -167,7 +171,8 @@ class BCMPurifier(_NoisyDefence):
 
     def __init__(self, bcm: BCM, t_star: float = 80.0, eps_inv: float = 0.11,
                  inversion_times: Sequence[float] = (), denoise_times: Sequence[float] = (),
-                 mode: str = "bcm", rounds: int = 1, seed: int | None = None, recompute: bool = False):
+                 mode: str = "bcm", rounds: int = 1, seed: int | None = None, recompute: bool = False,
+                 t_star_max: float | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
@@ -196,6 +201,13 @@ class BCMPurifier(_NoisyDefence):
         if any(not a < b for a, b in zip([eps, *times], times)):
             raise ValueError(f"denoise_times must increase strictly within ({eps}, t_star={t_star:g}), "
                              f"got {list(times[:-1])}")
+        self.t_star_max = None if t_star_max is None else float(t_star_max)
+        if t_star_max is not None:
+            if not self.t_star < self.t_star_max <= T:
+                raise ValueError(f"t_star_max must be in (t_star={t_star:g}, {T}], got {t_star_max}")
+            if inversion_times or denoise_times:
+                raise ValueError("a t* drawn per image (t_star_max) needs one-step inversion and denoising: "
+                                 "drop inversion_times and denoise_times")
 
     @property
     def name(self) -> str:
@@ -209,13 +221,16 @@ class BCMPurifier(_NoisyDefence):
     def settings(self) -> dict:
         out = {"t_star": self.t_star}
         if self.mode == "bcm":
-            out["eps_inv"] = self.eps_inv
+            # with t_star_max, the cap at t*/2 is applied per image: the spec names the eps_inv asked for
+            out["eps_inv"] = self.eps_inv if self.t_star_max is None else self.eps_inv_option
             if len(self.inversion_times) > 2:
                 out["inversion_times"] = self.inversion_times[1:-1]
         if len(self.denoise_times) > 1:
             out["denoise_times"] = self.denoise_times[:-1]
         if self.rounds > 1:
             out["rounds"] = self.rounds
+        if self.t_star_max is not None:
+            out["t_star_max"] = self.t_star_max
         return out
 
     def family(self) -> str:
@@ -223,8 +238,15 @@ class BCMPurifier(_NoisyDefence):
         return super().family().replace(f"eps_inv={self.eps_inv:g}", f"eps_inv={self.eps_inv_option:g}")
 
     def noise_shape(self, image_shape: Sequence[int]) -> tuple[int, ...]:
-        """One image's noise per round: the image's shape, with a leading round axis for ``rounds > 1``."""
-        return tuple(image_shape) if self.rounds == 1 else (self.rounds, *image_shape)
+        """One image's noise per round: the image's shape (with ``t_star_max``, flattened, plus one value for
+        its t*), with a leading round axis for ``rounds > 1``."""
+        per_round = tuple(image_shape) if self.t_star_max is None else (math.prod(image_shape) + 1,)
+        return per_round if self.rounds == 1 else (self.rounds, *per_round)
+
+    def sampled_t_star(self, z: torch.Tensor) -> torch.Tensor:
+        """The per-image strengths of ``t_star_max``: ``t_star (t_star_max / t_star) ** Phi(z)`` for standard
+        normal ``z``, log-uniform in ``[t_star, t_star_max]``."""
+        return self.t_star * (self.t_star_max / self.t_star) ** torch.special.ndtr(z.float())
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu", **kwargs) -> "BCMPurifier":
@@ -240,18 +262,31 @@ class BCMPurifier(_NoisyDefence):
         x = images * 2 - 1
         for r in range(self.rounds):
             z = noise if self.rounds == 1 else noise[:, r]
-            if self.mode == "bcm":
-                x_t = invert(self.bcm, x, self.inversion_times, noise=z)
+            if self.t_star_max is not None:
+                x = self._purify_sampled(x, z)
             else:
-                x_t = x + self.t_star * z
-            x = sample_ancestral(self.bcm, x_t, self.denoise_times, eps=self.bcm.config.eps)
+                x_t = invert(self.bcm, x, self.inversion_times, noise=z) if self.mode == "bcm" else x + self.t_star * z
+                x = sample_ancestral(self.bcm, x_t, self.denoise_times, eps=self.bcm.config.eps)
             x = clamp_straight_through(x, -1, 1)
         return (x + 1) / 2
+
+    def _purify_sampled(self, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """One round of ``t_star_max``: each image's t* from the last value of its ``noise``, the rest as the
+        image's noise; one-step inversion from ``min(eps_inv, t*/2)`` (or ``x + t* z`` in ``denoise`` mode), then
+        ``f(., t*, eps)``, as ``purify`` does at a single t*."""
+        z, t_star = noise[:, :-1].reshape(x.shape), self.sampled_t_star(noise[:, -1]).to(x.device)
+        per_image = lambda t: t.to(x.dtype).view(-1, *[1] * (x.dim() - 1))  # noqa: E731
+        if self.mode == "bcm":
+            eps_inv = torch.clamp(t_star / 2, max=self.eps_inv_option)
+            x_t = self.bcm(x + per_image(eps_inv) * z, eps_inv, t_star)
+        else:
+            x_t = x + per_image(t_star) * z
+        return self.bcm(x_t, t_star, torch.full_like(t_star, self.bcm.config.eps))
 
     def extra_repr(self) -> str:
         return (f"mode={self.mode}, t_star={self.t_star}, eps_inv={self.eps_inv}, "
                 f"inversion_times={self.inversion_times}, denoise_times={self.denoise_times}, rounds={self.rounds}, "
-                f"seed={self.seed}")
+                f"t_star_max={self.t_star_max}, seed={self.seed}")
 
 
 class DiffusionPurifier(_NoisyDefence):

@@ -132,3 +132,31 @@ def test_reconstruct_inverts_then_generates_from_the_last_time(exact_bcm, mu, ti
     torch.testing.assert_close(got, y.clamp(-1, 1), rtol=1e-4, atol=1e-4)
     mse = reconstruction_mse(exact_bcm, x0, times, eps=EPS, generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(mse, ((y.clamp(-1, 1) - x0) / 2).pow(2).flatten(1).mean(1), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["bcm", "denoise"])
+def test_a_t_star_drawn_per_image_is_log_uniform_and_purifies_each_image_at_its_own(exact_bcm, mu, images, mode):
+    """``t_star_max``: image i's t* is ``t_star (t_star_max / t_star) ** Phi(zeta_i)`` with zeta_i the last value
+    of its noise: 0.1 (zeta -9), the geometric mean 0.2 (zeta 0), 0.4 (zeta 9), 0.1 * 4 ** 0.25 (zeta at the first
+    quartile). The exact purifier then gives ``mu + r(eps)/r(e_i) (x + e_i z - mu)`` with e_i = min(eps_inv, t_i/2)
+    (the inversion's start, capped per image) in ``bcm`` mode and e_i = t_i in ``denoise`` mode."""
+    purifier = BCMPurifier(exact_bcm, t_star=0.1, t_star_max=0.4, eps_inv=0.11, mode=mode)
+    assert purifier.noise_shape((3, 8, 8)) == (3 * 8 * 8 + 1,) and purifier.nfe == (2 if mode == "bcm" else 1)
+    # the spec names the eps_inv asked for, capped per image (at the lowest t* it would read 0.05)
+    assert purifier.spec() == ("bcm(eps_inv=0.11, t_star=0.1, t_star_max=0.4)" if mode == "bcm"
+                               else "denoise(t_star=0.1, t_star_max=0.4)")
+    z = seeded_noise(images.shape, 11)
+    zeta = torch.tensor([-9.0, 0.0, 9.0, -0.6744897501960817])
+    t = torch.tensor([0.1, 0.2, 0.4, 0.1 * 4 ** 0.25])
+    torch.testing.assert_close(purifier.sampled_t_star(zeta), t, rtol=1e-6, atol=1e-7)
+    with purifier.fixed_noise(torch.cat([z.flatten(1), zeta[:, None]], 1)):
+        out = purifier(images)
+    e = (t / 2).clamp(max=0.11) if mode == "bcm" else t
+    e = e.view(-1, 1, 1, 1).double()
+    y = mu + torch.tensor([r(EPS)]).double() / (S**2 + e**2).sqrt() * (images * 2 - 1 + e * z - mu)
+    torch.testing.assert_close(out, ((y + 1) / 2).clamp(0, 1).float(), rtol=1e-4, atol=2e-5)
+    assert BCMPurifier(exact_bcm, t_star=0.1, t_star_max=0.4, rounds=2).noise_shape((3, 8, 8)) == (2, 193)
+    with pytest.raises(ValueError, match="t_star_max must be in"):
+        BCMPurifier(exact_bcm, t_star=0.4, t_star_max=0.4)
+    with pytest.raises(ValueError, match="one-step"):
+        BCMPurifier(exact_bcm, t_star=0.4, t_star_max=1.0, denoise_times=[0.2])

@@ -82,7 +82,7 @@ class Setting:
         defence = self.defence
         return dict(suite=SUITE, preset=self.run.preset, defence=defence.spec(), family=defence.family(),
                     nfe=defence.nfe, t_star=getattr(defence, "t_star", None),
-                    eps_inv=defence.eps_inv if defence.name == "bcm" else None, target=self.target,
+                    eps_inv=defence.settings()["eps_inv"] if defence.name == "bcm" else None, target=self.target,
                     split=self.run.split, n=len(self.images),
                     data_seed=self.run.seed, eps=0 if threat == "clean" else self.eps, protocol=protocol.name,
                     threat=threat, attack=name, steps=steps, eot=eot, restarts=restarts, evals=protocol.evals,

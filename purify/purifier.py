@@ -274,14 +274,14 @@ class BCMPurifier(_NoisyDefence):
         """One round of ``t_star_max``: each image's t* from the last value of its ``noise``, the rest as the
         image's noise; one-step inversion from ``min(eps_inv, t*/2)`` (or ``x + t* z`` in ``denoise`` mode), then
         ``f(., t*, eps)``, as ``purify`` does at a single t*."""
-        z, t_star = noise[:, :-1].reshape(x.shape), self.sampled_t_star(noise[:, -1]).to(x.device)
+        z, t_star = noise[:, :-1].reshape(x.shape), self.sampled_t_star(noise[:, -1])  # on x's device, as the noise
         per_image = lambda t: t.to(x.dtype).view(-1, *[1] * (x.dim() - 1))  # noqa: E731
         if self.mode == "bcm":
             eps_inv = torch.clamp(t_star / 2, max=self.eps_inv_option)
             x_t = self.bcm(x + per_image(eps_inv) * z, eps_inv, t_star)
         else:
             x_t = x + per_image(t_star) * z
-        return self.bcm(x_t, t_star, torch.full_like(t_star, self.bcm.config.eps))
+        return self.bcm(x_t, t_star, self.bcm.config.eps)
 
     def extra_repr(self) -> str:
         return (f"mode={self.mode}, t_star={self.t_star}, eps_inv={self.eps_inv}, "

@@ -11,7 +11,8 @@ written before held them under ``ema`` and still load. A release file can be re-
 another t*): it keeps its weights and their origin. ``--t-star``/``--eps-inv`` record the purifier defaults
 of the preset (e.g. the best value of its trade-off curve). A CT Inversion noiser's training checkpoint (kind
 ``noiser``) exports the same way, to a release file that ``purify.noiser.load_noiser`` reads (it has no purifier
-defaults to record).
+defaults to record). ``--half`` stores the weights in float16, half the file (they load into a float32 network,
+rounded to float16's 11 significant bits): the size in which trained models ship.
 """
 from __future__ import annotations
 
@@ -31,9 +32,10 @@ WEIGHT_ENTRIES = {"ema": "ema", "online": "model"}
 
 
 def export(source: str, target: str, t_star: float | None = None, eps_inv: float | None = None,
-           weights: str | None = None) -> dict:
+           weights: str | None = None, half: bool = False) -> dict:
     """Write the release file ``target`` from the training checkpoint or release file ``source``; ``weights``
-    (``"ema"``, the default, or ``"online"``) picks a training checkpoint's weights."""
+    (``"ema"``, the default, or ``"online"``) picks a training checkpoint's weights; ``half`` stores the floating
+    weights in float16."""
     if weights is not None and weights not in WEIGHT_ENTRIES:
         raise ValueError(f"weights must be 'ema' or 'online', got {weights!r}")
     state = load_checkpoint(source, ("kind", "config", "step"))
@@ -63,6 +65,8 @@ def export(source: str, target: str, t_star: float | None = None, eps_inv: float
     # give a valid schedule
     model = Noiser(preset.model) if kind == NOISER_KIND else BCM(preset.model)
     load_state_dict_strict(model, shipped, str(source))
+    if half:
+        shipped = {name: value.half() if value.is_floating_point() else value for name, value in shipped.items()}
     if kind == "bcm":
         BCMPurifier(model, preset.purifier.t_star, preset.purifier.eps_inv)
     release = {"kind": kind, "config": to_dict(preset), "weights": shipped, "weights_from": origin,
@@ -81,14 +85,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weights", choices=tuple(WEIGHT_ENTRIES), default=None,
                         help="ship a training checkpoint's EMA (default) or online weights; a release file keeps "
                              "the weights it holds")
+    parser.add_argument("--half", action="store_true",
+                        help="store the weights in float16: half the file, loaded into float32 networks")
     args = parser.parse_args(argv)
     try:
-        release = export(args.source, args.target, args.t_star, args.eps_inv, args.weights)
+        release = export(args.source, args.target, args.t_star, args.eps_inv, args.weights, args.half)
     except (OSError, ValueError) as err:  # missing, corrupt or mismatched checkpoint, unwritable target: one line
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     what = (f"purifier {release['config']['purifier']}" if release["kind"] == "bcm"
             else "a CT Inversion noiser")
-    print(f"wrote {args.target}: {release['weights_from']} weights of step {release['step']}, {what}")
+    precision = "float16 " if args.half else ""
+    print(f"wrote {args.target}: {release['weights_from']} {precision}weights of step {release['step']}, {what}")
 
 
 if __name__ == "__main__":

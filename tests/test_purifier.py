@@ -156,6 +156,25 @@ def test_export_keeps_ema_and_records_the_purifier_default(tmp_path, tiny_images
         export(str(tmp_path / "run" / "checkpoint.pt"), str(tmp_path / "x.pt"), weights="swa")
 
 
+def test_a_half_precision_release_is_half_the_file_and_purifies_like_the_float32_one(tmp_path, tiny_images):
+    from purify.export import export, main
+    from purify.train import Trainer
+
+    trainer = Trainer(tiny_preset(), tmp_path / "run", images=tiny_images)
+    trainer.run(max_steps=2, progress=False)
+    export(str(tmp_path / "run" / "checkpoint.pt"), str(tmp_path / "full.pt"))
+    main([str(tmp_path / "full.pt"), str(tmp_path / "half.pt"), "--half"])   # a release re-exported in half
+    stored = torch.load(tmp_path / "half.pt", weights_only=True)["weights"]
+    assert {value.dtype for value in stored.values() if value.is_floating_point()} == {torch.float16}
+    assert (tmp_path / "half.pt").stat().st_size < 0.6 * (tmp_path / "full.pt").stat().st_size
+    full, half = (BCMPurifier.from_checkpoint(tmp_path / name, seed=0) for name in ("full.pt", "half.pt"))
+    assert next(half.bcm.parameters()).dtype == torch.float32
+    for name, value in full.bcm.state_dict().items():  # each weight rounded to float16, nothing else changed
+        assert torch.equal(half.bcm.state_dict()[name], value.half().to(value.dtype))
+    images = tiny_images[:4].float() / 255
+    assert (half(images) - full(images)).abs().max() < 1e-2
+
+
 def test_small_strengths_cap_the_initial_noise(tiny_bcm):
     purifier = BCMPurifier(tiny_bcm, t_star=0.1)
     assert purifier.inversion_times == [0.05, 0.1]

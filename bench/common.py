@@ -302,6 +302,18 @@ class ResultTable:
         old = self.rows.get(self.key(row))
         return old is not None and old["checkpoints"] == text(row["checkpoints"])
 
+    def refuse_mixing(self, row: dict, columns: tuple[str, ...]) -> None:
+        """Raise ``ValueError`` if the cell of ``row`` is in the table, for the same checkpoints, with another
+        value in one of ``columns`` (settings outside the key, such as the precision or a seed): resuming would
+        pass the old cell off as this run's, and recomputing would overwrite it."""
+        old = self.rows.get(self.key(row))
+        if old is None or old["checkpoints"] != text(row["checkpoints"]):
+            return
+        for column in columns:
+            if old[column] != text(row[column]):
+                raise ValueError(f"{self.path} holds this setting ({', '.join(filter(None, self.key(row)))}) with "
+                                 f"{column} = {old[column]}, this run has {text(row[column])}; write to another --out")
+
     def add(self, rows: list[dict]) -> None:
         for row in rows:
             self.rows[self.key(row)] = {column: text(row[column]) for column in self.columns}

@@ -275,6 +275,27 @@ def test_bench_adaptive_grid_scores_and_resumes(checkpoints, tmp_path, monkeypat
     after = pd.read_csv(out).drop(columns=["wall_s", "s_per_image", "purify_s_per_image", "step_s_per_image"])
     assert after.equals(frame.drop(columns=["wall_s", "s_per_image", "purify_s_per_image", "step_s_per_image"]))
 
+    # another precision or seed is another experiment: refused, not passed off as the stored cells or mixed in
+    final = out.read_text()
+    capsys.readouterr()
+    for flag, column in (("--bf16", "bf16"), ("--attack-seed=1", "attack_seed"), ("--eval-seed=2", "eval_seed")):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.adaptive.main(adaptive_args(checkpoints, out, flag))
+        assert exit_info.value.code == 2 and f"with {column} = " in capsys.readouterr().err
+    assert out.read_text() == final
+
+
+def test_unfinished_blocks_are_named_by_precision_and_seeds_finished_units_are_not():
+    """A unit's unfinished blocks must not be picked up by a run with another precision or seed; its finished
+    predictions keep the name they had before the run columns existed (the results file refuses the mixing)."""
+    from bench.whitebox.schema import KEY, unit_id
+
+    row = {column: "x" for column in KEY} | {"checkpoints": "c", "bf16": False, "attack_seed": 0, "eval_seed": 1}
+    for change in ({"bf16": True}, {"attack_seed": 1}, {"eval_seed": 2}):
+        assert unit_id(row | change) == unit_id(row)
+        assert unit_id(row | change, run_columns=True) != unit_id(row, run_columns=True)
+    assert unit_id(row | {"t_star": "y"}) != unit_id(row)
+
 
 def test_retime_rewrites_only_the_selected_settings_costs(checkpoints, tmp_path, monkeypatch, capsys):  # noqa: F811
     out = tmp_path / "adaptive.csv"

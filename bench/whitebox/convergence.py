@@ -14,7 +14,7 @@ from ..common import DATASET, ResultTable, write_text
 from ..intervals import bootstrap_interval
 from .config import Run
 from .grid import measure_costs
-from .schema import COLUMNS, KEY, unit_id
+from .schema import COLUMNS, KEY, RUN_COLUMNS, unit_id
 from .setting import Setting, Workload
 
 
@@ -30,6 +30,7 @@ def convergence(run: Run) -> None:
     correct = {}
     for steps, eot in run.convergence:
         base = dict(setting.row("pgd-margin"), steps=steps, eot=eot)
+        table.refuse_mixing(dict(base, scoring="single"), RUN_COLUMNS)
         cache = run.out.with_name("convergence-predictions") / f"{unit_id(base)}-{steps}x{eot}.pt"
         predictions, wall = budget_predictions(setting, table, base, cache)
         correct[steps, eot] = correct_by_scoring(predictions, setting.labels)

@@ -27,7 +27,7 @@ from ..intervals import bootstrap_interval
 from ..ledger import append_ledger
 from .config import Run
 from .report import markdown, paired_differences, plot
-from .schema import COLUMNS, KEY, numeric_adaptive, unit_id
+from .schema import COLUMNS, KEY, RUN_COLUMNS, numeric_adaptive, unit_id
 from .setting import Setting, Workload
 
 
@@ -93,6 +93,8 @@ def run_setting(setting: Setting, table: ResultTable, cache_dir: Path, costs: di
     now."""
     correct: dict[str, dict[str, torch.Tensor]] = {}
     ran = False
+    for threat in setting.threats:  # before any work: a results file holds one precision and one pair of seeds
+        table.refuse_mixing(dict(setting.row(threat), scoring="single"), RUN_COLUMNS)
     for threat in setting.threats:
         base = setting.row(threat)
         path = cache_dir / f"{unit_id(base)}.pt"
@@ -115,7 +117,7 @@ def run_setting(setting: Setting, table: ResultTable, cache_dir: Path, costs: di
             if threat == "clean" and setting.eps != setting.run.eps[0]:
                 continue  # clean rows do not depend on eps: computed once, with the first eps
             started = time.monotonic()
-            blocks = cache_dir / ".blocks" / unit_id(base)
+            blocks = cache_dir / ".blocks" / unit_id(base, run_columns=True)
             merged = map_blocks(lambda start, stop: attack_block(setting.part(start, stop), threat),
                                 len(setting.images), setting.run.batch_size, blocks, shard, setting.run.progress,
                                 threat)

@@ -16,14 +16,17 @@ KEY = ["suite", "preset", "defence", "t_star", "eps_inv", "target", "split", "n"
 COLUMNS = KEY + ["family", "nfe", "attack", "steps", "eot", "restarts", "evals", "attack_seed", "eval_seed", "bf16",
                  "accuracy", "ci_low", "ci_high", "wall_s", "s_per_image", "purify_s_per_image", "step_s_per_image",
                  "checkpoints"]
+# settings outside the key that change a unit's results: one results file holds one value of each
+RUN_COLUMNS = ("bf16", "attack_seed", "eval_seed")
 # the columns every row of one setting (defence before target, on the same images and suite) shares
 SETTING_COLUMNS = ("suite", "preset", "defence", "target", "split", "n", "data_seed", "protocol", "bf16", "checkpoints")
 
 
-def unit_id(row: dict) -> str:
-    """A file name for one (setting, threat) unit's per-image predictions."""
-    key = json.dumps({k: str(row[k]) for k in KEY if k != "scoring"} | {"checkpoints": row["checkpoints"]},
-                     sort_keys=True)
+def unit_id(row: dict, run_columns: bool = False) -> str:
+    """A file name for one (setting, threat) unit's per-image predictions; with ``run_columns``, for its
+    unfinished blocks, which a run with another precision or seed must not pick up."""
+    columns = [k for k in KEY if k != "scoring"] + ["checkpoints"] + (list(RUN_COLUMNS) if run_columns else [])
+    key = json.dumps({k: str(row[k]) for k in columns}, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 

@@ -43,6 +43,7 @@ Markdown table and a PNG (accuracy against t*). Reruns resume: finished (setting
     python -m bench.adaptive --sanity --split val --n 50                        # Carlini et al.'s sanity checks
     python -m bench.adaptive --convergence 20x4 40x8 --split val --n 500       # does doubling the budget add?
     python -m bench.adaptive --retime --target preact --t-stars 0.5 1 --n 200  # re-measure the costs
+    python -m bench.adaptive --split val --n 100 --bf16 --out bf16.csv --compare fp32.csv   # does bf16 agree?
 """
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ import classifiers
 from attacks import PROTOCOLS, SUITE
 
 from .common import DEFENCE_HELP, add_common_arguments, add_split_argument, run_command
+from .whitebox.compare import compare
 from .whitebox.config import Run
 from .whitebox.convergence import convergence
 from .whitebox.grid import evaluate
@@ -60,7 +62,7 @@ from .whitebox.retime import retime
 from .whitebox.sanity import sanity
 from .whitebox.schema import THREATS
 
-COMMANDS = {"grid": evaluate, "sanity": sanity, "convergence": convergence, "retime": retime}
+COMMANDS = {"grid": evaluate, "sanity": sanity, "convergence": convergence, "retime": retime, "compare": compare}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -117,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="instead of the grid: re-measure the costs (defend + classify, one attack step) of every "
                              "selected setting already in --out, in this one process, and write them into its rows, so "
                              "that costs first measured on different machines or under different load compare")
+    parser.add_argument("--compare", metavar="CSV", default=None,
+                        help="instead of the grid: compare the selected settings in --out with the same settings in "
+                             "CSV (e.g. --bf16 against float32, or another --attack-seed), image by image: per threat "
+                             "and scoring the paired difference with its 95%% interval, written to "
+                             "<out>-vs-<CSV>.md")
     parser.add_argument("--export-adversarial", metavar="DIR", default=None,
                         help="also write each newly attacked (configuration, threat)'s adversarial images, with ids "
                              "and labels, to DIR/<target>-<defence>-eps<k>-<threat>.pt, for re-scoring elsewhere")

@@ -285,6 +285,64 @@ def test_bench_adaptive_grid_scores_and_resumes(checkpoints, tmp_path, monkeypat
     assert out.read_text() == final
 
 
+def test_compare_pairs_two_results_files_image_by_image(checkpoints, tmp_path, capsys):  # noqa: F811
+    """A second file that is the first with another attack seed and two images' margin-PGD predictions turned
+    around: per threat and scoring, the paired difference of the stored per-image correctness is exactly what
+    those two images make it (0 elsewhere), and `worst` is recomputed from both files' threats."""
+    import shutil
+
+    from attacks import correct_by_scoring
+    from bench.whitebox.compare import compare
+    from bench.whitebox.config import Run
+
+    args = [*checkpoints, "--n", "6", "--batch-size", "6", "--t-stars", "1", "--threats", "clean", "pgd-margin",
+            "pgd-ce"]
+    bench.adaptive.main([*args, "--out", str(tmp_path / "a.csv")])
+    shutil.copytree(tmp_path / "a-predictions", tmp_path / "b-predictions")
+    frame = pd.read_csv(tmp_path / "a.csv")
+    frame.assign(attack_seed=1).to_csv(tmp_path / "b.csv", index=False)
+    labels = bench.common.load_split("test", checkpoints[checkpoints.index("--data-root") + 1], 6, 0)[1]
+    stored = {}
+    for name in "ab":
+        for f in (tmp_path / f"{name}-predictions").glob("*.pt"):
+            unit = torch.load(f, weights_only=True)
+            stored[name, unit["row"]["threat"]] = (f, unit)
+    worst_a = torch.minimum(*(correct_by_scoring(stored["a", t][1]["predictions"].long(), labels)["vote"]
+                              for t in ("pgd-margin", "pgd-ce")))
+    for threat in ("pgd-margin", "pgd-ce"):
+        path, unit = stored["b", threat]
+        for i in (0, 1):  # all N evaluations right where the first file's worst was wrong, and vice versa
+            unit["predictions"][:, i] = int(labels[i] + 1) % 10 if worst_a[i] else int(labels[i])
+        torch.save(unit, path)
+
+    argv = [*args, "--out", str(tmp_path / "a.csv"), "--compare", str(tmp_path / "b.csv")]
+    rows = compare(Run.from_args(bench.adaptive.build_parser().parse_args(argv), argv))
+    by = {(r["threat"], r["scoring"]): r for r in rows}
+    assert set(by) == {(t, s) for t in ("clean", "pgd-margin", "pgd-ce", "worst") for s in SCORINGS}
+    per = {(name, threat): correct_by_scoring(stored[name, threat][1]["predictions"].long(), labels)
+           for name in "ab" for threat in ("clean", "pgd-margin", "pgd-ce")}
+    for scoring in SCORINGS:
+        assert by["clean", scoring]["difference"] == 0
+        for threat in ("pgd-margin", "pgd-ce"):
+            change = per["a", threat][scoring] - per["b", threat][scoring]
+            assert change[2:].eq(0).all()
+            assert by[threat, scoring]["difference"] == pytest.approx(change.mean().item())
+        worst = {name: torch.minimum(per[name, "pgd-margin"][scoring], per[name, "pgd-ce"][scoring]) for name in "ab"}
+        assert (worst["a"] - worst["b"])[:2].ne(0).all()
+        assert by["worst", scoring]["this"] == pytest.approx(worst["a"].mean().item())
+        assert by["worst", scoring]["difference"] == pytest.approx((worst["a"] - worst["b"]).mean().item())
+    for r in rows:
+        assert r["ci_low"] <= r["difference"] <= r["ci_high"]
+    assert "attack_seed 0" in rows[0]["this_run"] and "attack_seed 1" in rows[0]["other_run"]
+    assert "pgd-margin | vote" in (tmp_path / "a-vs-b.md").read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        bench.adaptive.main([*args, "--out", str(tmp_path / "a.csv"), "--compare", str(tmp_path / "none.csv")])
+    assert exit_info.value.code == 2 and "no results at" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        bench.adaptive.main([*argv, "--retime"])
+    assert exit_info.value.code == 2 and "--retime and --compare are separate modes" in capsys.readouterr().err
+
+
 def test_unfinished_blocks_are_named_by_precision_and_seeds_finished_units_are_not():
     """A unit's unfinished blocks must not be picked up by a run with another precision or seed; its finished
     predictions keep the name they had before the run columns existed (the results file refuses the mixing)."""

@@ -8,4 +8,5 @@
 ``sanity``       Carlini et al.'s sanity checks
 ``convergence``  margin-PGD as its budget grows
 ``retime``       the costs measured again
+``compare``      the same settings in two results files, image by image
 """

@@ -12,7 +12,7 @@ from purify.infra.paths import RESULTS_DIR
 
 from ..common import check_defences, check_names
 
-MODES = ("grid", "sanity", "convergence", "retime")
+MODES = ("grid", "sanity", "convergence", "retime", "compare")
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ class Run:
     eval_seed: int
     convergence: tuple[tuple[int, int], ...] | None  # (steps, eot) budgets of ``--convergence``
     export_adversarial: Path | None
+    compare: Path | None                        # the other results file of ``--compare``
     out: Path                                   # the results CSV, ``--out`` or this suite's default
     preset: str
     bcm: str | None
@@ -56,13 +57,18 @@ class Run:
             if not 0 < k <= 255:
                 raise ValueError(f"--eps values are k in eps = k/255 with 0 < k <= 255, got {k}")
         budgets = tuple(budget(b) for b in args.convergence) if args.convergence else None
-        mode = ("sanity" if args.sanity else "convergence" if budgets else "retime" if args.retime else "grid")
+        modes = [m for m, asked in (("sanity", args.sanity), ("convergence", budgets), ("retime", args.retime),
+                                    ("compare", args.compare)) if asked]
+        if len(modes) > 1:
+            raise ValueError(f"--{' and --'.join(modes)} are separate modes: give one")
+        mode = modes[0] if modes else "grid"
         out = Path(args.out) if args.out else RESULTS_DIR / "adaptive" / SUITE / f"{args.preset}-{args.split}.csv"
         return cls(mode=mode, targets=tuple(targets), defences=tuple(defences), t_stars=_tuple(args.t_stars),
                    eps_inv=_tuple(args.eps_inv), eps=tuple(args.eps), protocol=args.protocol, split=args.split,
                    threats=_tuple(args.threats), attack_seed=args.attack_seed, eval_seed=args.eval_seed,
                    convergence=budgets,
                    export_adversarial=Path(args.export_adversarial) if args.export_adversarial else None,
+                   compare=Path(args.compare) if args.compare else None,
                    out=out, preset=args.preset, bcm=args.bcm, classifier_dir=args.classifier_dir, n=args.n,
                    seed=args.seed, data_root=args.data_root, bf16=bool(args.bf16), batch_size=args.batch_size,
                    device=args.device, threads=args.threads, progress=not args.no_progress,

@@ -3,7 +3,6 @@ float32, or two attack seeds), compared image by image: per threat and scoring, 
 other's on the same images, with a 95% paired bootstrap interval."""
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from purify.infra.runtime import pick_device
 from ..common import ResultTable, text, write_text
 from ..intervals import bootstrap_interval
 from .config import Run
-from .schema import COLUMNS, KEY, RUN_COLUMNS, unit_id
+from .schema import COLUMNS, KEY, RUN_COLUMNS, predictions_dir, unit_id, worst_per_image
 from .setting import Workload
 
 
@@ -49,9 +48,7 @@ def compare(run: Run) -> list[dict]:
                 attacked = [t for t in setting.worst_of if t in correct["this"]]
                 if attacked:
                     for name in files:
-                        correct[name]["worst"] = {s: functools.reduce(torch.minimum, (correct[name][t][s]
-                                                                                      for t in attacked))
-                                                  for s in SCORINGS}
+                        correct[name]["worst"] = worst_per_image(correct[name], attacked, SCORINGS)
                 for threat in correct["this"]:
                     for scoring in SCORINGS:
                         this, other = correct["this"][threat][scoring], correct["other"][threat][scoring]
@@ -76,7 +73,7 @@ def stored_correct(table: ResultTable, path: Path, base: dict, labels: torch.Ten
     """Per-image correctness under each scoring of the unit ``base`` as ``table`` (at ``path``) stored it, and its
     row; None when the file lacks it (or holds it for other checkpoints)."""
     key = dict(base, scoring="single")
-    cache = path.with_name(path.stem + "-predictions") / f"{unit_id(base)}.pt"
+    cache = predictions_dir(path) / f"{unit_id(base)}.pt"
     row = table.rows.get(table.key(key))
     if row is None or row["checkpoints"] != text(base["checkpoints"]) or not cache.is_file():
         return None

@@ -8,7 +8,6 @@ rank 0 writes every file. A unit's finished blocks survive an interruption, in t
 from __future__ import annotations
 
 import datetime
-import functools
 import sys
 import time
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from ..intervals import bootstrap_interval
 from ..ledger import append_ledger
 from .config import Run
 from .report import markdown, paired_differences, plot
-from .schema import COLUMNS, KEY, RUN_COLUMNS, numeric_adaptive, unit_id
+from .schema import COLUMNS, KEY, RUN_COLUMNS, numeric_adaptive, predictions_dir, unit_id, worst_per_image
 from .setting import Setting, Workload
 
 
@@ -46,7 +45,7 @@ def evaluate(run: Run) -> None:
     work = Workload.load(run, pick_device(device))
     out = run.out
     table = ResultTable(out, KEY, COLUMNS, writes=shard.main)
-    cache_dir = out.with_name(out.stem + "-predictions")
+    cache_dir = predictions_dir(out)
     results, ledger = {}, []
     for target in run.targets:
         for entry in work.entries:
@@ -103,7 +102,7 @@ def run_setting(setting: Setting, table: ResultTable, cache_dir: Path, costs: di
             attacks = [t for t in setting.worst_of if t in correct]
             if not attacks:
                 continue
-            per_image = {s: functools.reduce(torch.minimum, (correct[t][s] for t in attacks)) for s in SCORINGS}
+            per_image = worst_per_image(correct, attacks, SCORINGS)
             wall = sum(float(table.rows[table.key(dict(setting.row(t), scoring="single"))]["wall_s"])
                        for t in attacks)
             if all(table.done(r) for r in rows) and not ran:

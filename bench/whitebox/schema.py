@@ -1,10 +1,13 @@
 """The white-box evaluation's threats and results table: its key and columns, and a results CSV read back."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+from pathlib import Path
 
 import pandas as pd
+import torch
 
 # white-box threats of a randomized defence, of a deterministic one; then the rest
 RANDOMIZED_ATTACKS = ("pgd-margin", "pgd-ce", "apgd-ce", "apgd-dlr", "square")
@@ -28,6 +31,16 @@ def unit_id(row: dict, run_columns: bool = False) -> str:
     columns = [k for k in KEY if k != "scoring"] + ["checkpoints"] + (list(RUN_COLUMNS) if run_columns else [])
     key = json.dumps({k: str(row[k]) for k in columns}, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def predictions_dir(out: Path) -> Path:
+    """Where the per-image predictions of the results file ``out`` are cached, one file per unit."""
+    return out.with_name(out.stem + "-predictions")
+
+
+def worst_per_image(correct: dict, attacks: list[str], scorings) -> dict[str, torch.Tensor]:
+    """Per scoring, each image's worst correctness over the threats ``attacks`` of ``correct[threat][scoring]``."""
+    return {s: functools.reduce(torch.minimum, (correct[t][s] for t in attacks)) for s in scorings}
 
 
 def numeric_adaptive(frame: pd.DataFrame) -> pd.DataFrame:

@@ -421,6 +421,19 @@ def test_threats_option_runs_only_the_chosen_threats(checkpoints, tmp_path):  # 
     assert frame[frame.threat == "worst"].attack.str.endswith("of pgd-margin, apgd-dlr").all()
 
 
+def test_clean_only_run_still_gets_its_table(checkpoints, tmp_path):  # noqa: F811
+    """``--threats clean`` (a cheap screen of a slow defence's clean accuracy) writes its table, not an empty file."""
+    out = tmp_path / "clean.csv"
+    bench.adaptive.main([*checkpoints, "--n", "4", "--batch-size", "4", "--t-stars", "0.5", "--out", str(out),
+                         "--threats", "clean"])
+    frame = pd.read_csv(out)
+    assert set(frame.threat) == {"clean"}
+    md = out.with_suffix(".md").read_text()
+    vote = 100 * frame.set_index("scoring").accuracy
+    assert "no attack (clean images only)" in md
+    assert f"| 0.5 | {frame.eps_inv.iloc[0]:g} | {vote['single']:.1f} / {vote['worst']:.1f} / {vote['vote']:.1f} | - | - |" in md
+
+
 def test_bench_adaptive_rejects_bad_input(checkpoints, tmp_path, capsys):  # noqa: F811
     for bad in (["--eps", "0"], ["--target", "resnet"], ["--protocol", "fast"], ["--split", "train"],
                 ["--convergence", "5y4"], ["--convergence", "0x4"], ["--n", "0"], ["--defence", "vote:n=3"],

@@ -24,18 +24,22 @@ def markdown(frame: pd.DataFrame) -> str:
     for keys, group in frame.groupby(settings, sort=False):
         preset, family, target, split, n, data_seed, protocol, bf16 = keys
         clean = group[group.threat == "clean"]
-        for eps, eps_group in group[group.threat != "clean"].groupby("eps"):
-            rows = pd.concat([clean, eps_group])
+        attacked = group[group.threat != "clean"]
+        # a run of clean images alone (--threats clean) still gets its table, under no attack
+        for eps, eps_group in attacked.groupby("eps") if len(attacked) else [(None, clean)]:
+            rows = clean if eps is None else pd.concat([clean, eps_group])
             first = eps_group.iloc[0]
             proto = PROTOCOLS[protocol]
-            attacks = proto.describe(eps / 255, randomized="aa-standard" not in set(eps_group.threat))
+            threat_model = ("no attack (clean images only)" if eps is None else
+                            f"L-inf eps = {eps}/255; suite {first.suite}, `{protocol}` protocol: "
+                            + proto.describe(eps / 255, randomized="aa-standard" not in set(eps_group.threat)))
             images = {"test": "test images", "sealed": "sealed test images (bench.sealed)"}.get(
                 split, "validation images (held-out training images)")
             parts.append(
                 f"**{preset} preset, defence `{family}` ({first.nfe} network evaluations per image) before the "
                 f"{target} classifier; {n:,} {images} "
-                f"(seed {data_seed}) of {DATASET}; L-inf eps = {eps}/255; suite {first.suite}, `{protocol}` "
-                f"protocol: {attacks}; attack seed {first.attack_seed}, evaluation seed {first.eval_seed}; attack "
+                f"(seed {data_seed}) of {DATASET}; {threat_model}; attack seed {first.attack_seed}, evaluation "
+                f"seed {first.eval_seed}; attack "
                 f"gradients in {'bf16 autocast' if bf16 else 'float32'}, scoring in float32.** Accuracy (%) as "
                 f"average of {proto.evals} / all {proto.evals} correct / strict majority of {proto.evals} (ties "
                 f"wrong). `transfer` = PGD crafted on the undefended {target}; `worst` = per image the worst of "

@@ -419,6 +419,12 @@ def test_threats_option_runs_only_the_chosen_threats(checkpoints, tmp_path):  # 
     frame = pd.read_csv(out)
     assert set(frame.threat) == {"clean", "pgd-margin", "apgd-dlr", "worst"}  # worst now of both
     assert frame[frame.threat == "worst"].attack.str.endswith("of pgd-margin, apgd-dlr").all()
+    # the classifier alone under one white-box threat: its table names the deterministic suite it ran
+    alone = tmp_path / "alone.csv"
+    bench.adaptive.main([*checkpoints, "--n", "4", "--batch-size", "4", "--defence", "none", "--out", str(alone),
+                         "--threats", "clean", "pgd-margin"])
+    md = alone.with_suffix(".md").read_text()
+    assert "one evaluation decides" in md and "averaged over" not in md
 
 
 def test_clean_only_run_still_gets_its_table(checkpoints, tmp_path):  # noqa: F811

@@ -30,9 +30,11 @@ def markdown(frame: pd.DataFrame) -> str:
             rows = clean if eps is None else pd.concat([clean, eps_group])
             first = eps_group.iloc[0]
             proto = PROTOCOLS[protocol]
+            # a deterministic defence is attacked with one draw per step (its rows' eot), whichever threats ran
+            white_box = eps_group[eps_group.threat.isin([*RANDOMIZED_ATTACKS, *DETERMINISTIC_ATTACKS])]
             threat_model = ("no attack (clean images only)" if eps is None else
                             f"L-inf eps = {eps}/255; suite {first.suite}, `{protocol}` protocol: "
-                            + proto.describe(eps / 255, randomized="aa-standard" not in set(eps_group.threat)))
+                            + proto.describe(eps / 255, randomized=bool((white_box.eot > 1).any())))
             images = {"test": "test images", "sealed": "sealed test images (bench.sealed)"}.get(
                 split, "validation images (held-out training images)")
             parts.append(

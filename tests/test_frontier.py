@@ -1,11 +1,14 @@
 """bench.frontier: robust accuracy against cost per configuration, the Pareto front and the targets."""
 from __future__ import annotations
 
+import re
+
 import pandas as pd
 import pytest
+import yaml
 
 import bench.frontier
-from bench.frontier import frontier_table
+from bench.frontier import PUBLISHED, frontier_table, load_published
 
 
 def _rows(defence, target, clean, worst, purify_s, scorings=("single", "vote"), eps=8):
@@ -43,6 +46,7 @@ def test_vote_decisions_cost_n_evaluations_of_a_randomized_defence_and_one_of_a_
     assert (jpeg.draws, jpeg.nfe, jpeg.decision_s) == pytest.approx((1, 0, 0.001))
     assert jpeg.autoattack_version == "standard" and jpeg.autoattack == pytest.approx(0.10)
     assert ("bcm(eps_inv=0.3, t_star=2)", "preact") not in table.index  # no worst-case row: not on the plane
+    assert bcm.worst_of == "pgd-margin, apgd-ce, apgd-dlr" and jpeg.worst_of == "pgd-margin, aa-standard"
 
 
 def test_pareto_front_and_targets(frame):
@@ -72,8 +76,45 @@ def test_cli_writes_csv_markdown_and_png_and_rejects_missing_results(frame, tmp_
     bench.frontier.main(["--results", str(results), "--out", str(out)])
     assert len(pd.read_csv(out)) == 4 and out.with_suffix(".png").stat().st_size > 0
     md = out.with_suffix(".md").read_text()
-    assert "white-box L-inf eps = 8/255, suite v2, `cpu` protocol" in md and "| preact:bcm-fgsm |" in md
+    assert "val split (200 images of" in md and "`cpu` protocol, white-box L-inf eps = 8/255, suite v2" in md
+    assert re.search(r"\| preact:bcm-fgsm +\|", md) and not re.search(r"\| run +\|", md)
     assert "| standard " in md and "| apgd " in md  # which AutoAttack each row took
+    assert "**Published anchors**" in md
+    assert re.search(r"\| DiffPure, majority of 10-128 +\| vote +\| 39-48 +\| 1,000-12,800 +\|", md)
+    # runs of other sizes on one plane: each row names its run; no anchors when asked for none
+    other = tmp_path / "other.csv"
+    pd.read_csv(results).assign(n=100, defence=lambda f: f.defence + " ").to_csv(other, index=False)
+    bench.frontier.main(["--results", str(results), str(other), "--out", str(out), "--published", "none"])
+    md = out.with_suffix(".md").read_text()
+    assert "runs as in the `run` column" in md
+    assert re.search(r"\| val n=100, `cpu` +\|", md) and re.search(r"\| val n=200, `cpu` +\|", md)
+    assert "Published anchors" not in md
+    (tmp_path / "bad.yaml").write_text("- name: x\n")
+    with pytest.raises(SystemExit) as exit_info:
+        bench.frontier.main(["--results", str(results), "--out", str(out), "--published", str(tmp_path / "bad.yaml")])
+    assert exit_info.value.code == 2 and "entry 1: missing source" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         bench.frontier.main(["--results", str(tmp_path / "nothing.csv")])
     assert exit_info.value.code == 2 and "run `python -m bench.adaptive` first" in capsys.readouterr().err
+
+
+def test_published_anchors_load_and_bad_entries_are_named(tmp_path):
+    shipped = load_published(PUBLISHED)
+    assert len(shipped) >= 3 and set(shipped.scoring) <= {"single", "worst", "vote"}
+    assert (shipped.robust_low <= shipped.robust_high).all() and (shipped.nfe_low >= 1).all()
+    vote = shipped[shipped.scoring == "vote"].iloc[0]
+    assert (vote.robust_low, vote.robust_high, vote.nfe_low) == pytest.approx((0.39, 0.48, 1000))
+    good = dict(name="a", source="b", attack="c", scoring="vote", robust=[0.3, 0.4], nfe_per_decision=[10, 20])
+    path = tmp_path / "anchors.yaml"
+    path.write_text(yaml.safe_dump([good]))
+    assert load_published(path).iloc[0][["robust_low", "nfe_high"]].tolist() == [0.3, 20]
+    for change, message in ((dict(scoring=None), "entry 1: missing scoring"),
+                            (dict(scoring="best"), "scoring must be one of"),
+                            (dict(robust=[0.4, 0.3]), "range of accuracies"),
+                            (dict(robust=[30, 40]), "range of accuracies"),
+                            (dict(robust=0.4), "pair of numbers"),
+                            (dict(nfe_per_decision=[0, 20]), "positive range")):
+        entry = {k: v for k, v in {**good, **change}.items() if v is not None}
+        path.write_text(yaml.safe_dump([entry]))
+        with pytest.raises(ValueError, match=message):
+            load_published(path)

@@ -247,6 +247,11 @@ def main(argv: list[str] | None = None) -> None:
 def frontier(args: argparse.Namespace) -> None:
     frame = numeric_adaptive(pd.concat([pd.read_csv(path, dtype=str, keep_default_na=False)
                                         for path in args.results]))
+    twice = frame[frame.duplicated(GROUP + ["eps", "threat", "scoring"], keep=False)]
+    if len(twice):
+        r = twice.iloc[0]
+        raise ValueError(f"{r.defence} before {r.target} ({r.split}, n = {r.n}, `{r.protocol}`) is in more than one "
+                         f"of the results files: pass each configuration once")
     published = None if args.published == "none" else load_published(args.published)
     table = frontier_table(frame, args.eps, args.scoring)
     if table.empty:

@@ -89,6 +89,9 @@ def test_cli_writes_csv_markdown_and_png_and_rejects_missing_results(frame, tmp_
     assert "runs as in the `run` column" in md
     assert re.search(r"\| val n=100, `cpu` +\|", md) and re.search(r"\| val n=200, `cpu` +\|", md)
     assert "Published anchors" not in md
+    with pytest.raises(SystemExit) as exit_info:  # one configuration from two files: which one counts?
+        bench.frontier.main(["--results", str(results), str(results), "--out", str(out)])
+    assert exit_info.value.code == 2 and "is in more than one of the results files" in capsys.readouterr().err
     (tmp_path / "bad.yaml").write_text("- name: x\n")
     with pytest.raises(SystemExit) as exit_info:
         bench.frontier.main(["--results", str(results), "--out", str(out), "--published", str(tmp_path / "bad.yaml")])

@@ -124,6 +124,9 @@ def test_the_shipped_defence_files_resolve_by_name(bcm_path):
     name, options = parse_defence("bcm-robust")
     assert make_defence(name, checkpoint=bcm_path, eps_inv=0.3, **options).spec() == \
         "vote(base=bcm(eps_inv=0.25, t_star=0.5), how=majority, n=10)"
+    name, options = parse_defence("bcm-noisy")
+    assert make_defence(name, checkpoint=bcm_path, **options).spec() == \
+        "vote(base=bcm(eps_inv=0.7, t_star=1.4), how=majority, n=10)"
 
 
 def test_parse_defence_reads_yaml_files_and_rejects_bad_specs(tmp_path):

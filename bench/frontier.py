@@ -117,7 +117,7 @@ def load_published(path: str | Path) -> pd.DataFrame:
             raise ValueError(f"{where}: nfe_per_decision is a positive range, got {entry['nfe_per_decision']}")
         rows.append(dict(name=str(entry["name"]), source=str(entry["source"]), attack=str(entry["attack"]),
                          scoring=entry["scoring"], robust_low=robust[0], robust_high=robust[1], nfe_low=nfe[0],
-                         nfe_high=nfe[1], clean=float(entry.get("clean", float("nan")))))
+                         nfe_high=nfe[1]))
     return pd.DataFrame(rows)
 
 

@@ -134,10 +134,12 @@ def markdown(table: pd.DataFrame, published: pd.DataFrame | None = None) -> str:
         return "(no configuration has both clean and worst-case rows at this eps)\n"
     first = table.iloc[0]
     protocol = PROTOCOLS[first.protocol]
-    runs = table.split + " n=" + table.n.astype(str) + ", `" + table.protocol + "`"
+    runs = (table.split + " n=" + table.n.astype(str) + " seed " + table.data_seed.astype(str) + ", `"
+            + table.protocol + "`")
     mixed = runs.nunique() > 1
     where = ("runs as in the `run` column" if mixed else
-             f"{first.split} split ({first.n:,} images of {DATASET}), `{first.protocol}` protocol")
+             f"{first.split} split ({first.n:,} images of {DATASET}, seed {first.data_seed}), `{first.protocol}` "
+             f"protocol")
     suite = ("each run's protocol (docs/adaptive.md)" if mixed else
              f"randomized defences: {protocol.describe(first.eps / 255)}; deterministic ones: "
              f"{protocol.describe(first.eps / 255, randomized=False)}")
@@ -212,7 +214,7 @@ def plot(table: pd.DataFrame, path: Path, published: pd.DataFrame | None = None)
         axis.set_ylabel("robust accuracy (%), worst of the white-box threats")
         axis.grid(alpha=0.3, which="both")
         axis.legend(fontsize=7)
-    runs = {(r.split, r.n, r.protocol) for r in table.itertuples()}
+    runs = {(r.split, r.n, r.data_seed, r.protocol) for r in table.itertuples()}
     where = (f"{first.split} split, n = {first.n}, `{first.protocol}` protocol" if len(runs) == 1
              else "runs as in the table")
     fig.suptitle(f"{first.preset} preset, {where}, eps {first.eps}/255, {first.scoring} scoring; published "

@@ -76,18 +76,18 @@ def test_cli_writes_csv_markdown_and_png_and_rejects_missing_results(frame, tmp_
     bench.frontier.main(["--results", str(results), "--out", str(out)])
     assert len(pd.read_csv(out)) == 4 and out.with_suffix(".png").stat().st_size > 0
     md = out.with_suffix(".md").read_text()
-    assert "val split (200 images of" in md and "`cpu` protocol, white-box L-inf eps = 8/255, suite v2" in md
+    assert "val split (200 images of CIFAR-10 (JPEG q75 copy), seed 0)" in md and "`cpu` protocol, white-box L-inf eps = 8/255, suite v2" in md
     assert re.search(r"\| preact:bcm-fgsm +\|", md) and not re.search(r"\| run +\|", md)
     assert "| standard " in md and "| apgd " in md  # which AutoAttack each row took
     assert "**Published anchors**" in md
     assert re.search(r"\| DiffPure, majority of 10-128 +\| vote +\| 39-48 +\| 1,000-12,800 +\|", md)
     # runs of other sizes on one plane: each row names its run; no anchors when asked for none
     other = tmp_path / "other.csv"
-    pd.read_csv(results).assign(n=100, defence=lambda f: f.defence + " ").to_csv(other, index=False)
+    pd.read_csv(results).assign(data_seed=1).to_csv(other, index=False)  # the same settings on other images
     bench.frontier.main(["--results", str(results), str(other), "--out", str(out), "--published", "none"])
     md = out.with_suffix(".md").read_text()
     assert "runs as in the `run` column" in md
-    assert re.search(r"\| val n=100, `cpu` +\|", md) and re.search(r"\| val n=200, `cpu` +\|", md)
+    assert re.search(r"\| val n=200 seed 1, `cpu` +\|", md) and re.search(r"\| val n=200 seed 0, `cpu` +\|", md)
     assert "Published anchors" not in md
     with pytest.raises(SystemExit) as exit_info:  # one configuration from two files: which one counts?
         bench.frontier.main(["--results", str(results), str(results), "--out", str(out)])

@@ -167,7 +167,8 @@ def markdown(table: pd.DataFrame, published: pd.DataFrame | None = None) -> str:
     if published is not None and len(published):
         anchors = pd.DataFrame({
             "published": published["name"], "scoring": published.scoring,
-            "robust %": [_span(100 * lo, 100 * hi, ".0f") for lo, hi in zip(published.robust_low, published.robust_high)],
+            "robust %": [_span(100 * lo, 100 * hi, ".0f")
+                         for lo, hi in zip(published.robust_low, published.robust_high)],
             "NFE/decision": [_span(lo, hi, ",.0f") for lo, hi in zip(published.nfe_low, published.nfe_high)],
             "attack": published.attack, "source": published.source})
         text += ("\n**Published anchors** (diffusion purification on the official CIFAR-10 test set at eps 8/255, "

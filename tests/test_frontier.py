@@ -76,7 +76,8 @@ def test_cli_writes_csv_markdown_and_png_and_rejects_missing_results(frame, tmp_
     bench.frontier.main(["--results", str(results), "--out", str(out)])
     assert len(pd.read_csv(out)) == 4 and out.with_suffix(".png").stat().st_size > 0
     md = out.with_suffix(".md").read_text()
-    assert "val split (200 images of CIFAR-10 (JPEG q75 copy), seed 0)" in md and "`cpu` protocol, white-box L-inf eps = 8/255, suite v2" in md
+    assert "val split (200 images of CIFAR-10 (JPEG q75 copy), seed 0)" in md
+    assert "`cpu` protocol, white-box L-inf eps = 8/255, suite v2" in md
     assert re.search(r"\| preact:bcm-fgsm +\|", md) and not re.search(r"\| run +\|", md)
     assert "| standard " in md and "| apgd " in md  # which AutoAttack each row took
     assert "**Published anchors**" in md

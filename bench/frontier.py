@@ -33,25 +33,19 @@ from pathlib import Path
 import pandas as pd
 
 from attacks import PROTOCOLS, SCORINGS, SUITE
-from purify.defences import BCM_DEFENCES
 from purify.infra.checkpoint import atomic_write
 from purify.infra.config import read_yaml
 from purify.infra.paths import CONFIG_DIR, RESULTS_DIR
 
 from .common import run_command, write_text
 from .common import DATASET
-from .whitebox.schema import DETERMINISTIC_ATTACKS, RANDOMIZED_ATTACKS, numeric_adaptive
+from .whitebox.schema import DETERMINISTIC_ATTACKS, RANDOMIZED_ATTACKS, numeric_adaptive, randomized
 
 GROUP = ["suite", "preset", "defence", "family", "target", "split", "n", "data_seed", "protocol", "bf16",
          "checkpoints"]
 TARGET_ROBUST, TARGET_CLEAN = 0.35, 0.70  # issue 11's targets at eps 8/255
 PUBLISHED = CONFIG_DIR / "frontier" / "published.yaml"
 WHITE_BOX = tuple(dict.fromkeys((*RANDOMIZED_ATTACKS, *DETERMINISTIC_ATTACKS)))  # the threats `worst` can cover
-
-
-def randomized(spec: str) -> bool:
-    """Whether a defence spec is one of the randomized (BCM-noise) defences, whose decision is a vote of N."""
-    return spec.split("(", 1)[0] in BCM_DEFENCES
 
 
 def frontier_table(frame: pd.DataFrame, eps: int, scoring: str) -> pd.DataFrame:
@@ -134,8 +128,7 @@ def markdown(table: pd.DataFrame, published: pd.DataFrame | None = None) -> str:
         return "(no configuration has both clean and worst-case rows at this eps)\n"
     first = table.iloc[0]
     protocol = PROTOCOLS[first.protocol]
-    runs = (table.split + " n=" + table.n.astype(str) + " seed " + table.data_seed.astype(str) + ", `"
-            + table.protocol + "`")
+    runs = run_labels(table)
     mixed = runs.nunique() > 1
     where = ("runs as in the `run` column" if mixed else
              f"{first.split} split ({first.n:,} images of {DATASET}, seed {first.data_seed}), `{first.protocol}` "
@@ -177,6 +170,12 @@ def markdown(table: pd.DataFrame, published: pd.DataFrame | None = None) -> str:
     return text
 
 
+def run_labels(frame: pd.DataFrame) -> pd.Series:
+    """Per row the run it comes from: split, number of images, their seed and the protocol."""
+    return (frame.split + " n=" + frame.n.astype(str) + " seed " + frame.data_seed.astype(str) + ", `"
+            + frame.protocol + "`")
+
+
 def _span(low: float, high: float, fmt: str) -> str:
     return f"{low:{fmt}}" if low == high else f"{low:{fmt}}-{high:{fmt}}"
 
@@ -215,8 +214,7 @@ def plot(table: pd.DataFrame, path: Path, published: pd.DataFrame | None = None)
         axis.set_ylabel("robust accuracy (%), worst of the white-box threats")
         axis.grid(alpha=0.3, which="both")
         axis.legend(fontsize=7)
-    runs = {(r.split, r.n, r.data_seed, r.protocol) for r in table.itertuples()}
-    where = (f"{first.split} split, n = {first.n}, `{first.protocol}` protocol" if len(runs) == 1
+    where = (f"{first.split} split, n = {first.n}, `{first.protocol}` protocol" if run_labels(table).nunique() == 1
              else "runs as in the table")
     fig.suptitle(f"{first.preset} preset, {where}, eps {first.eps}/255, {first.scoring} scoring; published "
                  f"anchors: other models and images", fontsize=9)
@@ -253,8 +251,8 @@ def frontier(args: argparse.Namespace) -> None:
     twice = frame[frame.duplicated(GROUP + ["eps", "threat", "scoring"], keep=False)]
     if len(twice):
         r = twice.iloc[0]
-        raise ValueError(f"{r.defence} before {r.target} ({r.split}, n = {r.n}, `{r.protocol}`) is in more than one "
-                         f"of the results files: pass each configuration once")
+        raise ValueError(f"{r.defence} before {r.target} ({run_labels(twice).iloc[0]}) is in more than one of the "
+                         f"results files: pass each configuration once")
     published = None if args.published == "none" else load_published(args.published)
     table = frontier_table(frame, args.eps, args.scoring)
     if table.empty:
@@ -262,9 +260,10 @@ def frontier(args: argparse.Namespace) -> None:
                          f"{args.eps}/255")
     out = Path(args.out)
     atomic_write(out, lambda tmp: table.to_csv(tmp, index=False))
-    write_text(out.with_suffix(".md"), markdown(table, published))
+    text = markdown(table, published)
+    write_text(out.with_suffix(".md"), text)
     plot(table, out.with_suffix(".png"), published)
-    print(markdown(table, published))
+    print(text)
     print(f"wrote {out}, {out.with_suffix('.md')} and {out.with_suffix('.png')}", file=sys.stderr)
 
 

@@ -11,7 +11,7 @@ from purify.infra.checkpoint import atomic_write
 
 from ..common import DATASET
 from ..intervals import bootstrap_interval
-from .schema import DETERMINISTIC_ATTACKS, RANDOMIZED_ATTACKS, THREATS
+from .schema import DETERMINISTIC_ATTACKS, RANDOMIZED_ATTACKS, THREATS, randomized
 
 
 def markdown(frame: pd.DataFrame) -> str:
@@ -30,11 +30,9 @@ def markdown(frame: pd.DataFrame) -> str:
             rows = clean if eps is None else pd.concat([clean, eps_group])
             first = eps_group.iloc[0]
             proto = PROTOCOLS[protocol]
-            # a deterministic defence is attacked with one draw per step (its rows' eot), whichever threats ran
-            white_box = eps_group[eps_group.threat.isin([*RANDOMIZED_ATTACKS, *DETERMINISTIC_ATTACKS])]
             threat_model = ("no attack (clean images only)" if eps is None else
                             f"L-inf eps = {eps}/255; suite {first.suite}, `{protocol}` protocol: "
-                            + proto.describe(eps / 255, randomized=bool((white_box.eot > 1).any())))
+                            + proto.describe(eps / 255, randomized=randomized(family)))
             images = {"test": "test images", "sealed": "sealed test images (bench.sealed)"}.get(
                 split, "validation images (held-out training images)")
             parts.append(

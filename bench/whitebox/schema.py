@@ -9,6 +9,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from purify.defences import BCM_DEFENCES
+
 # white-box threats of a randomized defence, of a deterministic one; then the rest
 RANDOMIZED_ATTACKS = ("pgd-margin", "pgd-ce", "apgd-ce", "apgd-dlr", "square")
 DETERMINISTIC_ATTACKS = ("pgd-margin", "pgd-ce", "aa-standard")
@@ -41,6 +43,12 @@ def predictions_dir(out: Path) -> Path:
 def worst_per_image(correct: dict, attacks: list[str], scorings) -> dict[str, torch.Tensor]:
     """Per scoring, each image's worst correctness over the threats ``attacks`` of ``correct[threat][scoring]``."""
     return {s: functools.reduce(torch.minimum, (correct[t][s] for t in attacks)) for s in scorings}
+
+
+def randomized(spec: str) -> bool:
+    """Whether a results row's defence spec (or family) is one of the randomized (BCM-noise) defences, attacked
+    with draws averaged per step and decided by a vote of N."""
+    return spec.split("(", 1)[0] in BCM_DEFENCES
 
 
 def numeric_adaptive(frame: pd.DataFrame) -> pd.DataFrame:

@@ -44,6 +44,8 @@ Markdown table and a PNG (accuracy against t*). Reruns resume: finished (setting
     python -m bench.adaptive --convergence 20x4 40x8 --split val --n 500       # does doubling the budget add?
     python -m bench.adaptive --retime --target preact --t-stars 0.5 1 --n 200  # re-measure the costs
     python -m bench.adaptive --split val --n 100 --bf16 --out bf16.csv --compare fp32.csv   # does bf16 agree?
+    python -m bench.adaptive --defence bcm-robust --target preact:adv-fgsm-long --split val --votes 1 3 5 10
+                                   # re-score a run's stored predictions as votes of K purifications
 """
 from __future__ import annotations
 
@@ -61,8 +63,10 @@ from .whitebox.grid import evaluate
 from .whitebox.retime import retime
 from .whitebox.sanity import sanity
 from .whitebox.schema import THREATS
+from .whitebox.votes import votes
 
-COMMANDS = {"grid": evaluate, "sanity": sanity, "convergence": convergence, "retime": retime, "compare": compare}
+COMMANDS = {"grid": evaluate, "sanity": sanity, "convergence": convergence, "retime": retime, "compare": compare,
+            "votes": votes}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -124,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "CSV (e.g. --bf16 against float32, or another --attack-seed), image by image: per threat "
                              "and scoring the paired difference with its 95%% interval, written to "
                              "<out>-vs-<CSV>.md")
+    parser.add_argument("--votes", nargs="+", type=int, default=None, metavar="K",
+                        help="instead of the grid: re-score the selected settings already in --out as majority votes "
+                             "of K purifications (1 <= K <= N = 10; ties wrong), each image averaged over all K-subsets "
+                             "of its N stored evaluations, with the network evaluations per decision; no attack runs. "
+                             "Writes <out>-votes.csv/.md")
     parser.add_argument("--export-adversarial", metavar="DIR", default=None,
                         help="also write each newly attacked (configuration, threat)'s adversarial images, with ids "
                              "and labels, to DIR/<target>-<defence>-eps<k>-<threat>.pt, for re-scoring elsewhere")

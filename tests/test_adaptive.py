@@ -734,3 +734,76 @@ def test_bench_adaptive_under_torchrun_writes_what_one_process_writes(checkpoint
     assert all(torch.equal(one_predictions[k], two_predictions[k]) for k in one_predictions)
     columns = ["threat", "scoring", "accuracy", "ci_low", "ci_high"]
     pd.testing.assert_frame_equal(one[columns], two[columns])
+
+
+def test_a_vote_of_k_averages_the_majority_over_every_k_subset_of_the_evaluations():
+    """N = 4 evaluations of one image with label 0 voting 0, 1, 2, 0. K = 2: of the 6 pairs only (0, 0) is a
+    strict majority; K = 3: {0, 1, 0} and {0, 2, 0} are, {0, 1, 2} and {1, 2, 0} are ties (wrong): 2 of 4.
+    K = 1 is the fraction right, K = N the vote scoring."""
+    from bench.whitebox.votes import vote_of_k
+
+    predictions = torch.tensor([[0, 3], [1, 3], [2, 3], [0, 1]])
+    labels = torch.tensor([0, 3])
+    assert vote_of_k(predictions, labels, 1).tolist() == pytest.approx([0.5, 0.75])
+    assert vote_of_k(predictions, labels, 2).tolist() == pytest.approx([1 / 6, 0.5])
+    assert vote_of_k(predictions, labels, 3).tolist() == pytest.approx([0.5, 1.0])
+    assert vote_of_k(predictions, labels, 4).tolist() == correct_by_scoring(predictions, labels)["vote"].tolist()
+    with pytest.raises(ValueError, match="1 <= K <= N = 4"):
+        vote_of_k(predictions, labels, 5)
+
+
+def test_votes_rescore_a_run_without_attacking_and_agree_with_its_scorings_at_1_and_n(checkpoints, tmp_path,  # noqa: F811
+                                                                                      monkeypatch, capsys):
+    """Stored predictions replaced by seeded ones that vary between evaluations: K = N gives each threat's `vote`
+    scoring and K = 1 its `single` one (worst included, as the per-image minimum over the white-box threats),
+    K = 3 the mean over 3-subsets; nothing is attacked again and the deterministic `none` is skipped."""
+    from bench.whitebox.votes import vote_of_k
+
+    out = tmp_path / "run.csv"
+    args = [*checkpoints, "--n", "6", "--batch-size", "6", "--threats", "clean", "pgd-margin", "pgd-ce", "--defence",
+            "none", "bcm", "--out", str(out)]
+    bench.adaptive.main([*args, "--t-stars", "0.5", "1"])
+    args += ["--t-stars", "1"]
+    labels = bench.common.load_split("test", checkpoints[checkpoints.index("--data-root") + 1], 6, 0)[1]
+    generator = torch.Generator().manual_seed(0)
+    per = {}
+    for path in (tmp_path / "run-predictions").glob("*.pt"):
+        unit = torch.load(path, weights_only=True)
+        if unit["row"]["defence"] == "bcm(eps_inv=0.11, t_star=1)":
+            right = torch.rand(10, 6, generator=generator) < 0.5
+            unit["predictions"] = torch.where(right, labels, torch.randint(0, 10, (10, 6), generator=generator))
+            torch.save(unit, path)
+            per[unit["row"]["threat"]] = unit["predictions"]
+
+    def no_attack(self, threat):
+        raise AssertionError(f"--votes attacked ({threat})")
+
+    monkeypatch.setattr(bench.whitebox.setting.Setting, "adversarial", no_attack)
+    bench.adaptive.main([*args, "--votes", "1", "3", "10"])
+    votes = pd.read_csv(tmp_path / "run-votes.csv").set_index(["threat", "votes"]).accuracy
+    assert set(votes.index) == {(t, k) for t in ("clean", "pgd-margin", "pgd-ce", "worst") for k in (1, 3, 10)}
+    scored = {t: correct_by_scoring(p, labels) for t, p in per.items()}
+    for k, scoring in ((1, "single"), (10, "vote")):
+        for threat in per:
+            assert votes[threat, k] == pytest.approx(scored[threat][scoring].mean().item(), abs=1e-4)
+        worst = torch.minimum(scored["pgd-margin"][scoring], scored["pgd-ce"][scoring])
+        assert votes["worst", k] == pytest.approx(worst.mean().item(), abs=1e-4)
+    three = {t: vote_of_k(p, labels, 3) for t, p in per.items()}
+    assert votes["worst", 3] == pytest.approx(torch.minimum(three["pgd-margin"], three["pgd-ce"]).mean().item(),
+                                              abs=1e-4)
+    assert len({round(votes["pgd-margin", k], 4) for k in (1, 3, 10)}) == 3  # the replaced votes make K matter
+    frame = pd.read_csv(tmp_path / "run-votes.csv")
+    assert set(frame.defence) == {"bcm(eps_inv=0.11, t_star=1)"} and (frame.nfe == 2 * frame.votes).all()
+    assert "| 3 | 6 |" in (tmp_path / "run-votes.md").read_text()
+    bench.adaptive.main([*args[:-1], "0.5", "--votes", "5"])  # another setting's votes join the file
+    frame = pd.read_csv(tmp_path / "run-votes.csv")
+    assert frame.groupby("defence").votes.apply(set).to_dict() == {"bcm(eps_inv=0.11, t_star=1)": {1, 3, 10},
+                                                                   "bcm(eps_inv=0.11, t_star=0.5)": {5}}
+    bench.adaptive.main([*args, "--votes", "1"])  # and a setting re-scored replaces its own rows
+    frame = pd.read_csv(tmp_path / "run-votes.csv")
+    assert frame.groupby("defence").votes.apply(set).to_dict() == {"bcm(eps_inv=0.11, t_star=1)": {1},
+                                                                   "bcm(eps_inv=0.11, t_star=0.5)": {5}}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        bench.adaptive.main([*args, "--votes", "11"])
+    assert exit_info.value.code == 2 and "1 <= K <= N = 10" in capsys.readouterr().err

@@ -72,13 +72,19 @@ def compare(run: Run) -> list[dict]:
 def stored_correct(table: ResultTable, path: Path, base: dict, labels: torch.Tensor):
     """Per-image correctness under each scoring of the unit ``base`` as ``table`` (at ``path``) stored it, and its
     row; None when the file lacks it (or holds it for other checkpoints)."""
+    found = stored_predictions(table, path, base)
+    return None if found is None else (correct_by_scoring(found[0], labels), found[1])
+
+
+def stored_predictions(table: ResultTable, path: Path, base: dict):
+    """The (N, n) predicted labels of the unit ``base`` as ``table`` (at ``path``) stored them, and its row; None
+    when the file lacks it (or holds it for other checkpoints)."""
     key = dict(base, scoring="single")
     cache = predictions_dir(path) / f"{unit_id(base)}.pt"
     row = table.rows.get(table.key(key))
     if row is None or row["checkpoints"] != text(base["checkpoints"]) or not cache.is_file():
         return None
-    predictions = torch.load(cache, weights_only=True)["predictions"].long()
-    return correct_by_scoring(predictions, labels), row
+    return torch.load(cache, weights_only=True)["predictions"].long(), row
 
 
 def markdown(rows: list[dict], this: Path, other: Path) -> str:

@@ -12,7 +12,7 @@ from purify.infra.paths import RESULTS_DIR
 
 from ..common import check_defences, check_names
 
-MODES = ("grid", "sanity", "convergence", "retime", "compare")
+MODES = ("grid", "sanity", "convergence", "retime", "compare", "votes")
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class Run:
     convergence: tuple[tuple[int, int], ...] | None  # (steps, eot) budgets of ``--convergence``
     export_adversarial: Path | None
     compare: Path | None                        # the other results file of ``--compare``
+    votes: tuple[int, ...] | None               # the vote sizes K of ``--votes``
     out: Path                                   # the results CSV, ``--out`` or this suite's default
     preset: str
     bcm: str | None
@@ -57,8 +58,12 @@ class Run:
             if not 0 < k <= 255:
                 raise ValueError(f"--eps values are k in eps = k/255 with 0 < k <= 255, got {k}")
         budgets = tuple(budget(b) for b in args.convergence) if args.convergence else None
+        for k in args.votes or ():
+            if not 1 <= k <= evals:
+                raise ValueError(f"--votes values are vote sizes K with 1 <= K <= N = {evals} (the protocol's "
+                                 f"evaluations), got {k}")
         modes = [m for m, asked in (("sanity", args.sanity), ("convergence", budgets), ("retime", args.retime),
-                                    ("compare", args.compare)) if asked]
+                                    ("compare", args.compare), ("votes", args.votes)) if asked]
         if len(modes) > 1:
             raise ValueError(f"--{' and --'.join(modes)} are separate modes: give one")
         mode = modes[0] if modes else "grid"
@@ -68,7 +73,7 @@ class Run:
                    threats=_tuple(args.threats), attack_seed=args.attack_seed, eval_seed=args.eval_seed,
                    convergence=budgets,
                    export_adversarial=Path(args.export_adversarial) if args.export_adversarial else None,
-                   compare=Path(args.compare) if args.compare else None,
+                   compare=Path(args.compare) if args.compare else None, votes=_tuple(args.votes),
                    out=out, preset=args.preset, bcm=args.bcm, classifier_dir=args.classifier_dir, n=args.n,
                    seed=args.seed, data_root=args.data_root, bf16=bool(args.bf16), batch_size=args.batch_size,
                    device=args.device, threads=args.threads, progress=not args.no_progress,

@@ -42,6 +42,7 @@ Markdown table and a PNG (accuracy against t*). Reruns resume: finished (setting
                                    # one threat alone: an upper bound on the robust accuracy of a slow defence
     python -m bench.adaptive --sanity --split val --n 50                        # Carlini et al.'s sanity checks
     python -m bench.adaptive --convergence 20x4 40x8 --split val --n 500       # does doubling the budget add?
+    python -m bench.adaptive --convergence 20x4 40x8 80x16 --escalate --split val --n 500   # the same, cheaper
     python -m bench.adaptive --retime --target preact --t-stars 0.5 1 --n 200  # re-measure the costs
     python -m bench.adaptive --split val --n 100 --bf16 --out bf16.csv --compare fp32.csv   # does bf16 agree?
     python -m bench.adaptive --defence bcm-robust --target preact:adv-fgsm-long --split val --votes 1 3 5 10
@@ -119,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="instead of the grid: margin-PGD with each budget (e.g. 20x4 40x8) on the first target, "
                              "t* and eps, scored like the grid, and per image the worst of each budget and the next "
                              "(paired: how much the larger budget adds), written to convergence.csv/.md next to --out")
+    parser.add_argument("--escalate", action="store_true",
+                        help="with --convergence: each budget after the first attacks only the images every earlier "
+                             "budget left correct (majority of N), as AutoAttack runs each attack on the points still "
+                             "robust; reports the worst so far and the paired drop each budget adds, at a fraction of "
+                             "the cost (convergence-escalated.csv/.md)")
     parser.add_argument("--retime", action="store_true",
                         help="instead of the grid: re-measure the costs (defend + classify, one attack step) of every "
                              "selected setting already in --out, in this one process, and write them into its rows, so "

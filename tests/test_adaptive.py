@@ -445,7 +445,7 @@ def test_bench_adaptive_rejects_bad_input(checkpoints, tmp_path, capsys):  # noq
     for bad in (["--eps", "0"], ["--target", "resnet"], ["--protocol", "fast"], ["--split", "train"],
                 ["--convergence", "5y4"], ["--convergence", "0x4"], ["--n", "0"], ["--defence", "vote:n=3"],
                 ["--defence", "vote:how=logits"], ["--defence", "nosuch"], ["--threats", "worst"],
-                ["--threats", "pgd"]):
+                ["--threats", "pgd"], ["--escalate"], ["--votes", "0"]):
         with pytest.raises(SystemExit) as exit_info:
             bench.adaptive.main(adaptive_args(checkpoints, tmp_path / "x.csv", *bad))
         assert exit_info.value.code == 2
@@ -464,6 +464,73 @@ def test_convergence_study_writes_one_row_group_per_budget(checkpoints, tmp_path
     small = frame[(frame.steps == 2) & (frame.scoring == "vote")].accuracy.item()
     with_next = float(next(line for line in md.splitlines() if line.startswith("| 2 x 1 |")).split("|")[6])
     assert with_next <= 100 * small + 1e-6  # the worst of two budgets is never above either
+
+
+def test_convergence_at_the_protocol_budget_reproduces_the_grids_margin_pgd(checkpoints, tmp_path,  # noqa: F811
+                                                                           monkeypatch):
+    """Its random starts and the purifier's noise are drawn per image from the attack seed, as in the grid: the
+    study's 20 x 4 (the cpu protocol) makes the grid's margin-PGD examples and predictions."""
+    import bench.whitebox.convergence as conv
+
+    made = {}
+    for module in (conv, bench.whitebox.setting):
+        def recording(*args, real=module.craft, **kwargs):
+            made[kwargs["desc"]] = real(*args, **kwargs)
+            return made[kwargs["desc"]]
+
+        monkeypatch.setattr(module, "craft", recording)
+    args = [*checkpoints, "--n", "6", "--batch-size", "6", "--t-stars", "1", "--out", str(tmp_path / "grid.csv")]
+    bench.adaptive.main([*args, "--threats", "pgd-margin"])
+    bench.adaptive.main([*args, "--convergence", "20x4"])
+    assert torch.equal(made["pgd-margin"], made["margin-PGD 20x4"])
+    grid = [torch.load(f, weights_only=True) for f in (tmp_path / "grid-predictions").glob("*.pt")]
+    study = [torch.load(f, weights_only=True) for f in (tmp_path / "convergence-predictions").glob("*.pt")]
+    assert len(grid) == len(study) == 1 and torch.equal(grid[0]["ids"], study[0]["ids"])
+    assert torch.equal(grid[0]["predictions"], study[0]["predictions"])
+
+
+def test_an_escalated_study_attacks_only_the_images_every_earlier_budget_left_right(checkpoints, tmp_path,  # noqa: F811
+                                                                                    monkeypatch):
+    """Budget 2 attacks exactly the images budget 1 left right under the majority; the worst so far is, per
+    image, the minimum of the budgets' majority decisions (an image not attacked again counts as broken); the
+    drop is the paired difference of the worst so far. The decisions are scripted per image id: budget 1 leaves
+    the ids not divisible by 3 right, budget 2 the even ones (7 of 10 evaluations right: a majority)."""
+    import bench.whitebox.convergence as conv
+
+    attacked_ids, rules = [], [lambda i: i % 3 != 0, lambda i: i % 2 == 0]
+    real_craft = conv.craft
+
+    def recording_craft(attack, images, labels, *args, ids=None, **kwargs):
+        attacked_ids.append(ids.clone())
+        return real_craft(attack, images, labels, *args, ids=ids, **kwargs)
+
+    def scripted(self, threat, images):  # one call per budget, on the images it attacked
+        rule = rules[len(attacked_ids) - 1]
+        right = torch.tensor([rule(int(i)) for i in self.ids], dtype=torch.bool)
+        wrong = (self.labels + 1) % 10
+        return torch.stack([torch.where(right if d < 7 else ~right, self.labels, wrong) for d in range(10)])
+
+    monkeypatch.setattr(conv, "craft", recording_craft)
+    monkeypatch.setattr(bench.whitebox.setting.Setting, "predictions", scripted)
+    ids = bench.common.load_split("test", checkpoints[checkpoints.index("--data-root") + 1], 12, 0)[2]
+    first = torch.tensor([rules[0](int(i)) for i in ids])
+    final = first & torch.tensor([rules[1](int(i)) for i in ids])
+    assert 0 < final.sum() < first.sum() < 12
+    bench.adaptive.main([*checkpoints, "--n", "12", "--batch-size", "6", "--t-stars", "1", "--out",
+                         str(tmp_path / "grid.csv"), "--convergence", "2x1", "3x2", "--escalate"])
+    assert len(attacked_ids) == 2
+    assert torch.equal(attacked_ids[0], ids) and torch.equal(attacked_ids[1], ids[first])
+    stored = {f.name.rsplit("-", 1)[1]: torch.load(f, weights_only=True)
+              for f in (tmp_path / "convergence-escalated-predictions").glob("*.pt")}
+    assert torch.equal(stored["3x2.pt"]["ids"], ids[first])
+    frame = pd.read_csv(tmp_path / "convergence-escalated.csv")
+    assert set(frame.scoring) == {"vote"}
+    acc = dict(zip(zip(frame.steps, frame.eot), frame.accuracy))
+    assert acc[2, 1] == pytest.approx(first.float().mean().item())
+    assert acc[3, 2] == pytest.approx(final.float().mean().item())
+    drop = 100 * (first.float().mean() - final.float().mean()).item()
+    md = (tmp_path / "convergence-escalated.md").read_text()
+    assert f"| 3 x 2 | 6 | {int(first.sum())} | {100 * acc[3, 2]:.1f} | {drop:.1f} (" in md
 
 
 def test_sanity_check_fails_without_gradients(tiny_bcm, monkeypatch):

@@ -31,6 +31,7 @@ class Run:
     attack_seed: int
     eval_seed: int
     convergence: tuple[tuple[int, int], ...] | None  # (steps, eot) budgets of ``--convergence``
+    escalate: bool                              # ``--escalate``: later budgets attack only the images still right
     export_adversarial: Path | None
     compare: Path | None                        # the other results file of ``--compare``
     votes: tuple[int, ...] | None               # the vote sizes K of ``--votes``
@@ -62,6 +63,8 @@ class Run:
             if not 1 <= k <= evals:
                 raise ValueError(f"--votes values are vote sizes K with 1 <= K <= N = {evals} (the protocol's "
                                  f"evaluations), got {k}")
+        if args.escalate and not budgets:
+            raise ValueError("--escalate is an option of --convergence: give the budgets with --convergence")
         modes = [m for m, asked in (("sanity", args.sanity), ("convergence", budgets), ("retime", args.retime),
                                     ("compare", args.compare), ("votes", args.votes)) if asked]
         if len(modes) > 1:
@@ -71,7 +74,7 @@ class Run:
         return cls(mode=mode, targets=tuple(targets), defences=tuple(defences), t_stars=_tuple(args.t_stars),
                    eps_inv=_tuple(args.eps_inv), eps=tuple(args.eps), protocol=args.protocol, split=args.split,
                    threats=_tuple(args.threats), attack_seed=args.attack_seed, eval_seed=args.eval_seed,
-                   convergence=budgets,
+                   convergence=budgets, escalate=args.escalate,
                    export_adversarial=Path(args.export_adversarial) if args.export_adversarial else None,
                    compare=Path(args.compare) if args.compare else None, votes=_tuple(args.votes),
                    out=out, preset=args.preset, bcm=args.bcm, classifier_dir=args.classifier_dir, n=args.n,

@@ -21,41 +21,64 @@ from .setting import Setting, Workload
 def convergence(run: Run) -> None:
     """Margin-PGD with each budget of ``run.convergence`` on the first target, t* and eps, scored like the grid,
     written to convergence.csv/.md next to ``run.out`` (resumable: each budget's per-image predictions are
-    cached)."""
+    cached). With ``run.escalate``, each budget after the first attacks only the images that every earlier one
+    left correct under the majority of N, and the study goes to convergence-escalated.csv/.md."""
     work = Workload.load(run, pick_device(run.device))
     setting = work.setting(run.targets[0], work.entries[0], run.eps[0])
-    path = run.out.with_name("convergence.csv")
+    name = "convergence-escalated" if run.escalate else "convergence"
+    path = run.out.with_name(f"{name}.csv")
     table = ResultTable(path, KEY + ["steps", "eot"], COLUMNS)
     costs = measure_costs(setting, run.batch_size, run.bf16)
-    correct = {}
+    n = len(setting.images)
+    correct, attacked = {}, {}
+    standing = torch.ones(n)  # escalated: 1 where every budget so far left the majority right
     for steps, eot in run.convergence:
         base = dict(setting.row("pgd-margin"), steps=steps, eot=eot)
+        if run.escalate:
+            base["attack"] += "; only the images earlier budgets left correct (majority), scored as the worst so far"
         table.refuse_mixing(dict(base, scoring="single"), RUN_COLUMNS)
-        cache = run.out.with_name("convergence-predictions") / f"{unit_id(base)}-{steps}x{eot}.pt"
-        predictions, wall = budget_predictions(setting, table, base, cache)
-        correct[steps, eot] = correct_by_scoring(predictions, setting.labels)
+        cache = run.out.with_name(f"{name}-predictions") / f"{unit_id(base)}-{steps}x{eot}.pt"
+        index = standing.nonzero().squeeze(1)
+        part = setting.subset(index)
+        predictions, wall = budget_predictions(part, table, base, cache)
+        attacked[steps, eot] = len(index)
+        if run.escalate:
+            right = torch.zeros(n)
+            right[index] = correct_by_scoring(predictions, part.labels)["vote"]
+            before, standing = standing, standing * right
+            correct[steps, eot] = {"before": before, "vote": standing}
+            scored = {"vote": standing}
+        else:
+            correct[steps, eot] = scored = correct_by_scoring(predictions, setting.labels)
         cells = []
-        for scoring in SCORINGS:
-            mean, low, high = bootstrap_interval(correct[steps, eot][scoring])
+        for scoring, per_image in scored.items():
+            mean, low, high = bootstrap_interval(per_image)
             cells.append(dict(base, scoring=scoring, accuracy=mean, ci_low=low, ci_high=high, wall_s=wall,
-                              s_per_image=wall / len(setting.images), **costs))
+                              s_per_image=wall / max(len(index), 1), **costs))
         table.add(cells)
-    lines = convergence_lines(setting, table, correct)
+    lines = (escalated_lines(setting, table, correct, attacked) if run.escalate
+             else convergence_lines(setting, table, correct))
     write_text(path.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
 def budget_predictions(setting: Setting, table: ResultTable, base: dict, cache) -> tuple[torch.Tensor, float]:
-    """The per-image predictions under margin-PGD at the budget of ``base`` (steps x eot) and the seconds it took:
-    from ``cache`` and ``table`` if this budget ran before, else attacked now and cached."""
+    """The per-image predictions under margin-PGD at the budget of ``base`` (steps x eot) on ``setting``'s images
+    and the seconds it took: from ``cache`` and ``table`` if this budget ran before on these images, else attacked
+    now (its random starts and the purifier's noise drawn per image, as in the grid) and cached."""
     run, steps, eot = setting.run, base["steps"], base["eot"]
     if cache.is_file():
-        predictions = torch.load(cache, weights_only=True)["predictions"].long()
-        return predictions, float(table.rows[table.key(dict(base, scoring="single"))]["wall_s"])
+        stored = torch.load(cache, weights_only=True)
+        if torch.equal(stored["ids"], setting.ids):
+            return stored["predictions"].long(), float(table.rows[table.key(dict(base, scoring="single"))]["wall_s"])
+    if not len(setting.images):
+        return torch.zeros(setting.protocol.evals, 0, dtype=torch.long), 0.0
     started = time.monotonic()
-    attack = BestIteratePGD(setting.attacked, setting.eps / 255, steps, eot, "margin", setting.restarts)
+    attack = BestIteratePGD(setting.attacked, setting.eps / 255, steps, eot, "margin", setting.restarts,
+                            seed=run.attack_seed)
     adversarial = craft(attack, setting.images, setting.labels, run.batch_size, seed=run.attack_seed, bf16=run.bf16,
-                        progress=run.progress, desc=f"margin-PGD {steps}x{eot}", ids=setting.ids)
+                        progress=run.progress, desc=f"margin-PGD {steps}x{eot}", ids=setting.ids,
+                        noise=setting.attack_noise)
     predictions = setting.predictions("pgd-margin", adversarial)
     wall = time.monotonic() - started
     atomic_write(cache, lambda tmp: torch.save({"predictions": predictions.to(torch.int8), "ids": setting.ids,
@@ -87,4 +110,29 @@ def convergence_lines(setting: Setting, table: ResultTable, correct: dict) -> li
                      ["s_per_image"])
         lines.append(f"| {steps} x {eot} | {steps * eot} | {acc['single']:.1f} | {acc['worst']:.1f} | "
                      f"{acc['vote']:.1f} | {both} | {drop} | {wall:.1f} |")
+    return lines
+
+
+def escalated_lines(setting: Setting, table: ResultTable, correct: dict, attacked: dict) -> list[str]:
+    """The Markdown of an escalated study: per budget the images it attacked, the worst so far and its drop."""
+    run = setting.run
+    lines = [f"**Margin-PGD budgets, escalated, on {len(setting.images)} {run.split} images** ({run.preset} preset, "
+             f"defence `{setting.defence.spec()}` before {setting.target}; eps = {setting.eps}/255; suite {SUITE}, "
+             f"step eps/4 -> eps/8 -> eps/16, best iterate, prediction averaged over the draws; scored over N = "
+             f"{setting.protocol.evals} fresh evaluations; {DATASET}). Each budget after the first attacks only the "
+             f"images every earlier budget left correct under the strict majority of N (as AutoAttack runs each "
+             f"attack on the points still robust). `worst so far` = accuracy (%) under the majority when each "
+             f"image counts as broken once any budget broke it; `drop` = what this budget takes off it, paired, "
+             f"with its 95% bootstrap interval (converged when at most 1 point).\n",
+             "| steps x draws | gradients per image | images attacked | worst so far | drop | s/image attacked |",
+             "|---|---|---|---|---|---|"]
+    for i, (steps, eot) in enumerate(run.convergence):
+        scored = correct[steps, eot]
+        drop = "-"
+        if i:
+            d, low, high = bootstrap_interval(scored["before"] - scored["vote"])
+            drop = f"{100 * d:.1f} ({100 * low:.1f}-{100 * high:.1f})"
+        row = table.rows[table.key(dict(setting.row("pgd-margin"), steps=steps, eot=eot, scoring="vote"))]
+        lines.append(f"| {steps} x {eot} | {steps * eot} | {attacked[steps, eot]} | "
+                     f"{100 * scored['vote'].mean():.1f} | {drop} | {float(row['s_per_image']):.1f} |")
     return lines

@@ -121,9 +121,14 @@ class Setting:
 
     def part(self, start: int, stop: int) -> "Setting":
         """The same setting on the images at positions ``start .. stop-1`` (one block of a sharded run)."""
-        part = copy.copy(self)
-        part.images, part.labels, part.ids = self.images[start:stop], self.labels[start:stop], self.ids[start:stop]
+        part = self.subset(slice(start, stop))
         part.run = dataclasses.replace(self.run, progress=False)
+        return part
+
+    def subset(self, index) -> "Setting":
+        """The same setting on the images at positions ``index`` (a slice, or a tensor of positions)."""
+        part = copy.copy(self)
+        part.images, part.labels, part.ids = self.images[index], self.labels[index], self.ids[index]
         return part
 
     def predictions(self, threat: str, images: torch.Tensor) -> torch.Tensor:

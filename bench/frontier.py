@@ -62,9 +62,11 @@ def frontier_table(frame: pd.DataFrame, eps: int, scoring: str) -> pd.DataFrame:
         row = dict(zip(GROUP, keys))
         per_attack = {t: group[(group.threat == t) & (group.eps == eps)].accuracy
                       for t in ("pgd-margin", "apgd-ce", "apgd-dlr", "aa-standard")}
-        version = "standard" if len(per_attack["aa-standard"]) else "apgd"
+        version = ("standard" if len(per_attack["aa-standard"]) else
+                   "apgd" if len(per_attack["apgd-ce"]) or len(per_attack["apgd-dlr"]) else "")  # "": not run
         autoattack = (_first(per_attack["aa-standard"]) if version == "standard"
-                      else min(_first(per_attack["apgd-ce"]), _first(per_attack["apgd-dlr"])))
+                      else min(_first(per_attack[t]) for t in ("apgd-ce", "apgd-dlr") if len(per_attack[t]))
+                      if version else float("nan"))
         draws = int(worst.evals.iloc[0]) if scoring != "single" and randomized(row["defence"]) else 1
         row.update(eps=eps, scoring=scoring, clean=clean.accuracy.iloc[0], robust=worst.accuracy.iloc[0],
                    robust_low=worst.ci_low.iloc[0], robust_high=worst.ci_high.iloc[0],
@@ -142,7 +144,10 @@ def markdown(table: pd.DataFrame, published: pd.DataFrame | None = None) -> str:
               f"is an upper bound), with its 95% bootstrap interval; `AutoAttack`: the "
               f"better of APGD-CE/-DLR on the averaged prediction (`apgd`) or the standard version (`standard`); "
               f"`s/decision`: measured defend + classify seconds per image on the machine that ran it, "
-              f"times the N = {protocol.evals} evaluations a vote takes for a randomized defence; `pareto`: no "
+              + (f"times the N = {protocol.evals} evaluations a vote takes for a randomized defence"
+                 if first.scoring == "vote" else "one evaluation" if first.scoring == "single" else
+                 f"times the N = {protocol.evals} evaluations that must all be right for a randomized defence")
+              + "; `pareto`: no "
               f"configuration is as robust for less. Targets (issue 11): robust >= {100 * TARGET_ROBUST:.0f}% "
               f"with clean >= {100 * TARGET_CLEAN:.0f}%.\n")
     view = pd.DataFrame({
@@ -152,11 +157,11 @@ def markdown(table: pd.DataFrame, published: pd.DataFrame | None = None) -> str:
         "95% CI": [f"{100 * lo:.1f}-{100 * hi:.1f}" for lo, hi in zip(table.robust_low, table.robust_high)],
         "worst of": table.worst_of,
         "margin-PGD %": 100 * table.pgd_margin,
-        "AutoAttack %": 100 * table.autoattack,
+        "AutoAttack %": (100 * table.autoattack).astype(object).where(table.autoattack.notna(), None),
         "AutoAttack": table.autoattack_version, "NFE/decision": table.nfe, "ms/decision": 1000 * table.decision_s,
         "attack step ms": 1000 * table.attack_step_s, "pareto": table.pareto.map({True: "yes", False: ""}),
         "meets target": table.meets_target.map({True: "yes", False: ""})})
-    text = header + "\n" + view.to_markdown(index=False, floatfmt=".1f") + "\n"
+    text = header + "\n" + view.to_markdown(index=False, floatfmt=".1f", missingval="-") + "\n"
     if published is not None and len(published):
         anchors = pd.DataFrame({
             "published": published["name"], "scoring": published.scoring,

@@ -68,6 +68,19 @@ def test_single_scoring_takes_its_own_rows_and_one_evaluation(frame):
         frontier_table(frame, 8, "best")
 
 
+def test_a_run_without_autoattack_shows_none_and_single_decisions_cost_one_evaluation(frame):
+    """A margin-PGD-only run (an upper bound) has no AutoAttack figure: '-' with no version, not 'nan' under
+    'apgd'; and the single scoring's decision is one evaluation, which the header says."""
+    margin_only = frame[~frame.threat.isin(["apgd-ce", "apgd-dlr", "aa-standard"])]
+    for scoring in ("single", "vote"):
+        table = frontier_table(margin_only, 8, scoring)
+        assert table.autoattack.isna().all() and set(table.autoattack_version) == {""}
+        md = bench.frontier.markdown(table)
+        assert "nan" not in md and re.search(r"\| +- +\| +\| +2", md)
+    assert "one evaluation; `pareto`" in bench.frontier.markdown(frontier_table(frame, 8, "single"))
+    assert "times the N = 10 evaluations a vote takes" in bench.frontier.markdown(frontier_table(frame, 8, "vote"))
+
+
 def test_cli_writes_csv_markdown_and_png_and_rejects_missing_results(frame, tmp_path, capsys):
     results = tmp_path / "adaptive.csv"
     frame.assign(bf16=frame.bf16.map({True: "true", False: "false"}), t_star="", eps_inv="", restarts=1,

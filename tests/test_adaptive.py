@@ -516,8 +516,9 @@ def test_an_escalated_study_attacks_only_the_images_every_earlier_budget_left_ri
     first = torch.tensor([rules[0](int(i)) for i in ids])
     final = first & torch.tensor([rules[1](int(i)) for i in ids])
     assert 0 < final.sum() < first.sum() < 12
-    bench.adaptive.main([*checkpoints, "--n", "12", "--batch-size", "6", "--t-stars", "1", "--out",
-                         str(tmp_path / "grid.csv"), "--convergence", "2x1", "3x2", "--escalate"])
+    argv = [*checkpoints, "--n", "12", "--batch-size", "6", "--t-stars", "1", "--out", str(tmp_path / "grid.csv"),
+            "--convergence", "2x1", "3x2", "--escalate"]
+    bench.adaptive.main(argv)
     assert len(attacked_ids) == 2
     assert torch.equal(attacked_ids[0], ids) and torch.equal(attacked_ids[1], ids[first])
     stored = {f.name.rsplit("-", 1)[1]: torch.load(f, weights_only=True)
@@ -531,6 +532,13 @@ def test_an_escalated_study_attacks_only_the_images_every_earlier_budget_left_ri
     drop = 100 * (first.float().mean() - final.float().mean()).item()
     md = (tmp_path / "convergence-escalated.md").read_text()
     assert f"| 3 x 2 | 6 | {int(first.sum())} | {100 * acc[3, 2]:.1f} | {drop:.1f} (" in md
+
+    def no_attack(*args, **kwargs):
+        raise AssertionError("a resumed study attacked again")
+
+    monkeypatch.setattr(conv, "craft", no_attack)  # resumed from its cached budgets: the same study
+    bench.adaptive.main(argv)
+    assert (tmp_path / "convergence-escalated.md").read_text() == md
 
 
 def test_sanity_check_fails_without_gradients(tiny_bcm, monkeypatch):

@@ -36,7 +36,7 @@ def convergence(run: Run) -> None:
         base = dict(setting.row("pgd-margin"), steps=steps, eot=eot)
         if run.escalate:
             base["attack"] += "; only the images earlier budgets left correct (majority), scored as the worst so far"
-        table.refuse_mixing(dict(base, scoring="single"), RUN_COLUMNS)
+        table.refuse_mixing(dict(base, scoring="vote"), RUN_COLUMNS)  # "vote": the row both kinds of study write
         cache = run.out.with_name(f"{name}-predictions") / f"{unit_id(base)}-{steps}x{eot}.pt"
         index = standing.nonzero().squeeze(1)
         part = setting.subset(index)
@@ -67,10 +67,11 @@ def budget_predictions(setting: Setting, table: ResultTable, base: dict, cache) 
     and the seconds it took: from ``cache`` and ``table`` if this budget ran before on these images, else attacked
     now (its random starts and the purifier's noise drawn per image, as in the grid) and cached."""
     run, steps, eot = setting.run, base["steps"], base["eot"]
-    if cache.is_file():
+    row = table.rows.get(table.key(dict(base, scoring="vote")))
+    if cache.is_file() and row is not None:
         stored = torch.load(cache, weights_only=True)
         if torch.equal(stored["ids"], setting.ids):
-            return stored["predictions"].long(), float(table.rows[table.key(dict(base, scoring="single"))]["wall_s"])
+            return stored["predictions"].long(), float(row["wall_s"])
     if not len(setting.images):
         return torch.zeros(setting.protocol.evals, 0, dtype=torch.long), 0.0
     started = time.monotonic()

@@ -489,6 +489,38 @@ def test_convergence_at_the_protocol_budget_reproduces_the_grids_margin_pgd(chec
     assert torch.equal(grid[0]["predictions"], study[0]["predictions"])
 
 
+def test_an_interrupted_convergence_study_keeps_its_finished_blocks(checkpoints, tmp_path, monkeypatch):  # noqa: F811
+    """Killed in its second block, the study resumes from the first: only the second is attacked again, and the
+    result is an uninterrupted run's."""
+    import bench.whitebox.convergence as conv
+
+    real_craft, attacked = conv.craft, []
+
+    def failing_second_block(attack, images, labels, *args, ids=None, **kwargs):
+        if int(ids[0]) != int(first_ids[0]):
+            raise KeyboardInterrupt
+        return real_craft(attack, images, labels, *args, ids=ids, **kwargs)
+
+    def recording(attack, images, labels, *args, ids=None, **kwargs):
+        attacked.append(ids.clone())
+        return real_craft(attack, images, labels, *args, ids=ids, **kwargs)
+
+    first_ids = bench.common.load_split("test", checkpoints[checkpoints.index("--data-root") + 1], 12, 0)[2][:6]
+    args = [*checkpoints, "--n", "12", "--batch-size", "6", "--t-stars", "1", "--convergence", "2x2"]
+    monkeypatch.setattr(conv, "craft", failing_second_block)
+    with pytest.raises(KeyboardInterrupt):
+        bench.adaptive.main([*args, "--out", str(tmp_path / "a" / "grid.csv")])
+    assert len(list((tmp_path / "a").rglob(".blocks/*/*.pt"))) == 1
+    monkeypatch.setattr(conv, "craft", recording)
+    bench.adaptive.main([*args, "--out", str(tmp_path / "a" / "grid.csv")])
+    assert len(attacked) == 1 and int(attacked[0][0]) != int(first_ids[0])  # only the second block again
+    assert not list((tmp_path / "a").rglob(".blocks"))
+    bench.adaptive.main([*args, "--out", str(tmp_path / "b" / "grid.csv")])
+    resumed, whole = (torch.load(next((tmp_path / d / "convergence-predictions").glob("*.pt")), weights_only=True)
+                      for d in "ab")
+    assert torch.equal(resumed["predictions"], whole["predictions"])
+
+
 def test_an_escalated_study_attacks_only_the_images_every_earlier_budget_left_right(checkpoints, tmp_path,  # noqa: F811
                                                                                     monkeypatch):
     """Budget 2 attacks exactly the images budget 1 left right under the majority; the worst so far is, per
@@ -497,14 +529,14 @@ def test_an_escalated_study_attacks_only_the_images_every_earlier_budget_left_ri
     the ids not divisible by 3 right, budget 2 the even ones (7 of 10 evaluations right: a majority)."""
     import bench.whitebox.convergence as conv
 
-    attacked_ids, rules = [], [lambda i: i % 3 != 0, lambda i: i % 2 == 0]
+    attacked_ids, rules = {}, [lambda i: i % 3 != 0, lambda i: i % 2 == 0]
     real_craft = conv.craft
 
-    def recording_craft(attack, images, labels, *args, ids=None, **kwargs):
-        attacked_ids.append(ids.clone())
-        return real_craft(attack, images, labels, *args, ids=ids, **kwargs)
+    def recording_craft(attack, images, labels, *args, ids=None, desc="", **kwargs):
+        attacked_ids[desc] = torch.cat([attacked_ids.get(desc, torch.zeros(0, dtype=ids.dtype)), ids])
+        return real_craft(attack, images, labels, *args, ids=ids, desc=desc, **kwargs)
 
-    def scripted(self, threat, images):  # one call per budget, on the images it attacked
+    def scripted(self, threat, images):  # per block, on the images the budget being run attacked
         rule = rules[len(attacked_ids) - 1]
         right = torch.tensor([rule(int(i)) for i in self.ids], dtype=torch.bool)
         wrong = (self.labels + 1) % 10
@@ -519,8 +551,8 @@ def test_an_escalated_study_attacks_only_the_images_every_earlier_budget_left_ri
     argv = [*checkpoints, "--n", "12", "--batch-size", "6", "--t-stars", "1", "--out", str(tmp_path / "grid.csv"),
             "--convergence", "2x1", "3x2", "--escalate"]
     bench.adaptive.main(argv)
-    assert len(attacked_ids) == 2
-    assert torch.equal(attacked_ids[0], ids) and torch.equal(attacked_ids[1], ids[first])
+    assert list(attacked_ids) == ["margin-PGD 2x1", "margin-PGD 3x2"]
+    assert torch.equal(attacked_ids["margin-PGD 2x1"], ids) and torch.equal(attacked_ids["margin-PGD 3x2"], ids[first])
     stored = {f.name.rsplit("-", 1)[1]: torch.load(f, weights_only=True)
               for f in (tmp_path / "convergence-escalated-predictions").glob("*.pt")}
     assert torch.equal(stored["3x2.pt"]["ids"], ids[first])

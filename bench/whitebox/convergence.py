@@ -2,6 +2,7 @@
 (the paired drop the larger budget adds: the criterion for a converged default)."""
 from __future__ import annotations
 
+import hashlib
 import time
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from attacks import SCORINGS, SUITE, BestIteratePGD, correct_by_scoring, craft
 from purify.infra.checkpoint import atomic_write
 from purify.infra.runtime import pick_device
+from purify.infra.shards import map_blocks, remove_blocks
 
 from ..common import DATASET, ResultTable, write_text
 from ..intervals import bootstrap_interval
@@ -65,7 +67,8 @@ def convergence(run: Run) -> None:
 def budget_predictions(setting: Setting, table: ResultTable, base: dict, cache) -> tuple[torch.Tensor, float]:
     """The per-image predictions under margin-PGD at the budget of ``base`` (steps x eot) on ``setting``'s images
     and the seconds it took: from ``cache`` and ``table`` if this budget ran before on these images, else attacked
-    now (its random starts and the purifier's noise drawn per image, as in the grid) and cached."""
+    now (its random starts and the purifier's noise drawn per image, as in the grid) block by block, the finished
+    blocks kept across an interruption, and cached."""
     run, steps, eot = setting.run, base["steps"], base["eot"]
     row = table.rows.get(table.key(dict(base, scoring="vote")))
     if cache.is_file() and row is not None:
@@ -77,13 +80,21 @@ def budget_predictions(setting: Setting, table: ResultTable, base: dict, cache) 
     started = time.monotonic()
     attack = BestIteratePGD(setting.attacked, setting.eps / 255, steps, eot, "margin", setting.restarts,
                             seed=run.attack_seed)
-    adversarial = craft(attack, setting.images, setting.labels, run.batch_size, seed=run.attack_seed, bf16=run.bf16,
-                        progress=run.progress, desc=f"margin-PGD {steps}x{eot}", ids=setting.ids,
-                        noise=setting.attack_noise)
-    predictions = setting.predictions("pgd-margin", adversarial)
+
+    def block(start: int, stop: int) -> torch.Tensor:
+        part = setting.part(start, stop)
+        adversarial = craft(attack, part.images, part.labels, run.batch_size, seed=run.attack_seed, bf16=run.bf16,
+                            progress=False, desc=f"margin-PGD {steps}x{eot}", ids=part.ids, noise=part.attack_noise)
+        return part.predictions("pgd-margin", adversarial).T.contiguous()
+
+    images = hashlib.sha256(setting.ids.numpy().tobytes()).hexdigest()[:8]  # an escalated budget's survivors
+    blocks = cache.parent / ".blocks" / f"{unit_id(base, run_columns=True)}-{steps}x{eot}-{images}"
+    predictions = map_blocks(block, len(setting.images), run.batch_size, blocks, progress=run.progress,
+                             desc=f"margin-PGD {steps}x{eot}").T
     wall = time.monotonic() - started
     atomic_write(cache, lambda tmp: torch.save({"predictions": predictions.to(torch.int8), "ids": setting.ids,
                                                 "row": base}, tmp))
+    remove_blocks(blocks)
     return predictions, wall
 
 

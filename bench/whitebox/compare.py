@@ -30,36 +30,32 @@ def compare(run: Run) -> list[dict]:
         tables[name] = ResultTable(path, KEY, COLUMNS)
     work = Workload.load(run, pick_device(run.device))
     rows = []
-    for target in run.targets:
-        for entry in work.entries:
-            for eps in run.eps:
-                setting = work.setting(target, entry, eps)
-                correct = {name: {} for name in files}
-                runs = {}
-                for threat in [t for t in setting.threats if t != "worst"]:
-                    base = setting.row(threat)
-                    stored = {name: stored_correct(tables[name], files[name], base, setting.labels)
-                              for name in files}
-                    if any(found is None for found in stored.values()):
-                        continue
-                    for name, (per_image, row) in stored.items():
-                        correct[name][threat] = per_image
-                        runs[name] = ", ".join(f"{c} {row[c]}" for c in RUN_COLUMNS)
-                attacked = [t for t in setting.worst_of if t in correct["this"]]
-                if attacked:
-                    for name in files:
-                        correct[name]["worst"] = worst_per_image(correct[name], attacked, SCORINGS)
-                for threat in correct["this"]:
-                    for scoring in SCORINGS:
-                        this, other = correct["this"][threat][scoring], correct["other"][threat][scoring]
-                        diff, low, high = bootstrap_interval(this - other)
-                        rows.append(dict(target=target, defence=entry.defence.spec(), eps=eps, threat=threat,
-                                         scoring=scoring, this=this.mean().item(), other=other.mean().item(),
-                                         difference=diff, ci_low=low, ci_high=high, this_run=runs["this"],
-                                         other_run=runs["other"], n=len(this)))
-                if not correct["this"]:
-                    print(f"{target}, {entry.defence.spec()}, eps = {eps}/255: not in both files; skipped",
-                          file=sys.stderr)
+    for setting in work.settings():
+        target, defence, eps = setting.target, setting.defence.spec(), setting.eps
+        correct = {name: {} for name in files}
+        runs = {}
+        for threat in [t for t in setting.threats if t != "worst"]:
+            base = setting.row(threat)
+            stored = {name: stored_correct(tables[name], files[name], base, setting.labels) for name in files}
+            if any(found is None for found in stored.values()):
+                continue
+            for name, (per_image, row) in stored.items():
+                correct[name][threat] = per_image
+                runs[name] = ", ".join(f"{c} {row[c]}" for c in RUN_COLUMNS)
+        attacked = [t for t in setting.worst_of if t in correct["this"]]
+        if attacked:
+            for name in files:
+                correct[name]["worst"] = worst_per_image(correct[name], attacked, SCORINGS)
+        for threat in correct["this"]:
+            for scoring in SCORINGS:
+                this, other = correct["this"][threat][scoring], correct["other"][threat][scoring]
+                diff, low, high = bootstrap_interval(this - other)
+                rows.append(dict(target=target, defence=defence, eps=eps, threat=threat,
+                                 scoring=scoring, this=this.mean().item(), other=other.mean().item(),
+                                 difference=diff, ci_low=low, ci_high=high, this_run=runs["this"],
+                                 other_run=runs["other"], n=len(this)))
+        if not correct["this"]:
+            print(f"{target}, {defence}, eps = {eps}/255: not in both files; skipped", file=sys.stderr)
     if not rows:
         raise ValueError(f"--compare: no setting of this run is in both {run.out} and {run.compare}")
     out = run.out.with_name(f"{run.out.stem}-vs-{run.compare.stem}.md")

@@ -171,3 +171,10 @@ class Workload:
     def setting(self, target: str, entry: Entry, eps: int) -> Setting:
         return Setting(self.run, target, self.models[target], entry, eps, self.images, self.labels, self.ids,
                        self.checkpoint_ids[target, id(entry)])
+
+    def settings(self):
+        """Every selected (target, defence, eps) setting, in the run's order."""
+        for target in self.run.targets:
+            for entry in self.entries:
+                for eps in self.run.eps:
+                    yield self.setting(target, entry, eps)

@@ -54,35 +54,30 @@ def votes(run: Run) -> pd.DataFrame:
     table = ResultTable(run.out, KEY, COLUMNS)
     work = Workload.load(run, pick_device(run.device))
     rows = []
-    for target in run.targets:
-        for entry in work.entries:
-            for eps in run.eps:
-                setting = work.setting(target, entry, eps)
-                if not randomized(entry.defence.spec()):
-                    print(f"{target}, {entry.defence.spec()}: deterministic, every evaluation the same; skipped",
-                          file=sys.stderr)
-                    continue
-                stored = {}
-                for threat in [t for t in setting.threats if t != "worst"]:
-                    found = stored_predictions(table, run.out, setting.row(threat))
-                    if found is not None:
-                        stored[threat] = found[0]
-                if not stored:
-                    print(f"{target}, {entry.defence.spec()}, eps = {eps}/255: not in {run.out}; skipped",
-                          file=sys.stderr)
-                    continue
-                evals = min(len(p) for p in stored.values())
-                attacked = [t for t in setting.worst_of if t in stored]
-                for k in run.votes:
-                    correct = {t: {"vote": vote_of_k(p, setting.labels, k)} for t, p in stored.items()}
-                    if attacked:
-                        correct["worst"] = worst_per_image(correct, attacked, ["vote"])
-                    for threat, per_image in correct.items():
-                        mean, low, high = bootstrap_interval(per_image["vote"])
-                        rows.append(dict(target=target, defence=entry.defence.spec(), eps=eps, split=run.split,
-                                         protocol=run.protocol, threat=threat,
-                                         votes=k, nfe=k * setting.row(threat)["nfe"], accuracy=mean, ci_low=low,
-                                         ci_high=high, n=len(setting.labels), evals=evals))
+    for setting in work.settings():
+        target, defence, eps = setting.target, setting.defence.spec(), setting.eps
+        if not randomized(defence):
+            print(f"{target}, {defence}: deterministic, every evaluation the same; skipped", file=sys.stderr)
+            continue
+        stored = {}
+        for threat in [t for t in setting.threats if t != "worst"]:
+            found = stored_predictions(table, run.out, setting.row(threat))
+            if found is not None:
+                stored[threat] = found[0]
+        if not stored:
+            print(f"{target}, {defence}, eps = {eps}/255: not in {run.out}; skipped", file=sys.stderr)
+            continue
+        evals = min(len(p) for p in stored.values())
+        attacked = [t for t in setting.worst_of if t in stored]
+        for k in run.votes:
+            correct = {t: {"vote": vote_of_k(p, setting.labels, k)} for t, p in stored.items()}
+            if attacked:
+                correct["worst"] = worst_per_image(correct, attacked, ["vote"])
+            for threat, per_image in correct.items():
+                mean, low, high = bootstrap_interval(per_image["vote"])
+                rows.append(dict(target=target, defence=defence, eps=eps, split=run.split, protocol=run.protocol,
+                                 threat=threat, votes=k, nfe=k * setting.row(threat)["nfe"], accuracy=mean,
+                                 ci_low=low, ci_high=high, n=len(setting.labels), evals=evals))
     if not rows:
         raise ValueError(f"--votes: no setting of this run is in {run.out}")
     frame = pd.DataFrame(rows, columns=COLUMNS_OUT)

@@ -42,7 +42,8 @@ Markdown table and a PNG (accuracy against t*). Reruns resume: finished (setting
                                    # one threat alone: an upper bound on the robust accuracy of a slow defence
     python -m bench.adaptive --sanity --split val --n 50                        # Carlini et al.'s sanity checks
     python -m bench.adaptive --convergence 20x4 40x8 --split val --n 500       # does doubling the budget add?
-    python -m bench.adaptive --convergence 20x4 40x8 80x16 --escalate --split val --n 500   # the same, cheaper
+    python -m bench.adaptive --convergence 20x4 40x8 80x16 --escalate --split val --n 500
+                                   # the same criterion, each budget attacking only the images still right
     python -m bench.adaptive --retime --target preact --t-stars 0.5 1 --n 200  # re-measure the costs
     python -m bench.adaptive --split val --n 100 --bf16 --out bf16.csv --compare fp32.csv   # does bf16 agree?
     python -m bench.adaptive --defence bcm-robust --target preact:adv-fgsm-long --split val --votes 1 3 5 10

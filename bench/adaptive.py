@@ -136,10 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "and scoring the paired difference with its 95%% interval, written to "
                              "<out>-vs-<CSV>.md")
     parser.add_argument("--votes", nargs="+", type=int, default=None, metavar="K",
-                        help="instead of the grid: re-score the selected settings already in --out as majority votes "
-                             "of K purifications (1 <= K <= N = 10; ties wrong), each image averaged over all K-subsets "
-                             "of its N stored evaluations, with the network evaluations per decision; no attack runs. "
-                             "Writes <out>-votes.csv/.md")
+                        help="instead of the grid: re-score the selected settings already in --out as majority "
+                             "votes of K purifications (1 <= K <= N = 10; ties wrong), each image averaged over all "
+                             "K-subsets of its N stored evaluations, with the network evaluations per decision; no "
+                             "attack runs. Writes <out>-votes.csv/.md")
     parser.add_argument("--export-adversarial", metavar="DIR", default=None,
                         help="also write each newly attacked (configuration, threat)'s adversarial images, with ids "
                              "and labels, to DIR/<target>-<defence>-eps<k>-<threat>.pt, for re-scoring elsewhere")

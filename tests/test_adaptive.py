@@ -859,8 +859,8 @@ def test_a_vote_of_k_averages_the_majority_over_every_k_subset_of_the_evaluation
         vote_of_k(predictions, labels, 5)
 
 
-def test_votes_rescore_a_run_without_attacking_and_agree_with_its_scorings_at_1_and_n(checkpoints, tmp_path,  # noqa: F811
-                                                                                      monkeypatch, capsys):
+def test_votes_rescore_a_run_without_attacking_and_agree_with_its_scorings_at_1_and_n(  # noqa: F811
+        checkpoints, tmp_path, monkeypatch, capsys):
     """Stored predictions replaced by seeded ones that vary between evaluations: K = N gives each threat's `vote`
     scoring and K = 1 its `single` one (worst included, as the per-image minimum over the white-box threats),
     K = 3 the mean over 3-subsets; nothing is attacked again and the deterministic `none` is skipped."""

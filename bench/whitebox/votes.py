@@ -97,9 +97,10 @@ def votes(run: Run) -> pd.DataFrame:
 
 def markdown(frame: pd.DataFrame, results: Path) -> str:
     """One table per setting: rows K (with network evaluations per decision), columns threats."""
-    parts = [f"**Votes of K purifications, re-scored from {results.name}'s stored predictions.** Accuracy (%) of a strict majority of K (ties wrong), averaged per image "
-             f"over all K-subsets of the N stored evaluations; the attacks are the run's, aimed at the prediction "
-             f"averaged over the protocol's draws; `worst` = per image the lowest over the white-box threats; "
+    parts = [f"**Votes of K purifications, re-scored from {results.name}'s stored predictions.** Accuracy (%) of "
+             f"a strict majority of K (ties wrong), averaged per image over all K-subsets of the N stored "
+             f"evaluations; the attacks are the run's, aimed at the prediction averaged over the protocol's draws; "
+             f"`worst` = per image the lowest over the white-box threats; "
              f"95% bootstrap interval on `worst`. K = N is the run's `vote` scoring, K = 1 its `single` one.\n"]
     for (target, defence, eps, split, protocol), group in frame.groupby(SETTING, sort=False):
         threats = [t for t in dict.fromkeys(group.threat) if t != "worst"]

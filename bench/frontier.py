@@ -62,11 +62,13 @@ def frontier_table(frame: pd.DataFrame, eps: int, scoring: str) -> pd.DataFrame:
         row = dict(zip(GROUP, keys))
         per_attack = {t: group[(group.threat == t) & (group.eps == eps)].accuracy
                       for t in ("pgd-margin", "apgd-ce", "apgd-dlr", "aa-standard")}
-        version = ("standard" if len(per_attack["aa-standard"]) else
-                   "apgd" if len(per_attack["apgd-ce"]) or len(per_attack["apgd-dlr"]) else "")  # "": not run
-        autoattack = (_first(per_attack["aa-standard"]) if version == "standard"
-                      else min(_first(per_attack[t]) for t in ("apgd-ce", "apgd-dlr") if len(per_attack[t]))
-                      if version else float("nan"))
+        apgd = [per_attack[t].iloc[0] for t in ("apgd-ce", "apgd-dlr") if len(per_attack[t])]
+        if len(per_attack["aa-standard"]):
+            version, autoattack = "standard", per_attack["aa-standard"].iloc[0]
+        elif apgd:
+            version, autoattack = "apgd", min(apgd)
+        else:  # a run without AutoAttack's attacks (e.g. margin-PGD alone)
+            version, autoattack = "", float("nan")
         draws = int(worst.evals.iloc[0]) if scoring != "single" and randomized(row["defence"]) else 1
         row.update(eps=eps, scoring=scoring, clean=clean.accuracy.iloc[0], robust=worst.accuracy.iloc[0],
                    robust_low=worst.ci_low.iloc[0], robust_high=worst.ci_high.iloc[0],

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from attacks import SCORINGS, SUITE, BestIteratePGD, correct_by_scoring, craft
+from attacks import SCORINGS, SUITE, correct_by_scoring, craft
 from purify.infra.checkpoint import atomic_write
 from purify.infra.runtime import pick_device
 from purify.infra.shards import map_blocks, remove_blocks
@@ -78,8 +78,7 @@ def budget_predictions(setting: Setting, table: ResultTable, base: dict, cache) 
     if not len(setting.images):
         return torch.zeros(setting.protocol.evals, 0, dtype=torch.long), 0.0
     started = time.monotonic()
-    attack = BestIteratePGD(setting.attacked, setting.eps / 255, steps, eot, "margin", setting.restarts,
-                            seed=run.attack_seed)
+    attack = setting.attack("pgd-margin", steps, eot)
 
     def block(start: int, stop: int) -> torch.Tensor:
         part = setting.part(start, stop)

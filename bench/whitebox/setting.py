@@ -90,17 +90,19 @@ class Setting:
                     checkpoints=self.checkpoint_id)
 
     # -- the threats: each returns adversarial images (float in [0, 1]) ------------------------------------
-    def attack(self, threat: str):
-        """The attack object of a white-box ``threat`` (``attacks.eot``)."""
-        eps, steps, seed = self.eps / 255, self.protocol.steps, self.run.attack_seed
+    def attack(self, threat: str, steps: int | None = None, eot: int | None = None):
+        """The attack object of a white-box ``threat`` (``attacks.eot``), at the protocol's budget unless ``steps``
+        and ``eot`` (draws per step) say otherwise (a convergence study's budgets)."""
+        eps, seed = self.eps / 255, self.run.attack_seed
+        steps, eot = steps or self.protocol.steps, eot or self.eot
         if threat in ("pgd-margin", "pgd-ce"):
-            return BestIteratePGD(self.attacked, eps, steps, self.eot, threat.split("-")[1], self.restarts, seed=seed)
+            return BestIteratePGD(self.attacked, eps, steps, eot, threat.split("-")[1], self.restarts, seed=seed)
         if threat == "pgd-fixed":
             return BestIteratePGD(self.attacked, eps, steps, 1, "margin", seed=seed)
         if threat in ("apgd-ce", "apgd-dlr"):
-            return BestLossAPGD(self.attacked, eps, steps, self.eot, threat.split("-")[1], seed=seed)
+            return BestLossAPGD(self.attacked, eps, steps, eot, threat.split("-")[1], seed=seed)
         if threat == "square":
-            return BestMarginSquare(self.attacked, eps, self.protocol.square_queries, self.eot, seed=seed)
+            return BestMarginSquare(self.attacked, eps, self.protocol.square_queries, eot, seed=seed)
         raise ValueError(f"unknown threat {threat!r}")
 
     def adversarial(self, threat: str) -> torch.Tensor:

@@ -35,7 +35,7 @@ from purify.defences import needs_bcm
 from purify.infra.config import from_dict, load_yaml, to_dict
 from purify.infra.data import seeded_subset
 from purify.infra.images import as_float
-from purify.infra.paths import CONFIG_DIR, RESULTS_DIR, RUNS_DIR
+from purify.infra.paths import CONFIG_DIR
 from purify.infra.runtime import autocast, pick_device
 from purify.purifier import shipped_bcm_path
 
@@ -43,7 +43,7 @@ from .architectures import ARCHS
 from .config import PRESETS, TrainConfig
 from .evaluate import accuracy
 from .registry import DEFAULT_CHECKPOINT_DIR, checkpoint_path, load_classifier_state
-from .train import train
+from .train import add_run_arguments, parse_run_arguments, train
 
 RECIPE_DIR = CONFIG_DIR / "finetune"
 FINETUNE_ATTACKS = ("none", "fgsm", "pgd")  # the attacks a recipe trains against
@@ -176,25 +176,9 @@ def main(argv=None) -> None:
                         help="where the classifier to start from, {arch}-{preset}.pt, is read")
     parser.add_argument("--out-dir", default=str(DEFAULT_CHECKPOINT_DIR),
                         help="where {arch}-{preset}-{recipe}.pt (best-validation weights) is written")
-    parser.add_argument("--run-dir", default=str(RUNS_DIR / "classifiers"),
-                        help="where the resumable state is written")
-    parser.add_argument("--results-dir", default=str(RESULTS_DIR / "classifiers"),
-                        help="where the per-epoch CSV log is written")
     parser.add_argument("--data-root", default=None, help="CIFAR-10 root (default: $BCM_DATA)")
-    parser.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1'")
-    parser.add_argument("--seed", type=int, default=0, help="seed of data order, augmentation and attack/noise")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--max-minutes", type=float, default=None,
-                        help="stop after this many minutes of this invocation, saving a resumable state")
-    parser.add_argument("--resume", action="store_true", help="continue from the saved state")
-    parser.add_argument("--train-subset", type=int, default=None,
-                        help="train on a seeded subset of this many images (smoke runs)")
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                        help="bfloat16 autocast (default: on only where the device runs bf16 natively)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads must be positive, got {args.threads}")
+    add_run_arguments(parser)
+    args = parse_run_arguments(parser, argv)
     try:
         finetune(args.arch, args.recipe, args.preset, bcm=args.bcm, checkpoint_dir=args.checkpoint_dir,
                  out_dir=args.out_dir, device=args.device, bf16=args.bf16, data_root=args.data_root,

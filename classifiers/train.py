@@ -368,6 +368,38 @@ def _record_result(path: Path, summary: dict) -> None:
         writer.writerows(rows)
 
 
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a classifier training run that `classifiers.train` and `classifiers.finetune` share: where
+    its resumable state and logs go, device, seed, threads, time budget, smoke subset, precision, progress."""
+    parser.add_argument("--run-dir", default=str(RUNS_DIR / "classifiers"),
+                        help="where the resumable training state is written")
+    parser.add_argument("--results-dir", default=str(RESULTS_DIR / "classifiers"),
+                        help="where the per-epoch CSV log (and for a base classifier, the {preset}.csv summary) "
+                             "is written")
+    parser.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1'")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of initialisation, data order, augmentation and any attack or purifier noise")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="stop after this many minutes of this invocation, saving a resumable state")
+    parser.add_argument("--resume", action="store_true", help="continue from the state saved in --run-dir")
+    parser.add_argument("--train-subset", type=int, default=None,
+                        help="train on a seeded subset of this many images (smoke runs)")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="force bfloat16 autocast on or off (default: the preset's setting; small: on only "
+                             "where the device runs bf16 natively, i.e. CUDA with bf16 or a CPU with "
+                             "AMX/AVX-512-BF16, since emulated bf16 is 3-10x slower than float32)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def parse_run_arguments(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    """``parser``'s arguments, with a non-positive ``--threads`` refused (exit status 2)."""
+    args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be positive, got {args.threads}")
+    return args
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m classifiers.train", description=__doc__,
@@ -381,26 +413,8 @@ def main(argv=None) -> None:
                         help="CIFAR-10 root (ImageFolder copy or torchvision download dir); default $BCM_DATA")
     parser.add_argument("--out-dir", default=str(DEFAULT_CHECKPOINT_DIR),
                         help="where {arch}-{preset}.pt (best-validation weights) is written")
-    parser.add_argument("--run-dir", default=str(RUNS_DIR / "classifiers"),
-                        help="where the resumable training state {arch}-{preset}-state.pt is written")
-    parser.add_argument("--results-dir", default=str(RESULTS_DIR / "classifiers"),
-                        help="where the per-epoch CSV log and the {preset}.csv summary are written")
-    parser.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1'")
-    parser.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order, augmentation")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--max-minutes", type=float, default=None,
-                        help="stop after this many minutes of this invocation, saving a resumable state")
-    parser.add_argument("--resume", action="store_true", help="continue from {run-dir}/{arch}-{preset}-state.pt")
-    parser.add_argument("--train-subset", type=int, default=None,
-                        help="train on a seeded subset of this many images (smoke runs)")
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                        help="force bfloat16 autocast on or off (default: the preset's setting; small: on only "
-                             "where the device runs bf16 natively, i.e. CUDA with bf16 or a CPU with "
-                             "AMX/AVX-512-BF16, since emulated bf16 is 3-10x slower than float32)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads must be positive, got {args.threads}")
+    add_run_arguments(parser)
+    args = parse_run_arguments(parser, argv)
     try:  # missing data, unwritable folders, a state file of another run: one line, no traceback
         train(args.arch, args.preset, data_root=args.data_root, out_dir=args.out_dir, run_dir=args.run_dir,
               results_dir=args.results_dir, device=args.device, seed=args.seed, threads=args.threads,

@@ -20,6 +20,7 @@ import bench.report
 import bench.tradeoff
 import bench.transfer
 import classifiers
+import classifiers.finetune
 import classifiers.train
 import purify.export
 import purify.train
@@ -197,6 +198,9 @@ CLI = {  # name: (main, argv (``{in}``/``{out}`` are filled in), message)
     "classifiers.train: unknown arch": (classifiers.train.main, ["--arch", "resnet", *CLS_DIRS], "invalid choice"),
     "classifiers.train: zero threads": (classifiers.train.main, ["--arch", "wrn", *CLS_DIRS, "--threads", "0"],
                                         "--threads must be positive"),
+    "classifiers.finetune: zero threads": (classifiers.finetune.main, ["--arch", "wrn", "--recipe", "bcm-clean",
+                                                                        *CLS_DIRS, "--threads", "0"],
+                                           "--threads must be positive"),
     "transfer: eps off the grid": (bench.transfer.main, ["--eps", "7", "--out", "{out}/t.csv"], "invalid eps '7'"),
     "transfer: negative eps": (bench.transfer.main, ["--eps", "-8", "--out", "{out}/t.csv"], "invalid eps '-8'"),
     "transfer: n = 0": (bench.transfer.main, ["--n", "0", "--out", "{out}/t.csv"], "must be a positive integer"),

@@ -569,8 +569,11 @@ def test_an_escalated_study_attacks_only_the_images_every_earlier_budget_left_ri
         raise AssertionError("a resumed study attacked again")
 
     monkeypatch.setattr(conv, "craft", no_attack)  # resumed from its cached budgets: the same study
+    monkeypatch.setattr(conv, "measure_costs", no_attack)  # and the costs stored with them, not measured again
+    csv = (tmp_path / "convergence-escalated.csv").read_text()
     bench.adaptive.main(argv)
     assert (tmp_path / "convergence-escalated.md").read_text() == md
+    assert (tmp_path / "convergence-escalated.csv").read_text() == csv
 
 
 def test_sanity_check_fails_without_gradients(tiny_bcm, monkeypatch):

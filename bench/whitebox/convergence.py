@@ -16,7 +16,7 @@ from ..common import DATASET, ResultTable, write_text
 from ..intervals import bootstrap_interval
 from .config import Run
 from .grid import measure_costs
-from .schema import COLUMNS, KEY, RUN_COLUMNS, unit_id
+from .schema import COLUMNS, COST_COLUMNS, KEY, RUN_COLUMNS, unit_id
 from .setting import Setting, Workload
 
 
@@ -30,7 +30,7 @@ def convergence(run: Run) -> None:
     name = "convergence-escalated" if run.escalate else "convergence"
     path = run.out.with_name(f"{name}.csv")
     table = ResultTable(path, KEY + ["steps", "eot"], COLUMNS)
-    costs = measure_costs(setting, run.batch_size, run.bf16)
+    costs = {}  # measured once, when a budget is attacked now; a cached budget keeps the costs stored with it
     n = len(setting.images)
     correct, attacked = {}, {}
     standing = torch.ones(n)  # escalated: 1 where every budget so far left the majority right
@@ -42,7 +42,10 @@ def convergence(run: Run) -> None:
         cache = run.out.with_name(f"{name}-predictions") / f"{unit_id(base)}-{steps}x{eot}.pt"
         index = standing.nonzero().squeeze(1)
         part = setting.subset(index)
-        predictions, wall = budget_predictions(part, table, base, cache)
+        predictions, wall, stored = budget_predictions(part, table, base, cache)
+        if stored is None and not costs:
+            costs = measure_costs(setting, run.batch_size, run.bf16)
+        measured = {column: stored[column] for column in COST_COLUMNS} if stored else costs
         attacked[steps, eot] = len(index)
         if run.escalate:
             right = torch.zeros(n)
@@ -56,7 +59,7 @@ def convergence(run: Run) -> None:
         for scoring, per_image in scored.items():
             mean, low, high = bootstrap_interval(per_image)
             cells.append(dict(base, scoring=scoring, accuracy=mean, ci_low=low, ci_high=high, wall_s=wall,
-                              s_per_image=wall / max(len(index), 1), **costs))
+                              s_per_image=wall / max(len(index), 1), **measured))
         table.add(cells)
     lines = (escalated_lines(setting, table, correct, attacked) if run.escalate
              else convergence_lines(setting, table, correct))
@@ -64,19 +67,20 @@ def convergence(run: Run) -> None:
     print("\n".join(lines))
 
 
-def budget_predictions(setting: Setting, table: ResultTable, base: dict, cache) -> tuple[torch.Tensor, float]:
-    """The per-image predictions under margin-PGD at the budget of ``base`` (steps x eot) on ``setting``'s images
-    and the seconds it took: from ``cache`` and ``table`` if this budget ran before on these images, else attacked
-    now (its random starts and the purifier's noise drawn per image, as in the grid) block by block, the finished
-    blocks kept across an interruption, and cached."""
+def budget_predictions(setting: Setting, table: ResultTable, base: dict,
+                       cache) -> tuple[torch.Tensor, float, dict | None]:
+    """The per-image predictions under margin-PGD at the budget of ``base`` (steps x eot) on ``setting``'s images,
+    the seconds it took and its stored row: from ``cache`` and ``table`` (with that row) if this budget ran before
+    on these images, else (row None) attacked now (its random starts and the purifier's noise drawn per image, as
+    in the grid) block by block, the finished blocks kept across an interruption, and cached."""
     run, steps, eot = setting.run, base["steps"], base["eot"]
     row = table.rows.get(table.key(dict(base, scoring="vote")))
     if cache.is_file() and row is not None:
         stored = torch.load(cache, weights_only=True)
         if torch.equal(stored["ids"], setting.ids):
-            return stored["predictions"].long(), float(row["wall_s"])
+            return stored["predictions"].long(), float(row["wall_s"]), row
     if not len(setting.images):
-        return torch.zeros(setting.protocol.evals, 0, dtype=torch.long), 0.0
+        return torch.zeros(setting.protocol.evals, 0, dtype=torch.long), 0.0, None
     started = time.monotonic()
     attack = setting.attack("pgd-margin", steps, eot)
 
@@ -94,7 +98,7 @@ def budget_predictions(setting: Setting, table: ResultTable, base: dict, cache) 
     atomic_write(cache, lambda tmp: torch.save({"predictions": predictions.to(torch.int8), "ids": setting.ids,
                                                 "row": base}, tmp))
     remove_blocks(blocks)
-    return predictions, wall
+    return predictions, wall, None
 
 
 def convergence_lines(setting: Setting, table: ResultTable, correct: dict) -> list[str]:

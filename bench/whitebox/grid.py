@@ -26,7 +26,7 @@ from ..intervals import bootstrap_interval
 from ..ledger import append_ledger
 from .config import Run
 from .report import markdown, paired_differences, plot
-from .schema import COLUMNS, KEY, RUN_COLUMNS, numeric_adaptive, predictions_dir, unit_id, worst_per_image
+from .schema import COLUMNS, COST_COLUMNS, KEY, RUN_COLUMNS, numeric_adaptive, predictions_dir, unit_id, worst_per_image
 from .setting import Setting, Workload
 
 
@@ -171,4 +171,4 @@ def measure_costs(setting: Setting, batch_size: int, bf16: bool) -> dict:
         setting.defended(x)
         forward = (device_clock(device) - started) / len(x)
     step = attack_step_cost(setting.defence, setting.classifier, setting.images, device, bf16, batch_size)
-    return {"purify_s_per_image": forward, "step_s_per_image": step}
+    return dict(zip(COST_COLUMNS, (forward, step)))

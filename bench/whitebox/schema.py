@@ -18,9 +18,9 @@ THREATS = ("clean", "transfer", "pgd-margin", "pgd-ce", "apgd-ce", "apgd-dlr", "
            "pgd-fixed")
 KEY = ["suite", "preset", "defence", "t_star", "eps_inv", "target", "split", "n", "data_seed", "eps", "protocol",
        "threat", "scoring"]
+COST_COLUMNS = ("purify_s_per_image", "step_s_per_image")  # seconds per image: defend + classify, an attack step
 COLUMNS = KEY + ["family", "nfe", "attack", "steps", "eot", "restarts", "evals", "attack_seed", "eval_seed", "bf16",
-                 "accuracy", "ci_low", "ci_high", "wall_s", "s_per_image", "purify_s_per_image", "step_s_per_image",
-                 "checkpoints"]
+                 "accuracy", "ci_low", "ci_high", "wall_s", "s_per_image", *COST_COLUMNS, "checkpoints"]
 # settings outside the key that change a unit's results: one results file holds one value of each
 RUN_COLUMNS = ("bf16", "attack_seed", "eval_seed")
 # the columns every row of one setting (defence before target, on the same images and suite) shares
@@ -54,8 +54,7 @@ def randomized(spec: str) -> bool:
 def numeric_adaptive(frame: pd.DataFrame) -> pd.DataFrame:
     """A results table read as strings (``ResultTable.frame``, ``pd.read_csv(dtype=str)``) with numbers as numbers."""
     frame = frame.copy()
-    for column in ("t_star", "eps_inv", "accuracy", "ci_low", "ci_high", "wall_s", "s_per_image",
-                   "purify_s_per_image", "step_s_per_image"):
+    for column in ("t_star", "eps_inv", "accuracy", "ci_low", "ci_high", "wall_s", "s_per_image", *COST_COLUMNS):
         frame[column] = pd.to_numeric(frame[column])
     for column in ("n", "data_seed", "eps", "steps", "eot", "restarts", "evals", "attack_seed", "eval_seed"):
         frame[column] = frame[column].astype(int)

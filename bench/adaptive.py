@@ -42,8 +42,9 @@ Markdown table and a PNG (accuracy against t*). Reruns resume: finished (setting
                                    # one threat alone: an upper bound on the robust accuracy of a slow defence
     python -m bench.adaptive --sanity --split val --n 50                        # Carlini et al.'s sanity checks
     python -m bench.adaptive --convergence 20x4 40x8 --split val --n 500       # does doubling the budget add?
-    python -m bench.adaptive --convergence 20x4 40x8 80x16 --escalate --split val --n 500
-                                   # the same criterion, each budget attacking only the images still right
+    python -m bench.adaptive --convergence 20x4 40x8 80x16 square:1000x10 --escalate --split val --n 500
+                                   # the same criterion, each budget attacking only the images still right; then
+                                   # Square on what margin-PGD left: does a gradient-free attack find more?
     python -m bench.adaptive --retime --target preact --t-stars 0.5 1 --n 200  # re-measure the costs
     python -m bench.adaptive --split val --n 100 --bf16 --out bf16.csv --compare fp32.csv   # does bf16 agree?
     python -m bench.adaptive --defence bcm-robust --target preact:adv-fgsm-long --split val --votes 1 3 5 10
@@ -117,10 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sanity", action="store_true",
                         help="run the sanity checks of Carlini et al. on the first target, t* and eps instead of the grid "
                              "and write sanity.md next to --out; exit status 1 if a check fails")
-    parser.add_argument("--convergence", nargs="+", default=None, metavar="STEPSxEOT",
-                        help="instead of the grid: margin-PGD with each budget (e.g. 20x4 40x8) on the first target, "
-                             "t* and eps, scored like the grid, and per image the worst of each budget and the next "
-                             "(paired: how much the larger budget adds), written to convergence.csv/.md next to --out")
+    parser.add_argument("--convergence", nargs="+", default=None, metavar="BUDGET",
+                        help="instead of the grid: margin-PGD with each budget STEPSxEOT (e.g. 20x4 40x8) on the first "
+                             "target, t* and eps, scored like the grid, and per image the worst of each budget and the "
+                             "next (paired: how much the larger budget adds), written to convergence.csv/.md next to "
+                             "--out; a budget square:QUERIESxEOT (e.g. square:1000x10) runs the gradient-free Square "
+                             "instead, a check for gradient masking")
     parser.add_argument("--escalate", action="store_true",
                         help="with --convergence: each budget after the first attacks only the images every earlier "
                              "budget left correct (majority of N), as AutoAttack runs each attack on the points still "

@@ -917,3 +917,33 @@ def test_votes_rescore_a_run_without_attacking_and_agree_with_its_scorings_at_1_
     with pytest.raises(SystemExit) as exit_info:
         bench.adaptive.main([*args, "--votes", "11"])
     assert exit_info.value.code == 2 and "1 <= K <= N = 10" in capsys.readouterr().err
+
+
+def test_a_convergence_study_runs_square_through_the_randomized_purifier(checkpoints, tmp_path,  # noqa: F811
+                                                                        monkeypatch):
+    """A ``square:QxD`` budget runs the gradient-free Square through the randomized purifier. Square queries only
+    the images it has not fooled yet (here from its first query: the small test classifier gets most images
+    wrong), subsets that a per-image noise stream laid out for the whole batch cannot serve: Square runs on the
+    purifier's own noise, seeded per batch. Its row, cache and Markdown name it and count its forward passes."""
+    import bench.whitebox.convergence as conv
+
+    crafted, real_craft = {}, conv.craft
+
+    def recording(attack, images, labels, *args, ids=None, desc="", **kwargs):
+        crafted[desc] = (images.clone(), real_craft(attack, images, labels, *args, ids=ids, desc=desc, **kwargs))
+        return crafted[desc][1]
+
+    monkeypatch.setattr(conv, "craft", recording)
+    bench.adaptive.main([*checkpoints, "--n", "12", "--batch-size", "12", "--t-stars", "1", "--out",
+                         str(tmp_path / "grid.csv"), "--convergence", "1x1", "square:40x2"])
+    assert list(crafted) == ["margin-PGD 1x1", "Square 40x2"]
+    images, adversarial = crafted["Square 40x2"]
+    assert (adversarial - images.float() / 255).abs().amax() <= 8 / 255 + 1e-6
+    assert not torch.equal(adversarial, images.float() / 255)
+    frame = pd.read_csv(tmp_path / "convergence.csv")
+    square = frame[frame.threat == "square"]
+    assert len(frame) == 6 and len(square) == 3 and set(zip(square.steps, square.eot)) == {(40, 2)}
+    assert square.attack.str.startswith("Square").all()
+    assert len(list((tmp_path / "convergence-predictions").glob("*-40x2.pt"))) == 1
+    md = (tmp_path / "convergence.md").read_text()
+    assert "then Square" in md and "| Square 40 x 2 | 80 forwards |" in md

@@ -5,6 +5,7 @@ import argparse
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from attacks import SUITE, get_protocol
 from purify import parse_defence
@@ -30,7 +31,7 @@ class Run:
     threats: tuple[str, ...] | None             # None: every threat that applies
     attack_seed: int
     eval_seed: int
-    convergence: tuple[tuple[int, int], ...] | None  # (steps, eot) budgets of ``--convergence``
+    convergence: tuple[Budget, ...] | None      # the budgets of ``--convergence``
     escalate: bool                              # ``--escalate``: later budgets attack only the images still right
     export_adversarial: Path | None
     compare: Path | None                        # the other results file of ``--compare``
@@ -100,12 +101,31 @@ def vote_base(spec: str, evals: int) -> str:
     return base + (":" + ",".join(f"{k}={v}" for k, v in options.items()) if options else "")
 
 
-def budget(text: str) -> tuple[int, int]:
-    """``"STEPSxEOT"`` -> (steps, eot), both positive."""
+class Budget(NamedTuple):
+    """One budget of a convergence study: margin-PGD's steps, or Square's queries, x draws per step."""
+    threat: str  # "pgd-margin" or "square"
+    steps: int
+    eot: int
+
+    @property
+    def label(self) -> str:
+        """As the Markdown shows it: "20 x 4", "Square 1000 x 10"."""
+        return f"{'Square ' if self.threat == 'square' else ''}{self.steps} x {self.eot}"
+
+    @property
+    def desc(self) -> str:
+        """As its progress bar (and cache file) names it: "margin-PGD 20x4", "Square 1000x10"."""
+        return f"{'Square' if self.threat == 'square' else 'margin-PGD'} {self.steps}x{self.eot}"
+
+
+def budget(text: str) -> Budget:
+    """``"STEPSxEOT"`` -> margin-PGD's (steps, eot); ``"square:QUERIESxEOT"`` -> Square's; both positive."""
+    threat, spec = ("square", text[len("square:"):]) if text.lower().startswith("square:") else ("pgd-margin", text)
     try:
-        steps, eot = (int(v) for v in text.lower().split("x"))
+        steps, eot = (int(v) for v in spec.lower().split("x"))
     except ValueError:
-        raise ValueError(f"a budget is STEPSxEOT, e.g. 50x4; got {text!r}") from None
+        raise ValueError(f"a budget is STEPSxEOT (margin-PGD) or square:QUERIESxEOT, e.g. 50x4 or square:1000x10; "
+                         f"got {text!r}") from None
     if steps < 1 or eot < 1:
-        raise ValueError(f"a budget needs at least 1 step and 1 EOT draw; got {text!r}")
-    return steps, eot
+        raise ValueError(f"a budget needs at least 1 step (query) and 1 EOT draw; got {text!r}")
+    return Budget(threat, steps, eot)

@@ -1,5 +1,6 @@
 """``--convergence``: margin-PGD as its steps and draws grow, and per image the worst of each budget and the next
-(the paired drop the larger budget adds: the criterion for a converged default)."""
+(the paired drop the larger budget adds: the criterion for a converged default); a Square budget after them
+checks that no gradient-free attack removes robustness the gradients could not (gradient masking)."""
 from __future__ import annotations
 
 import hashlib
@@ -21,9 +22,9 @@ from .setting import Setting, Workload
 
 
 def convergence(run: Run) -> None:
-    """Margin-PGD with each budget of ``run.convergence`` on the first target, t* and eps, scored like the grid,
-    written to convergence.csv/.md next to ``run.out`` (resumable: each budget's per-image predictions are
-    cached). With ``run.escalate``, each budget after the first attacks only the images that every earlier one
+    """Margin-PGD (or Square) with each budget of ``run.convergence`` on the first target, t* and eps, scored like
+    the grid, written to convergence.csv/.md next to ``run.out`` (resumable: each budget's per-image predictions
+    are cached). With ``run.escalate``, each budget after the first attacks only the images that every earlier one
     left correct under the majority of N, and the study goes to convergence-escalated.csv/.md."""
     work = Workload.load(run, pick_device(run.device))
     setting = work.setting(run.targets[0], work.entries[0], run.eps[0])
@@ -34,32 +35,33 @@ def convergence(run: Run) -> None:
     n = len(setting.images)
     correct, attacked = {}, {}
     standing = torch.ones(n)  # escalated: 1 where every budget so far left the majority right
-    for steps, eot in run.convergence:
-        base = dict(setting.row("pgd-margin"), steps=steps, eot=eot)
+    for budget in run.convergence:
+        base = dict(setting.row(budget.threat), steps=budget.steps, eot=budget.eot)
         if run.escalate:
             base["attack"] += "; only the images earlier budgets left correct (majority), scored as the worst so far"
         table.refuse_mixing(dict(base, scoring="vote"), RUN_COLUMNS)  # "vote": the row both kinds of study write
-        cache = run.out.with_name(f"{name}-predictions") / f"{unit_id(base)}-{steps}x{eot}.pt"
+        cache = run.out.with_name(f"{name}-predictions") / f"{unit_id(base)}-{budget.steps}x{budget.eot}.pt"
         index = standing.nonzero().squeeze(1)
         part = setting.subset(index)
-        predictions, wall, stored = budget_predictions(part, table, base, cache)
+        predictions, wall, stored = budget_predictions(part, table, base, cache, budget.desc)
         if stored is None and not costs:
             costs = measure_costs(setting, run.batch_size, run.bf16)
-        measured = {column: stored[column] for column in COST_COLUMNS} if stored else costs
-        attacked[steps, eot] = len(index)
+        timing = ("wall_s", "s_per_image", *COST_COLUMNS)
+        measured = ({column: stored[column] for column in timing} if stored
+                    else dict(costs, wall_s=wall, s_per_image=wall / max(len(index), 1)))
+        attacked[budget] = len(index)
         if run.escalate:
             right = torch.zeros(n)
             right[index] = correct_by_scoring(predictions, part.labels)["vote"]
             before, standing = standing, standing * right
-            correct[steps, eot] = {"before": before, "vote": standing}
+            correct[budget] = {"before": before, "vote": standing}
             scored = {"vote": standing}
         else:
-            correct[steps, eot] = scored = correct_by_scoring(predictions, setting.labels)
+            correct[budget] = scored = correct_by_scoring(predictions, setting.labels)
         cells = []
         for scoring, per_image in scored.items():
             mean, low, high = bootstrap_interval(per_image)
-            cells.append(dict(base, scoring=scoring, accuracy=mean, ci_low=low, ci_high=high, wall_s=wall,
-                              s_per_image=wall / max(len(index), 1), **measured))
+            cells.append(dict(base, scoring=scoring, accuracy=mean, ci_low=low, ci_high=high, **measured))
         table.add(cells)
     lines = (escalated_lines(setting, table, correct, attacked) if run.escalate
              else convergence_lines(setting, table, correct))
@@ -67,9 +69,10 @@ def convergence(run: Run) -> None:
     print("\n".join(lines))
 
 
-def budget_predictions(setting: Setting, table: ResultTable, base: dict,
-                       cache) -> tuple[torch.Tensor, float, dict | None]:
-    """The per-image predictions under margin-PGD at the budget of ``base`` (steps x eot) on ``setting``'s images,
+def budget_predictions(setting: Setting, table: ResultTable, base: dict, cache,
+                       desc: str) -> tuple[torch.Tensor, float, dict | None]:
+    """The per-image predictions under the threat of ``base`` at its budget (steps or queries x eot) on
+    ``setting``'s images,
     the seconds it took and its stored row: from ``cache`` and ``table`` (with that row) if this budget ran before
     on these images, else (row None) attacked now (its random starts and the purifier's noise drawn per image, as
     in the grid) block by block, the finished blocks kept across an interruption, and cached."""
@@ -82,18 +85,19 @@ def budget_predictions(setting: Setting, table: ResultTable, base: dict,
     if not len(setting.images):
         return torch.zeros(setting.protocol.evals, 0, dtype=torch.long), 0.0, None
     started = time.monotonic()
-    attack = setting.attack("pgd-margin", steps, eot)
+    attack = setting.attack(base["threat"], steps, eot)
 
     def block(start: int, stop: int) -> torch.Tensor:
         part = setting.part(start, stop)
         adversarial = craft(attack, part.images, part.labels, run.batch_size, seed=run.attack_seed, bf16=run.bf16,
-                            progress=False, desc=f"margin-PGD {steps}x{eot}", ids=part.ids, noise=part.attack_noise)
-        return part.predictions("pgd-margin", adversarial).T.contiguous()
+                            progress=False, desc=desc, ids=part.ids,
+                            noise=part.threat_noise(base["threat"]))
+        return part.predictions(base["threat"], adversarial).T.contiguous()
 
     images = hashlib.sha256(setting.ids.numpy().tobytes()).hexdigest()[:8]  # an escalated budget's survivors
     blocks = cache.parent / ".blocks" / f"{unit_id(base, run_columns=True)}-{steps}x{eot}-{images}"
     predictions = map_blocks(block, len(setting.images), run.batch_size, blocks, progress=run.progress,
-                             desc=f"margin-PGD {steps}x{eot}").T
+                             desc=desc).T
     wall = time.monotonic() - started
     atomic_write(cache, lambda tmp: torch.save({"predictions": predictions.to(torch.int8), "ids": setting.ids,
                                                 "row": base}, tmp))
@@ -101,53 +105,63 @@ def budget_predictions(setting: Setting, table: ResultTable, base: dict,
     return predictions, wall, None
 
 
+def header(setting: Setting, escalated: bool) -> str:
+    """The opening of the study's Markdown: what was attacked, with which attacks, scored how."""
+    run, square = setting.run, any(b.threat == "square" for b in setting.run.convergence)
+    return (f"**Margin-PGD budgets{', then Square' if square else ''}{', escalated,' if escalated else ''} on "
+            f"{len(setting.images)} {run.split} images** ({run.preset} preset, defence `{setting.defence.spec()}` "
+            f"before {setting.target}; eps = {setting.eps}/255; suite {SUITE}, step eps/4 -> eps/8 -> eps/16, best "
+            f"iterate, prediction averaged over the draws"
+            + ("; Square: AutoAttack's gradient-free Square on the margin of the same averaged prediction, the "
+               "lowest-margin query per image, its cost in forward passes" if square else "")
+            + f"; scored over N = {setting.protocol.evals} fresh evaluations; {DATASET}).")
+
+
+def cost(budget) -> str:
+    """A budget's attack cost per image: gradients for PGD, forward passes for Square."""
+    return f"{budget.steps * budget.eot}" + (" forwards" if budget.threat == "square" else "")
+
+
 def convergence_lines(setting: Setting, table: ResultTable, correct: dict) -> list[str]:
     """The Markdown of the study: per budget its accuracies, the worst of it and the next one, and their drop."""
-    run = setting.run
-    lines = [f"**Margin-PGD budgets on {len(setting.images)} {run.split} images** ({run.preset} preset, defence "
-             f"`{setting.defence.spec()}` before {setting.target}; eps = {setting.eps}/255; suite {SUITE}, step "
-             f"eps/4 -> eps/8 -> eps/16, best iterate, prediction averaged over the draws; scored over N = "
-             f"{setting.protocol.evals} fresh evaluations; {DATASET}). Accuracy (%) under the strict majority "
-             f"of N; `with next` = per image the worst of this budget and the next one; `drop` = their paired "
-             f"difference with its 95% bootstrap interval (converged when at most 1 point).\n",
+    lines = [header(setting, escalated=False) + " Accuracy (%) under the strict majority of N; `with next` = per "
+             "image the worst of this budget and the next one; `drop` = their paired difference with its 95% "
+             "bootstrap interval (converged when at most 1 point).\n",
              "| steps x draws | gradients per image | average of N | all N | majority | with next | drop | s/image |",
              "|---|---|---|---|---|---|---|---|"]
-    budgets = list(run.convergence)
-    for i, (steps, eot) in enumerate(budgets):
-        acc = {s: 100 * correct[steps, eot][s].mean().item() for s in SCORINGS}
+    budgets = list(setting.run.convergence)
+    for i, budget in enumerate(budgets):
+        acc = {s: 100 * correct[budget][s].mean().item() for s in SCORINGS}
         both, drop = "-", "-"
         if i + 1 < len(budgets):
-            vote = correct[steps, eot]["vote"]
+            vote = correct[budget]["vote"]
             joint = torch.minimum(vote, correct[budgets[i + 1]]["vote"])
             d, low, high = bootstrap_interval(vote - joint)
             both, drop = f"{100 * joint.mean():.1f}", f"{100 * d:.1f} ({100 * low:.1f}-{100 * high:.1f})"
-        wall = float(table.rows[table.key(dict(setting.row("pgd-margin"), steps=steps, eot=eot, scoring="single"))]
-                     ["s_per_image"])
-        lines.append(f"| {steps} x {eot} | {steps * eot} | {acc['single']:.1f} | {acc['worst']:.1f} | "
+        wall = float(table.rows[table.key(dict(setting.row(budget.threat), steps=budget.steps, eot=budget.eot,
+                                               scoring="single"))]["s_per_image"])
+        lines.append(f"| {budget.label} | {cost(budget)} | {acc['single']:.1f} | {acc['worst']:.1f} | "
                      f"{acc['vote']:.1f} | {both} | {drop} | {wall:.1f} |")
     return lines
 
 
 def escalated_lines(setting: Setting, table: ResultTable, correct: dict, attacked: dict) -> list[str]:
     """The Markdown of an escalated study: per budget the images it attacked, the worst so far and its drop."""
-    run = setting.run
-    lines = [f"**Margin-PGD budgets, escalated, on {len(setting.images)} {run.split} images** ({run.preset} preset, "
-             f"defence `{setting.defence.spec()}` before {setting.target}; eps = {setting.eps}/255; suite {SUITE}, "
-             f"step eps/4 -> eps/8 -> eps/16, best iterate, prediction averaged over the draws; scored over N = "
-             f"{setting.protocol.evals} fresh evaluations; {DATASET}). Each budget after the first attacks only the "
-             f"images every earlier budget left correct under the strict majority of N (as AutoAttack runs each "
-             f"attack on the points still robust). `worst so far` = accuracy (%) under the majority when each "
-             f"image counts as broken once any budget broke it; `drop` = what this budget takes off it, paired, "
-             f"with its 95% bootstrap interval (converged when at most 1 point).\n",
+    lines = [header(setting, escalated=True) + " Each budget after the first attacks only the images every "
+             "earlier budget left correct under the strict majority of N (as AutoAttack runs each attack on the "
+             "points still robust). `worst so far` = accuracy (%) under the majority when each image counts as "
+             "broken once any budget broke it; `drop` = what this budget takes off it, paired, with its 95% "
+             "bootstrap interval (converged when at most 1 point).\n",
              "| steps x draws | gradients per image | images attacked | worst so far | drop | s/image attacked |",
              "|---|---|---|---|---|---|"]
-    for i, (steps, eot) in enumerate(run.convergence):
-        scored = correct[steps, eot]
+    for i, budget in enumerate(setting.run.convergence):
+        scored = correct[budget]
         drop = "-"
         if i:
             d, low, high = bootstrap_interval(scored["before"] - scored["vote"])
             drop = f"{100 * d:.1f} ({100 * low:.1f}-{100 * high:.1f})"
-        row = table.rows[table.key(dict(setting.row("pgd-margin"), steps=steps, eot=eot, scoring="vote"))]
-        lines.append(f"| {steps} x {eot} | {steps * eot} | {attacked[steps, eot]} | "
+        row = table.rows[table.key(dict(setting.row(budget.threat), steps=budget.steps, eot=budget.eot,
+                                        scoring="vote"))]
+        lines.append(f"| {budget.label} | {cost(budget)} | {attacked[budget]} | "
                      f"{100 * scored['vote'].mean():.1f} | {drop} | {float(row['s_per_image']):.1f} |")
     return lines

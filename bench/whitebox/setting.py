@@ -59,6 +59,12 @@ class Setting:
         an image's attack does not depend on its batch or on the process that runs it."""
         return self.defence.noise_stream(ids, self.run.attack_seed)
 
+    def threat_noise(self, threat: str):
+        """The noise control of ``threat``'s attack (for ``craft``): frozen per image for the ablation, none for
+        Square (its queries go to the subsets of images not yet fooled, so the purifier draws its noise from the
+        generator ``craft`` seeds per batch, like Square's own randomness), else the per-image noise stream."""
+        return {"pgd-fixed": self.frozen_noise, "square": None}.get(threat, self.attack_noise)
+
     def frozen_noise(self, ids: torch.Tensor, draw: int):
         """The fixed-randomness ablation: one noise per image (whatever the draw), for attack and evaluation."""
         return self.defence.fixed_noise(image_noise(ids, self.noise_shape, self.run.eval_seed, 0))
@@ -92,8 +98,11 @@ class Setting:
     # -- the threats: each returns adversarial images (float in [0, 1]) ------------------------------------
     def attack(self, threat: str, steps: int | None = None, eot: int | None = None):
         """The attack object of a white-box ``threat`` (``attacks.eot``), at the protocol's budget unless ``steps``
-        and ``eot`` (draws per step) say otherwise (a convergence study's budgets)."""
+        (Square's queries) and ``eot`` (draws per step) say otherwise (a convergence study's budgets)."""
         eps, seed = self.eps / 255, self.run.attack_seed
+        if threat == "square":
+            return BestMarginSquare(self.attacked, eps, steps or self.protocol.square_queries, eot or self.eot,
+                                    seed=seed)
         steps, eot = steps or self.protocol.steps, eot or self.eot
         if threat in ("pgd-margin", "pgd-ce"):
             return BestIteratePGD(self.attacked, eps, steps, eot, threat.split("-")[1], self.restarts, seed=seed)
@@ -101,8 +110,6 @@ class Setting:
             return BestIteratePGD(self.attacked, eps, steps, 1, "margin", seed=seed)
         if threat in ("apgd-ce", "apgd-dlr"):
             return BestLossAPGD(self.attacked, eps, steps, eot, threat.split("-")[1], seed=seed)
-        if threat == "square":
-            return BestMarginSquare(self.attacked, eps, self.protocol.square_queries, eot, seed=seed)
         raise ValueError(f"unknown threat {threat!r}")
 
     def adversarial(self, threat: str) -> torch.Tensor:
@@ -118,8 +125,8 @@ class Setting:
             device = next(self.classifier.parameters()).device
             adversary = autoattack_standard(self.attacked, self.eps / 255, run.attack_seed, device)
             return run_autoattack(adversary, self.images, self.labels, run.batch_size, run.bf16)
-        noise = self.frozen_noise if threat == "pgd-fixed" else self.attack_noise
-        return craft(self.attack(threat), self.images, self.labels, desc=threat, noise=noise, **common)
+        return craft(self.attack(threat), self.images, self.labels, desc=threat, noise=self.threat_noise(threat),
+                     **common)
 
     def part(self, start: int, stop: int) -> "Setting":
         """The same setting on the images at positions ``start .. stop-1`` (one block of a sharded run)."""

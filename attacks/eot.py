@@ -16,8 +16,9 @@ that decision, not one noisy evaluation of it:
   iterate (``perturb(best_loss=True)``) instead of AutoAttack's "first success by one noisy evaluation, else
   the clean image".
 - ``BestMarginSquare``: AutoAttack's gradient-free Square attack on the same surrogate (each query costs
-  ``draws`` evaluations; per image the lowest-margin query), so that masked gradients cannot hide robustness
-  that a query-based attacker removes.
+  ``draws`` evaluations; per image the lowest-margin query over the whole budget, not the first query whose
+  noisy margin is negative), so that masked gradients cannot hide robustness that a query-based attacker
+  removes.
 
 Whether an image resists is decided afterwards by the caller's scoring over fresh evaluations, never here.
 Every attack is a callable ``attack(images, labels) -> adversarial images`` with a ``device`` attribute, the
@@ -27,6 +28,7 @@ interface ``attacks.craft`` runs over a data set. PGD and APGD also take the ima
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -38,6 +40,8 @@ from purify.purifier import image_noise
 LOSSES = ("ce", "margin")
 # PGD's step size as a fraction of eps, from the given fraction of the steps on
 STEP_SCHEDULE = ((0.0, 1 / 4), (0.5, 1 / 8), (0.75, 1 / 16))
+# Square's stopping margin is the margin plus this, far above any margin of log-probabilities a classifier gives
+SQUARE_NEVER_FOOLED = 1e4
 
 
 class DrawAverage(nn.Module):
@@ -177,15 +181,18 @@ class BestLossAPGD:
 
 
 class BestMarginSquare:
-    """AutoAttack's Square attack (L-inf, margin loss, ``queries`` queries) on ``DrawAverage(model, draws)``."""
+    """AutoAttack's Square attack (L-inf, margin loss, ``queries`` queries) on ``DrawAverage(model, draws)``,
+    every query on every image: AutoAttack's Square stops attacking an image at its first query with a negative
+    margin, which on a randomized defence is one noisy evaluation that fresh draws may overturn; here each image
+    keeps its lowest-margin query over the whole budget."""
 
     def __init__(self, model: nn.Module, eps: float, queries: int, draws: int = 1, seed: int = 0):
         if eps <= 0 or queries < 1:
             raise ValueError(f"Square needs eps > 0 and queries >= 1; got {eps}, {queries}")
         self.device = _device(model)
-        square = import_autoattack_part("square").SquareAttack
-        self.square = square(DrawAverage(model, draws), p_init=0.8, n_queries=queries, eps=eps, norm="Linf",
-                             n_restarts=1, seed=seed, device=self.device, loss="margin", resc_schedule=True)
+        self.square = _full_budget_square()(DrawAverage(model, draws), p_init=0.8, n_queries=queries, eps=eps,
+                                            norm="Linf", n_restarts=1, seed=seed, device=self.device,
+                                            loss="margin", resc_schedule=True)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # attack_single_run on every image returns its lowest-margin iterate; ``perturb`` would keep the clean
@@ -194,3 +201,19 @@ class BestMarginSquare:
         self.square.init_hyperparam(x)
         with torch.no_grad():
             return self.square.attack_single_run(x, labels)[1].detach()
+
+
+@functools.cache
+def _full_budget_square() -> type:
+    """AutoAttack's ``SquareAttack`` with its stopping margin shifted out of reach. Square stops attacking an image
+    once its (stopping) margin is negative and accepts a query that improves the loss or makes that margin
+    negative; with the margin shifted by ``SQUARE_NEVER_FOOLED`` and the loss (the true margin) unchanged, it
+    accepts exactly the queries that lower the margin, on every image, for every query."""
+    square = import_autoattack_part("square").SquareAttack
+
+    class FullBudgetSquare(square):
+        def margin_and_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            margin, loss = super().margin_and_loss(x, y)
+            return margin + SQUARE_NEVER_FOOLED, loss
+
+    return FullBudgetSquare

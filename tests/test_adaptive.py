@@ -244,6 +244,43 @@ def test_square_is_gradient_free_and_lowers_the_margin_inside_the_ball():
     assert (after >= before - 1e-6).all() and (after > before).any()
 
 
+def test_square_spends_its_whole_budget_on_every_image():
+    """AutoAttack's Square stops attacking an image at its first query with a negative margin: on a randomized
+    defence one noisy evaluation. Ours queries every image every time and keeps its lowest-margin query. Both
+    draw the same square per query from the same seed, so on a deterministic model ours ends at or below
+    AutoAttack's margin on every image, and below it on the images AutoAttack gave up on early."""
+    from purify.infra.optional import import_autoattack_part
+
+    class Counting(nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model, self.batches = model, []
+
+        def forward(self, x):
+            self.batches.append(len(x))
+            return self.model(x)
+
+    model = TemplateClassifier().eval()
+    images, labels = template_data(model, n=10)
+    counting = Counting(model)
+    ours = BestMarginSquare(counting, eps=32 / 255, queries=100)
+    ours.square.init_hyperparam(images)
+    torch.manual_seed(0)
+    adversarial = ours.square.attack_single_run(images, labels)[1]
+    assert counting.batches == [10] * 101  # the initial stripes and 100 queries, each on all 10 images
+    square = import_autoattack_part("square").SquareAttack(DrawAverage(model), p_init=0.8, n_queries=100,
+                                                             eps=32 / 255, norm="Linf", n_restarts=1, seed=0,
+                                                             loss="margin", resc_schedule=True)
+    square.init_hyperparam(images)
+    torch.manual_seed(0)
+    early = square.attack_single_run(images, labels)[1]
+    margin = {name: -attack_loss(DrawAverage(model)(x), labels, "margin") for name, x in
+              (("ours", adversarial), ("autoattack", early))}
+    assert (margin["ours"] <= margin["autoattack"] + 1e-6).all()
+    stopped = margin["autoattack"] < 0
+    assert stopped.any() and (margin["ours"][stopped] < margin["autoattack"][stopped] - 1e-4).any()
+
+
 def adaptive_args(checkpoints, out, *extra):  # noqa: F811
     return [*checkpoints, "--n", "6", "--batch-size", "6", "--t-stars", "0.5", "1", "--out", str(out), *extra]
 
@@ -921,10 +958,11 @@ def test_votes_rescore_a_run_without_attacking_and_agree_with_its_scorings_at_1_
 
 def test_a_convergence_study_runs_square_through_the_randomized_purifier(checkpoints, tmp_path,  # noqa: F811
                                                                         monkeypatch):
-    """A ``square:QxD`` budget runs the gradient-free Square through the randomized purifier. Square queries only
-    the images it has not fooled yet (here from its first query: the small test classifier gets most images
-    wrong), subsets that a per-image noise stream laid out for the whole batch cannot serve: Square runs on the
-    purifier's own noise, seeded per batch. Its row, cache and Markdown name it and count its forward passes."""
+    """A ``square:QxD`` budget runs the gradient-free Square through the randomized purifier under the per-image
+    noise stream. AutoAttack's Square would query only the images it has not fooled yet (here most of them from
+    its first query: the small test classifier gets most images wrong), subsets that a stream laid out for the
+    whole batch refuses; ours queries every image every time. Its row, cache and Markdown name it and count its
+    forward passes."""
     import bench.whitebox.convergence as conv
 
     crafted, real_craft = {}, conv.craft

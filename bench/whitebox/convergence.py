@@ -90,8 +90,7 @@ def budget_predictions(setting: Setting, table: ResultTable, base: dict, cache,
     def block(start: int, stop: int) -> torch.Tensor:
         part = setting.part(start, stop)
         adversarial = craft(attack, part.images, part.labels, run.batch_size, seed=run.attack_seed, bf16=run.bf16,
-                            progress=False, desc=desc, ids=part.ids,
-                            noise=part.threat_noise(base["threat"]))
+                            progress=False, desc=desc, ids=part.ids, noise=part.attack_noise)
         return part.predictions(base["threat"], adversarial).T.contiguous()
 
     images = hashlib.sha256(setting.ids.numpy().tobytes()).hexdigest()[:8]  # an escalated budget's survivors

@@ -59,12 +59,6 @@ class Setting:
         an image's attack does not depend on its batch or on the process that runs it."""
         return self.defence.noise_stream(ids, self.run.attack_seed)
 
-    def threat_noise(self, threat: str):
-        """The noise control of ``threat``'s attack (for ``craft``): frozen per image for the ablation, none for
-        Square (its queries go to the subsets of images not yet fooled, so the purifier draws its noise from the
-        generator ``craft`` seeds per batch, like Square's own randomness), else the per-image noise stream."""
-        return {"pgd-fixed": self.frozen_noise, "square": None}.get(threat, self.attack_noise)
-
     def frozen_noise(self, ids: torch.Tensor, draw: int):
         """The fixed-randomness ablation: one noise per image (whatever the draw), for attack and evaluation."""
         return self.defence.fixed_noise(image_noise(ids, self.noise_shape, self.run.eval_seed, 0))
@@ -125,8 +119,8 @@ class Setting:
             device = next(self.classifier.parameters()).device
             adversary = autoattack_standard(self.attacked, self.eps / 255, run.attack_seed, device)
             return run_autoattack(adversary, self.images, self.labels, run.batch_size, run.bf16)
-        return craft(self.attack(threat), self.images, self.labels, desc=threat, noise=self.threat_noise(threat),
-                     **common)
+        noise = self.frozen_noise if threat == "pgd-fixed" else self.attack_noise
+        return craft(self.attack(threat), self.images, self.labels, desc=threat, noise=noise, **common)
 
     def part(self, start: int, stop: int) -> "Setting":
         """The same setting on the images at positions ``start .. stop-1`` (one block of a sharded run)."""

@@ -114,7 +114,7 @@ class Budget(NamedTuple):
 
     @property
     def desc(self) -> str:
-        """As its progress bar (and cache file) names it: "margin-PGD 20x4", "Square 1000x10"."""
+        """As its progress bar names it: "margin-PGD 20x4", "Square 1000x10"."""
         return f"{'Square' if self.threat == 'square' else 'margin-PGD'} {self.steps}x{self.eot}"
 
 

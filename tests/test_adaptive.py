@@ -480,7 +480,8 @@ def test_clean_only_run_still_gets_its_table(checkpoints, tmp_path):  # noqa: F8
 
 def test_bench_adaptive_rejects_bad_input(checkpoints, tmp_path, capsys):  # noqa: F811
     for bad in (["--eps", "0"], ["--target", "resnet"], ["--protocol", "fast"], ["--split", "train"],
-                ["--convergence", "5y4"], ["--convergence", "0x4"], ["--n", "0"], ["--defence", "vote:n=3"],
+                ["--convergence", "5y4"], ["--convergence", "0x4"], ["--convergence", "square:0x4"],
+                ["--convergence", "square:4"], ["--n", "0"], ["--defence", "vote:n=3"],
                 ["--defence", "vote:how=logits"], ["--defence", "nosuch"], ["--threats", "worst"],
                 ["--threats", "pgd"], ["--escalate"], ["--votes", "0"]):
         with pytest.raises(SystemExit) as exit_info:

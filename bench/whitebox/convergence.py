@@ -31,7 +31,7 @@ def convergence(run: Run) -> None:
     name = "convergence-escalated" if run.escalate else "convergence"
     path = run.out.with_name(f"{name}.csv")
     table = ResultTable(path, KEY + ["steps", "eot"], COLUMNS)
-    costs = {}  # measured once, when a budget is attacked now; a cached budget keeps the costs stored with it
+    costs = {}  # measured once, when a budget is attacked now; a cached budget keeps the costs and times stored with it
     n = len(setting.images)
     correct, attacked = {}, {}
     standing = torch.ones(n)  # escalated: 1 where every budget so far left the majority right
@@ -72,10 +72,10 @@ def convergence(run: Run) -> None:
 def budget_predictions(setting: Setting, table: ResultTable, base: dict, cache,
                        desc: str) -> tuple[torch.Tensor, float, dict | None]:
     """The per-image predictions under the threat of ``base`` at its budget (steps or queries x eot) on
-    ``setting``'s images,
-    the seconds it took and its stored row: from ``cache`` and ``table`` (with that row) if this budget ran before
-    on these images, else (row None) attacked now (its random starts and the purifier's noise drawn per image, as
-    in the grid) block by block, the finished blocks kept across an interruption, and cached."""
+    ``setting``'s images, the seconds it took and its stored row: from ``cache`` and ``table`` (with that row) if
+    this budget ran before on these images, else (row None) attacked now (its random starts and the purifier's
+    noise drawn per image, as in the grid) block by block, the finished blocks kept across an interruption, and
+    cached."""
     run, steps, eot = setting.run, base["steps"], base["eot"]
     row = table.rows.get(table.key(dict(base, scoring="vote")))
     if cache.is_file() and row is not None:

@@ -992,3 +992,53 @@ def test_a_convergence_study_runs_square_through_the_randomized_purifier(checkpo
     assert len(list((tmp_path / "convergence-predictions").glob("*-40x2.pt"))) == 1
     md = (tmp_path / "convergence.md").read_text()
     assert "then Square" in md and "| Square 40 x 2 | 80 forwards |" in md
+
+
+def test_a_convergence_study_under_torchrun_writes_what_one_process_writes(checkpoints, tmp_path):  # noqa: F811
+    """An escalated study, margin-PGD then Square, on 2 ranks (gloo) against one process, in blocks of 2: each
+    rank attacks its own blocks (disjoint, together every image), and the same per-budget predictions and
+    accuracies come out, in one CSV, with no leftover blocks."""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parent.parent
+    launch = ("import os, pathlib, bench.adaptive, bench.whitebox.convergence as conv\n"
+              "real = conv.craft\n"
+              "def craft(*args, ids=None, desc='', **kwargs):\n"
+              "    with open(pathlib.Path(os.environ['LOG']) / os.environ['RANK'], 'a') as log:\n"
+              "        log.write(desc + ':' + ','.join(str(int(i)) for i in ids) + '\\n')\n"
+              "    return real(*args, ids=ids, desc=desc, **kwargs)\n"
+              "conv.craft = craft\n"
+              "bench.adaptive.main()")
+    outputs = {}
+    for world in (1, 2):
+        out = tmp_path / f"world{world}" / "grid.csv"
+        (tmp_path / f"log{world}").mkdir()
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
+                   "--no-python", "--", sys.executable, "-c", launch, *checkpoints, "--n", "8", "--batch-size", "2",
+                   "--t-stars", "1", "--threads", "1", "--out", str(out), "--convergence", "1x1", "square:5x2",
+                   "--escalate"]
+        result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=600,
+                                env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1",
+                                     "LOG": str(tmp_path / f"log{world}")})
+        assert result.returncode == 0, result.stderr[-3000:]
+        attacked = {}  # (budget, rank) -> the image ids that rank attacked
+        for log in (tmp_path / f"log{world}").iterdir():
+            for line in log.read_text().splitlines():
+                budget, ids = line.split(":")
+                attacked.setdefault(budget, {}).setdefault(log.name, []).extend(ids.split(","))
+        for budget, by_rank in attacked.items():
+            assert len(by_rank) == world or budget != "margin-PGD 1x1"  # 8 images: 4 blocks, 2 per rank
+            every = [i for ids in by_rank.values() for i in ids]
+            assert len(every) == len(set(every))  # no image attacked twice
+        caches = out.with_name("convergence-escalated-predictions")
+        outputs[world] = (pd.read_csv(out.with_name("convergence-escalated.csv")),
+                          {p.name: torch.load(p, weights_only=True) for p in caches.glob("*.pt")})
+        assert not (caches / ".blocks").exists() or not any((caches / ".blocks").iterdir())
+        assert result.stdout.count("then Square, escalated") == 1  # rank 0 alone reports
+    (one, one_predictions), (two, two_predictions) = outputs[1], outputs[2]
+    assert one_predictions.keys() == two_predictions.keys() and len(one_predictions) == 2
+    for name, stored in one_predictions.items():
+        assert torch.equal(stored["ids"], two_predictions[name]["ids"])
+        assert torch.equal(stored["predictions"], two_predictions[name]["predictions"])
+    columns = ["threat", "steps", "eot", "scoring", "accuracy", "ci_low", "ci_high"]
+    pd.testing.assert_frame_equal(one[columns], two[columns])

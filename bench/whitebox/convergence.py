@@ -10,8 +10,8 @@ import torch
 
 from attacks import SCORINGS, SUITE, correct_by_scoring, craft
 from purify.infra.checkpoint import atomic_write
-from purify.infra.runtime import pick_device
-from purify.infra.shards import map_blocks, remove_blocks
+from purify.infra.runtime import leave_distributed, pick_device
+from purify.infra.shards import Shard, map_blocks, remove_blocks
 
 from ..common import DATASET, ResultTable, write_text
 from ..intervals import bootstrap_interval
@@ -25,12 +25,14 @@ def convergence(run: Run) -> None:
     """Margin-PGD (or Square) with each budget of ``run.convergence`` on the first target, t* and eps, scored like
     the grid, written to convergence.csv/.md next to ``run.out`` (resumable: each budget's per-image predictions
     are cached). With ``run.escalate``, each budget after the first attacks only the images that every earlier one
-    left correct under the majority of N, and the study goes to convergence-escalated.csv/.md."""
-    work = Workload.load(run, pick_device(run.device))
+    left correct under the majority of N, and the study goes to convergence-escalated.csv/.md. Under ``torchrun``
+    each budget's images are split across the ranks by blocks, as in the grid; rank 0 writes."""
+    shard, device = Shard.join(run.device)
+    work = Workload.load(run, pick_device(device))
     setting = work.setting(run.targets[0], work.entries[0], run.eps[0])
     name = "convergence-escalated" if run.escalate else "convergence"
     path = run.out.with_name(f"{name}.csv")
-    table = ResultTable(path, KEY + ["steps", "eot"], COLUMNS)
+    table = ResultTable(path, KEY + ["steps", "eot"], COLUMNS, writes=shard.main)
     costs = {}  # measured once, when a budget is attacked now; a cached budget keeps the costs and times stored with it
     n = len(setting.images)
     correct, attacked = {}, {}
@@ -43,7 +45,7 @@ def convergence(run: Run) -> None:
         cache = run.out.with_name(f"{name}-predictions") / f"{unit_id(base)}-{budget.steps}x{budget.eot}.pt"
         index = standing.nonzero().squeeze(1)
         part = setting.subset(index)
-        predictions, wall, stored = budget_predictions(part, table, base, cache, budget.desc)
+        predictions, wall, stored = budget_predictions(part, table, base, cache, budget.desc, shard)
         if stored is None and not costs:
             costs = measure_costs(setting, run.batch_size, run.bf16)
         timing = ("wall_s", "s_per_image", *COST_COLUMNS)
@@ -63,14 +65,17 @@ def convergence(run: Run) -> None:
             mean, low, high = bootstrap_interval(per_image)
             cells.append(dict(base, scoring=scoring, accuracy=mean, ci_low=low, ci_high=high, **measured))
         table.add(cells)
+    leave_distributed()
+    if not shard.main:
+        return
     lines = (escalated_lines(setting, table, correct, attacked) if run.escalate
              else convergence_lines(setting, table, correct))
     write_text(path.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
-def budget_predictions(setting: Setting, table: ResultTable, base: dict, cache,
-                       desc: str) -> tuple[torch.Tensor, float, dict | None]:
+def budget_predictions(setting: Setting, table: ResultTable, base: dict, cache, desc: str,
+                       shard: Shard = Shard()) -> tuple[torch.Tensor, float, dict | None]:
     """The per-image predictions under the threat of ``base`` at its budget (steps or queries x eot) on
     ``setting``'s images, the seconds it took and its stored row: from ``cache`` and ``table`` (with that row) if
     this budget ran before on these images, else (row None) attacked now (its random starts and the purifier's
@@ -95,12 +100,13 @@ def budget_predictions(setting: Setting, table: ResultTable, base: dict, cache,
 
     images = hashlib.sha256(setting.ids.numpy().tobytes()).hexdigest()[:8]  # an escalated budget's survivors
     blocks = cache.parent / ".blocks" / f"{unit_id(base, run_columns=True)}-{steps}x{eot}-{images}"
-    predictions = map_blocks(block, len(setting.images), run.batch_size, blocks, progress=run.progress,
-                             desc=desc).T
+    predictions = map_blocks(block, len(setting.images), run.batch_size, blocks, shard,
+                             progress=run.progress and shard.main, desc=desc).T
     wall = time.monotonic() - started
-    atomic_write(cache, lambda tmp: torch.save({"predictions": predictions.to(torch.int8), "ids": setting.ids,
-                                                "row": base}, tmp))
-    remove_blocks(blocks)
+    if shard.main:
+        atomic_write(cache, lambda tmp: torch.save({"predictions": predictions.to(torch.int8), "ids": setting.ids,
+                                                    "row": base}, tmp))
+    remove_blocks(blocks, shard)
     return predictions, wall, None
 
 

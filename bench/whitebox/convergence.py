@@ -20,6 +20,8 @@ from .grid import measure_costs
 from .schema import COLUMNS, COST_COLUMNS, KEY, RUN_COLUMNS, unit_id
 from .setting import Setting, Workload
 
+TIMING_COLUMNS = ("wall_s", "s_per_image", *COST_COLUMNS)  # a budget's time columns, kept with its cache
+
 
 def convergence(run: Run) -> None:
     """Margin-PGD (or Square) with each budget of ``run.convergence`` on the first target, t* and eps, scored like
@@ -45,12 +47,10 @@ def convergence(run: Run) -> None:
         cache = run.out.with_name(f"{name}-predictions") / f"{unit_id(base)}-{budget.steps}x{budget.eot}.pt"
         index = standing.nonzero().squeeze(1)
         part = setting.subset(index)
-        predictions, wall, stored = budget_predictions(part, table, base, cache, budget.desc, shard)
-        if stored is None and not costs:
-            costs = measure_costs(setting, run.batch_size, run.bf16)
-        timing = ("wall_s", "s_per_image", *COST_COLUMNS)
-        measured = ({column: stored[column] for column in timing} if stored
-                    else dict(costs, wall_s=wall, s_per_image=wall / max(len(index), 1)))
+        predictions, timing = budget_predictions(part, table, base, cache, budget.desc, shard)
+        if not set(COST_COLUMNS) <= timing.keys():  # attacked now
+            costs = costs or measure_costs(setting, run.batch_size, run.bf16)
+            timing.update(costs)
         attacked[budget] = len(index)
         if run.escalate:
             right = torch.zeros(n)
@@ -63,7 +63,7 @@ def convergence(run: Run) -> None:
         cells = []
         for scoring, per_image in scored.items():
             mean, low, high = bootstrap_interval(per_image)
-            cells.append(dict(base, scoring=scoring, accuracy=mean, ci_low=low, ci_high=high, **measured))
+            cells.append(dict(base, scoring=scoring, accuracy=mean, ci_low=low, ci_high=high, **timing))
         table.add(cells)
     leave_distributed()
     if not shard.main:
@@ -75,20 +75,20 @@ def convergence(run: Run) -> None:
 
 
 def budget_predictions(setting: Setting, table: ResultTable, base: dict, cache, desc: str,
-                       shard: Shard = Shard()) -> tuple[torch.Tensor, float, dict | None]:
+                       shard: Shard = Shard()) -> tuple[torch.Tensor, dict]:
     """The per-image predictions under the threat of ``base`` at its budget (steps or queries x eot) on
-    ``setting``'s images, the seconds it took and its stored row: from ``cache`` and ``table`` (with that row) if
-    this budget ran before on these images, else (row None) attacked now (its random starts and the purifier's
-    noise drawn per image, as in the grid) block by block, the finished blocks kept across an interruption, and
-    cached."""
+    ``setting``'s images, and their time columns: from ``cache`` and ``table`` if this budget ran before on these
+    images (every time column as stored), else attacked now (its random starts and the purifier's noise drawn per
+    image, as in the grid) block by block, the finished blocks kept across an interruption, and cached (the
+    seconds it took; the costs are the caller's to measure)."""
     run, steps, eot = setting.run, base["steps"], base["eot"]
     row = table.rows.get(table.key(dict(base, scoring="vote")))
     if cache.is_file() and row is not None:
         stored = torch.load(cache, weights_only=True)
         if torch.equal(stored["ids"], setting.ids):
-            return stored["predictions"].long(), float(row["wall_s"]), row
+            return stored["predictions"].long(), {column: row[column] for column in TIMING_COLUMNS}
     if not len(setting.images):
-        return torch.zeros(setting.protocol.evals, 0, dtype=torch.long), 0.0, None
+        return torch.zeros(setting.protocol.evals, 0, dtype=torch.long), {"wall_s": 0.0, "s_per_image": 0.0}
     started = time.monotonic()
     attack = setting.attack(base["threat"], steps, eot)
 
@@ -107,7 +107,7 @@ def budget_predictions(setting: Setting, table: ResultTable, base: dict, cache, 
         atomic_write(cache, lambda tmp: torch.save({"predictions": predictions.to(torch.int8), "ids": setting.ids,
                                                     "row": base}, tmp))
     remove_blocks(blocks, shard)
-    return predictions, wall, None
+    return predictions, {"wall_s": wall, "s_per_image": wall / len(setting.images)}
 
 
 def header(setting: Setting, escalated: bool) -> str:

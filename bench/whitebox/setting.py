@@ -94,16 +94,16 @@ class Setting:
         """The attack object of a white-box ``threat`` (``attacks.eot``), at the protocol's budget unless ``steps``
         (Square's queries) and ``eot`` (draws per step) say otherwise (a convergence study's budgets)."""
         eps, seed = self.eps / 255, self.run.attack_seed
-        if threat == "square":
-            return BestMarginSquare(self.attacked, eps, steps or self.protocol.square_queries, eot or self.eot,
-                                    seed=seed)
-        steps, eot = steps or self.protocol.steps, eot or self.eot
+        steps = steps or (self.protocol.square_queries if threat == "square" else self.protocol.steps)
+        eot = eot or self.eot
         if threat in ("pgd-margin", "pgd-ce"):
             return BestIteratePGD(self.attacked, eps, steps, eot, threat.split("-")[1], self.restarts, seed=seed)
         if threat == "pgd-fixed":
             return BestIteratePGD(self.attacked, eps, steps, 1, "margin", seed=seed)
         if threat in ("apgd-ce", "apgd-dlr"):
             return BestLossAPGD(self.attacked, eps, steps, eot, threat.split("-")[1], seed=seed)
+        if threat == "square":
+            return BestMarginSquare(self.attacked, eps, steps, eot, seed=seed)
         raise ValueError(f"unknown threat {threat!r}")
 
     def adversarial(self, threat: str) -> torch.Tensor:

@@ -2,11 +2,13 @@
 images, split by blocks across the ranks (``map_blocks``), the merged predictions saved by rank 0.
 
     python -m torch.distributed.run --nproc-per-node 2 tests/shard_worker.py OUT --batch-size 2 [--fail kill|raise]
+        [--slow SECONDS]
 """
 import argparse
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -37,6 +39,7 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--fail", choices=["kill", "raise"])
+    parser.add_argument("--slow", type=float, default=0.0, help="rank 1 sleeps this long before its first block")
     args = parser.parse_args()
     torch.set_num_threads(1)
     shard, _ = Shard.join("cpu")
@@ -54,6 +57,8 @@ def main() -> None:
             if args.fail == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             raise ValueError(f"block {start}-{stop} cannot be attacked on rank {shard.rank}")
+        if shard.rank == 1 and not done.is_file():
+            time.sleep(args.slow)
         adversarial = craft(attack, images[start:stop], labels[start:stop], batch_size=stop - start,
                             ids=ids[start:stop], noise=stream, progress=False)
         with done.open("a") as log:

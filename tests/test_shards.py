@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from purify.infra.runtime import dist_timeout
 from purify.infra.shards import blocks, map_blocks
 
 WORKER = Path(__file__).resolve().parent / "shard_worker.py"
@@ -35,14 +36,16 @@ def test_map_blocks_computes_this_ranks_blocks_and_reuses_saved_ones(tmp_path):
         map_blocks(lambda start, stop: torch.zeros(1), 4, 2, tmp_path / "bad", progress=False)
 
 
-def torchrun(out: Path, world: int, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    """Run the worker under torchrun in a session of its own, killed whole (workers included) on a timeout."""
+def torchrun(out: Path, world: int, *args: str, timeout: int = 240, env: dict | None = None
+             ) -> subprocess.CompletedProcess:
+    """Run the worker under torchrun in a session of its own, killed whole (workers included) on a timeout;
+    ``env`` adds environment variables."""
     out.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
                str(WORKER), str(out), *args]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True,
-                               env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+                               env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), **(env or {})})
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -84,3 +87,20 @@ def test_a_rank_that_raises_stops_the_job_with_its_message(tmp_path):
     result = torchrun(tmp_path, 2, "--batch-size", "2", "--fail", "raise", timeout=120)
     assert result.returncode != 0
     assert "cannot be attacked on rank 1" in result.stderr + result.stdout
+
+
+def test_ranks_wait_for_each_other_a_day_unless_bcm_dist_timeout_says_otherwise(monkeypatch):
+    monkeypatch.delenv("BCM_DIST_TIMEOUT", raising=False)
+    assert dist_timeout().total_seconds() == 24 * 3600  # not torch's 30 minutes: one CPU block can take longer
+    monkeypatch.setenv("BCM_DIST_TIMEOUT", "2.5")
+    assert dist_timeout().total_seconds() == 2.5
+    for bad in ("soon", "0", "-3", "inf", "nan"):
+        monkeypatch.setenv("BCM_DIST_TIMEOUT", bad)
+        with pytest.raises(ValueError, match="BCM_DIST_TIMEOUT must be a positive number of seconds"):
+            dist_timeout()
+
+
+def test_the_process_group_waits_at_a_barrier_as_long_as_bcm_dist_timeout(tmp_path):
+    # rank 1 sleeps 20 s before its blocks while rank 0 waits for it at the barrier that ends map_blocks
+    result = torchrun(tmp_path, 2, "--batch-size", "2", "--slow", "20", env={"BCM_DIST_TIMEOUT": "3"}, timeout=120)
+    assert result.returncode != 0 and "Timed out" in result.stderr + result.stdout

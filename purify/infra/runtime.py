@@ -7,6 +7,7 @@ import os
 import platform
 import random
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -56,17 +57,38 @@ def cpu_name() -> str:
     return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
 
 
+DIST_TIMEOUT_S = 24 * 3600
+
+
+def dist_timeout() -> timedelta:
+    """How long a rank waits for the others at a collective: ``BCM_DIST_TIMEOUT`` seconds, else a day.
+
+    torch's default, 30 minutes, is shorter than the wait at the barrier that ends a sharded evaluation
+    (``shards.map_blocks``) when a rank has blocks left that the others already finished: one block of a
+    converged attack takes longer than that on a CPU, and a restarted job's ranks find unequal numbers of blocks
+    already saved. A rank that fails still stops the job at once (torchrun ends the others)."""
+    value = os.environ.get("BCM_DIST_TIMEOUT", str(DIST_TIMEOUT_S))
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise ValueError(f"BCM_DIST_TIMEOUT must be a positive number of seconds, got {value!r}")
+    return timedelta(seconds=seconds)
+
+
 def init_distributed(device: str = "auto") -> tuple[int, int, str]:
     """Under ``torchrun`` (``WORLD_SIZE`` > 1) join the process group, NCCL with each rank on its
-    ``LOCAL_RANK`` GPU (set before the group, so NCCL binds the right one), gloo on CPUs; returns
-    ``(rank, world, device)``. A single process returns ``(0, 1, device)`` unchanged."""
+    ``LOCAL_RANK`` GPU (set before the group, so NCCL binds the right one), gloo on CPUs, waiting at most
+    ``dist_timeout()`` at a collective; returns ``(rank, world, device)``. A single process returns
+    ``(0, 1, device)`` unchanged."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1, device
     import torch.distributed as dist  # noqa: PLC0415 (only distributed runs need it)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         device = f"cuda:{torch.cuda.current_device()}"
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=dist_timeout())
     return dist.get_rank(), dist.get_world_size(), device
 
 

@@ -22,6 +22,7 @@ from attacks.eot import step_size
 from purify import BCMPurifier, image_noise
 from test_attacks import TemplateClassifier, template_data
 from test_bench import checkpoints  # noqa: F401 (fixture)
+from test_shards import FakeClock
 
 
 def test_scorings_match_a_hand_computation():
@@ -286,9 +287,14 @@ def adaptive_args(checkpoints, out, *extra):  # noqa: F811
 
 
 def test_bench_adaptive_grid_scores_and_resumes(checkpoints, tmp_path, monkeypatch, capsys):  # noqa: F811
+    from purify.infra import shards
+
     out = tmp_path / "adaptive.csv"
+    monkeypatch.setattr(shards, "time", FakeClock(3.0))  # every unit is one block of 6 images, 3 s each
     bench.adaptive.main(adaptive_args(checkpoints, out))
     frame = pd.read_csv(out)
+    units = frame[frame.threat != "worst"]
+    assert (units.wall_s == 3).all() and (units.s_per_image == 0.5).all()
     threats = {"clean", "transfer", "pgd-margin", "pgd-ce", "apgd-ce", "apgd-dlr", "worst", "pgd-fixed"}
     assert set(frame.threat) == threats and len(frame) == 2 * len(threats) * 3  # 2 t*, 3 scorings; cpu: no Square
     wide = frame.pivot_table(index=["t_star", "threat"], columns="scoring", values="accuracy")
@@ -528,9 +534,11 @@ def test_convergence_at_the_protocol_budget_reproduces_the_grids_margin_pgd(chec
 
 
 def test_an_interrupted_convergence_study_keeps_its_finished_blocks(checkpoints, tmp_path, monkeypatch):  # noqa: F811
-    """Killed in its second block, the study resumes from the first: only the second is attacked again, and the
-    result is an uninterrupted run's."""
+    """Killed in its second block, the study resumes from the first: only the second is attacked again, the
+    result is an uninterrupted run's, and its time is that of both blocks (6 s before the kill, 12 s after it),
+    not the resumed run's alone."""
     import bench.whitebox.convergence as conv
+    from purify.infra import shards
 
     real_craft, attacked = conv.craft, []
 
@@ -546,12 +554,16 @@ def test_an_interrupted_convergence_study_keeps_its_finished_blocks(checkpoints,
     first_ids = bench.common.load_split("test", checkpoints[checkpoints.index("--data-root") + 1], 12, 0)[2][:6]
     args = [*checkpoints, "--n", "12", "--batch-size", "6", "--t-stars", "1", "--convergence", "2x2"]
     monkeypatch.setattr(conv, "craft", failing_second_block)
+    monkeypatch.setattr(shards, "time", FakeClock(6.0))
     with pytest.raises(KeyboardInterrupt):
         bench.adaptive.main([*args, "--out", str(tmp_path / "a" / "grid.csv")])
     assert len(list((tmp_path / "a").rglob(".blocks/*/*.pt"))) == 1
     monkeypatch.setattr(conv, "craft", recording)
+    monkeypatch.setattr(shards, "time", FakeClock(12.0))
     bench.adaptive.main([*args, "--out", str(tmp_path / "a" / "grid.csv")])
     assert len(attacked) == 1 and int(attacked[0][0]) != int(first_ids[0])  # only the second block again
+    timing = pd.read_csv(tmp_path / "a" / "convergence.csv")[["wall_s", "s_per_image"]]
+    assert len(timing) and (timing.wall_s == 18).all() and (timing.s_per_image == 1.5).all()
     assert not list((tmp_path / "a").rglob(".blocks"))
     bench.adaptive.main([*args, "--out", str(tmp_path / "b" / "grid.csv")])
     resumed, whole = (torch.load(next((tmp_path / d / "convergence-predictions").glob("*.pt")), weights_only=True)

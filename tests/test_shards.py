@@ -1,6 +1,7 @@
 """Sharded evaluation (purify.infra.shards): block assignment, resume by block, and under torchrun (gloo, 2-3
 processes) the merged result of an attack through a purifier equal to one process's, for any world size and
 batch size, after a rank is killed and the job restarted, and a rank that raises stopping the job."""
+import math
 import os
 import signal
 import subprocess
@@ -11,7 +12,8 @@ import pytest
 import torch
 
 from purify.infra.runtime import dist_timeout
-from purify.infra.shards import blocks, map_blocks
+from purify.infra import shards
+from purify.infra.shards import SECONDS, block_seconds, blocks, map_blocks
 
 WORKER = Path(__file__).resolve().parent / "shard_worker.py"
 ROOT = WORKER.parent.parent
@@ -34,6 +36,33 @@ def test_map_blocks_computes_this_ranks_blocks_and_reuses_saved_ones(tmp_path):
     assert torch.equal(both["a"], torch.arange(5)) and torch.equal(both["b"], -torch.arange(5))
     with pytest.raises(ValueError, match="computed {'result': 1} results instead of 2"):
         map_blocks(lambda start, stop: torch.zeros(1), 4, 2, tmp_path / "bad", progress=False)
+
+
+class FakeClock:
+    """``time`` for ``purify.infra.shards``: ``monotonic()`` advances by ``step`` seconds at every read."""
+
+    def __init__(self, step: float):
+        self.now, self.step = 0.0, step
+
+    def monotonic(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def test_block_seconds_is_one_process_time_per_position_over_the_blocks_that_recorded_it(tmp_path, monkeypatch):
+    compute = lambda start, stop: torch.arange(start, stop)  # noqa: E731
+    monkeypatch.setattr(shards, "time", FakeClock(6.0))  # each block: two reads, 6 s apart
+    map_blocks(compute, 7, 3, tmp_path, progress=False)
+    assert block_seconds(tmp_path, 7, 3) == pytest.approx(18 / 7)  # 3 blocks x 6 s over 7 positions
+    first = tmp_path / "000000-000003.pt"  # as saved before blocks were timed: left out of the average
+    torch.save({"result": torch.load(first, weights_only=True)["result"]}, first)
+    assert block_seconds(tmp_path, 7, 3) == pytest.approx(12 / 4)
+    assert torch.equal(map_blocks(compute, 7, 3, tmp_path, progress=False), torch.arange(7))  # still merges
+    (tmp_path / "untimed").mkdir()
+    torch.save({"result": torch.arange(2)}, tmp_path / "untimed" / "000000-000002.pt")
+    assert math.isnan(block_seconds(tmp_path / "untimed", 2, 2))
+    assert SECONDS not in map_blocks(lambda start, stop: {"a": torch.arange(start, stop)}, 2, 2, tmp_path / "d",
+                                     progress=False)
 
 
 def torchrun(out: Path, world: int, *args: str, timeout: int = 240, env: dict | None = None

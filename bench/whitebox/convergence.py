@@ -4,14 +4,13 @@ checks that no gradient-free attack removes robustness the gradients could not (
 from __future__ import annotations
 
 import hashlib
-import time
 
 import torch
 
 from attacks import SCORINGS, SUITE, correct_by_scoring, craft
 from purify.infra.checkpoint import atomic_write
 from purify.infra.runtime import leave_distributed, pick_device
-from purify.infra.shards import Shard, map_blocks, remove_blocks
+from purify.infra.shards import Shard, block_seconds, map_blocks, remove_blocks
 
 from ..common import DATASET, ResultTable, write_text
 from ..intervals import bootstrap_interval
@@ -79,8 +78,8 @@ def budget_predictions(setting: Setting, table: ResultTable, base: dict, cache, 
     """The per-image predictions under the threat of ``base`` at its budget (steps or queries x eot) on
     ``setting``'s images, and their time columns: from ``cache`` and ``table`` if this budget ran before on these
     images (every time column as stored), else attacked now (its random starts and the purifier's noise drawn per
-    image, as in the grid) block by block, the finished blocks kept across an interruption, and cached (the
-    seconds it took; the costs are the caller's to measure)."""
+    image, as in the grid) block by block, the finished blocks kept across an interruption, and cached (its time
+    is one process's, ``block_seconds``; the costs are the caller's to measure)."""
     run, steps, eot = setting.run, base["steps"], base["eot"]
     row = table.rows.get(table.key(dict(base, scoring="vote")))
     if cache.is_file() and row is not None:
@@ -89,7 +88,6 @@ def budget_predictions(setting: Setting, table: ResultTable, base: dict, cache, 
             return stored["predictions"].long(), {column: row[column] for column in TIMING_COLUMNS}
     if not len(setting.images):
         return torch.zeros(setting.protocol.evals, 0, dtype=torch.long), {"wall_s": 0.0, "s_per_image": 0.0}
-    started = time.monotonic()
     attack = setting.attack(base["threat"], steps, eot)
 
     def block(start: int, stop: int) -> torch.Tensor:
@@ -102,12 +100,12 @@ def budget_predictions(setting: Setting, table: ResultTable, base: dict, cache, 
     blocks = cache.parent / ".blocks" / f"{unit_id(base, run_columns=True)}-{steps}x{eot}-{images}"
     predictions = map_blocks(block, len(setting.images), run.batch_size, blocks, shard,
                              progress=run.progress and shard.main, desc=desc).T
-    wall = time.monotonic() - started
+    seconds = block_seconds(blocks, len(setting.images), run.batch_size)
     if shard.main:
         atomic_write(cache, lambda tmp: torch.save({"predictions": predictions.to(torch.int8), "ids": setting.ids,
                                                     "row": base}, tmp))
     remove_blocks(blocks, shard)
-    return predictions, {"wall_s": wall, "s_per_image": wall / len(setting.images)}
+    return predictions, {"wall_s": seconds * len(setting.images), "s_per_image": seconds}
 
 
 def header(setting: Setting, escalated: bool) -> str:

@@ -5,12 +5,15 @@ The images (positions ``0 .. n-1``) are cut into blocks of ``batch_size``; block
 killed and restarted recomputes only the blocks it had not finished; after a barrier every rank reads all
 blocks back in order. As long as the computation of a block depends only on its images (randomness drawn
 per image or seeded by the block's first image, ``attacks.craft``), the merged result is the one a single
-process computes, for any number of processes. Under ``torchrun`` the ranks join a process group (gloo on
+process computes, for any number of processes. Each block file also keeps the seconds its computation took, so
+that a job's cost (``block_seconds``) is one process's time whichever ranks or restarts computed it. Under ``torchrun`` the ranks join a process group (gloo on
 CPUs, NCCL on GPUs, ``runtime.init_distributed``); the block files must lie on a file system every rank sees.
 """
 from __future__ import annotations
 
+import math
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Union
@@ -23,6 +26,7 @@ from .runtime import init_distributed
 
 
 Result = Union[torch.Tensor, dict]
+SECONDS = "_seconds"  # a block file's entry for the seconds its block took (not a result)
 
 
 @dataclass(frozen=True)
@@ -60,24 +64,43 @@ def map_blocks(compute: Callable[[int, int], Result], n: int, batch_size: int, f
                shard: Shard = Shard(), progress: bool = True, desc: str = "blocks") -> Result:
     """``compute(start, stop)`` over every block: a CPU tensor, or a dict of them, whose first axis runs over
     positions ``start .. stop-1``. This rank's blocks are computed and saved under ``folder`` (one file per
-    block, reused when present), then all blocks are read back and concatenated: the same result on every
-    rank. A collective: every rank calls it with the same arguments."""
+    block, with the seconds it took, reused when present), then all blocks are read back and concatenated: the
+    same result on every rank. A collective: every rank calls it with the same arguments."""
     folder = Path(folder)
     parts = blocks(n, batch_size)
-    path = lambda start, stop: folder / f"{start:06d}-{stop:06d}.pt"  # noqa: E731
     mine = [(start, stop) for b, (start, stop) in enumerate(parts) if b % shard.world == shard.rank]
     for start, stop in tqdm(mine, desc=desc, disable=not progress, leave=False):
-        if not path(start, stop).is_file():
+        if not _block_path(folder, start, stop).is_file():
+            started = time.monotonic()
             result = compute(start, stop)
-            parts_of = result if isinstance(result, dict) else {"result": result}
+            parts_of = {k: v.cpu() for k, v in (result if isinstance(result, dict) else {"result": result}).items()}
+            seconds = time.monotonic() - started  # after the copy to the host, which waits for a GPU's work
             wrong = {k: len(v) for k, v in parts_of.items() if len(v) != stop - start}
             if wrong:
                 raise ValueError(f"block {start}-{stop} computed {wrong} results instead of {stop - start}")
-            save_checkpoint({k: v.cpu() for k, v in parts_of.items()}, path(start, stop))
+            save_checkpoint({**parts_of, SECONDS: torch.tensor(seconds, dtype=torch.float64)},
+                            _block_path(folder, start, stop))
     shard.barrier()
-    saved = [load_checkpoint(path(start, stop)) for start, stop in parts]
-    merged = {k: torch.cat([part[k] for part in saved]) for k in saved[0]}
+    saved = [load_checkpoint(_block_path(folder, start, stop)) for start, stop in parts]
+    merged = {k: torch.cat([part[k] for part in saved]) for k in saved[0] if k != SECONDS}
     return merged["result"] if set(merged) == {"result"} else merged
+
+
+def block_seconds(folder: str | Path, n: int, batch_size: int) -> float:
+    """Seconds per position that ``map_blocks`` took over the blocks under ``folder``: one process's time, the
+    same whichever ranks computed the blocks and however often the job was restarted in between (the wall time
+    of the last run would count only what it computed, and a rank's share of it). Averaged over the blocks that
+    recorded their time (files saved before blocks were timed did not); nan when none did."""
+    timed = []
+    for start, stop in blocks(n, batch_size):
+        saved = load_checkpoint(_block_path(Path(folder), start, stop))
+        if SECONDS in saved:
+            timed.append((saved[SECONDS].item(), stop - start))
+    return sum(s for s, _ in timed) / sum(k for _, k in timed) if timed else math.nan
+
+
+def _block_path(folder: Path, start: int, stop: int) -> Path:
+    return folder / f"{start:06d}-{stop:06d}.pt"
 
 
 def remove_blocks(folder: str | Path, shard: Shard = Shard()) -> None:

@@ -6,8 +6,9 @@ killed and restarted recomputes only the blocks it had not finished; after a bar
 blocks back in order. As long as the computation of a block depends only on its images (randomness drawn
 per image or seeded by the block's first image, ``attacks.craft``), the merged result is the one a single
 process computes, for any number of processes. Each block file also keeps the seconds its computation took, so
-that a job's cost (``block_seconds``) is one process's time whichever ranks or restarts computed it. Under ``torchrun`` the ranks join a process group (gloo on
-CPUs, NCCL on GPUs, ``runtime.init_distributed``); the block files must lie on a file system every rank sees.
+that a job's cost (``block_seconds``) is one process's time whichever ranks or restarts computed it. Under
+``torchrun`` the ranks join a process group (gloo on CPUs, NCCL on GPUs, ``runtime.init_distributed``); the block
+files must lie on a file system every rank sees.
 """
 from __future__ import annotations
 

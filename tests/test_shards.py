@@ -1,6 +1,7 @@
-"""Sharded evaluation (purify.infra.shards): block assignment, resume by block, and under torchrun (gloo, 2-3
-processes) the merged result of an attack through a purifier equal to one process's, for any world size and
-batch size, after a rank is killed and the job restarted, and a rank that raises stopping the job."""
+"""Sharded evaluation (purify.infra.shards): block assignment, resume by block, each block's recorded time, and
+under torchrun (gloo, 2-3 processes) the merged result of an attack through a purifier equal to one process's, for
+any world size and batch size, after a rank is killed and the job restarted, a rank that raises stopping the job,
+and the process group's timeout (BCM_DIST_TIMEOUT)."""
 import math
 import os
 import signal
@@ -11,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from purify.infra.runtime import dist_timeout
 from purify.infra import shards
+from purify.infra.runtime import dist_timeout
 from purify.infra.shards import SECONDS, block_seconds, blocks, map_blocks
 
 WORKER = Path(__file__).resolve().parent / "shard_worker.py"

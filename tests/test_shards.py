@@ -14,7 +14,7 @@ import torch
 
 from purify.infra import shards
 from purify.infra.runtime import dist_timeout
-from purify.infra.shards import SECONDS, block_seconds, blocks, map_blocks
+from purify.infra.shards import SECONDS, blocks, map_blocks, map_timed_blocks
 
 WORKER = Path(__file__).resolve().parent / "shard_worker.py"
 ROOT = WORKER.parent.parent
@@ -50,18 +50,19 @@ class FakeClock:
         return self.now
 
 
-def test_block_seconds_is_one_process_time_per_position_over_the_blocks_that_recorded_it(tmp_path, monkeypatch):
+def test_timed_blocks_give_one_process_time_per_position_over_the_blocks_that_recorded_it(tmp_path, monkeypatch):
     compute = lambda start, stop: torch.arange(start, stop)  # noqa: E731
+    seconds = lambda folder, n, batch_size: map_timed_blocks(compute, n, batch_size, folder, progress=False)[1]  # noqa
     monkeypatch.setattr(shards, "time", FakeClock(6.0))  # each block: two reads, 6 s apart
     map_blocks(compute, 7, 3, tmp_path, progress=False)
-    assert block_seconds(tmp_path, 7, 3) == pytest.approx(18 / 7)  # 3 blocks x 6 s over 7 positions
+    assert seconds(tmp_path, 7, 3) == pytest.approx(18 / 7)  # 3 blocks x 6 s over 7 positions
     first = tmp_path / "000000-000003.pt"  # as saved before blocks were timed: left out of the average
     torch.save({"result": torch.load(first, weights_only=True)["result"]}, first)
-    assert block_seconds(tmp_path, 7, 3) == pytest.approx(12 / 4)
+    assert seconds(tmp_path, 7, 3) == pytest.approx(12 / 4)
     assert torch.equal(map_blocks(compute, 7, 3, tmp_path, progress=False), torch.arange(7))  # still merges
     (tmp_path / "untimed").mkdir()
     torch.save({"result": torch.arange(2)}, tmp_path / "untimed" / "000000-000002.pt")
-    assert math.isnan(block_seconds(tmp_path / "untimed", 2, 2))
+    assert math.isnan(seconds(tmp_path / "untimed", 2, 2))
     assert SECONDS not in map_blocks(lambda start, stop: {"a": torch.arange(start, stop)}, 2, 2, tmp_path / "d",
                                      progress=False)
 

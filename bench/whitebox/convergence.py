@@ -10,7 +10,7 @@ import torch
 from attacks import SCORINGS, SUITE, correct_by_scoring, craft
 from purify.infra.checkpoint import atomic_write
 from purify.infra.runtime import leave_distributed, pick_device
-from purify.infra.shards import Shard, block_seconds, map_blocks, remove_blocks
+from purify.infra.shards import Shard, map_timed_blocks, remove_blocks
 
 from ..common import DATASET, ResultTable, write_text
 from ..intervals import bootstrap_interval
@@ -79,7 +79,7 @@ def budget_predictions(setting: Setting, table: ResultTable, base: dict, cache, 
     ``setting``'s images, and their time columns: from ``cache`` and ``table`` if this budget ran before on these
     images (every time column as stored), else attacked now (its random starts and the purifier's noise drawn per
     image, as in the grid) block by block, the finished blocks kept across an interruption, and cached (its time
-    is one process's, ``block_seconds``; the costs are the caller's to measure)."""
+    is one process's, ``map_timed_blocks``; the costs are the caller's to measure)."""
     run, steps, eot = setting.run, base["steps"], base["eot"]
     row = table.rows.get(table.key(dict(base, scoring="vote")))
     if cache.is_file() and row is not None:
@@ -98,9 +98,9 @@ def budget_predictions(setting: Setting, table: ResultTable, base: dict, cache, 
 
     images = hashlib.sha256(setting.ids.numpy().tobytes()).hexdigest()[:8]  # an escalated budget's survivors
     blocks = cache.parent / ".blocks" / f"{unit_id(base, run_columns=True)}-{steps}x{eot}-{images}"
-    predictions = map_blocks(block, len(setting.images), run.batch_size, blocks, shard,
-                             progress=run.progress and shard.main, desc=desc).T
-    seconds = block_seconds(blocks, len(setting.images), run.batch_size)
+    predictions, seconds = map_timed_blocks(block, len(setting.images), run.batch_size, blocks, shard,
+                                            progress=run.progress and shard.main, desc=desc)
+    predictions = predictions.T
     if shard.main:
         atomic_write(cache, lambda tmp: torch.save({"predictions": predictions.to(torch.int8), "ids": setting.ids,
                                                     "row": base}, tmp))

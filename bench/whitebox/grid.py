@@ -19,7 +19,7 @@ from attacks import SCORINGS, SUITE, correct_by_scoring
 from purify.infra.checkpoint import atomic_write
 from purify.infra.images import as_float
 from purify.infra.runtime import autocast, leave_distributed, pick_device
-from purify.infra.shards import Shard, block_seconds, map_blocks, remove_blocks
+from purify.infra.shards import Shard, map_timed_blocks, remove_blocks
 
 from ..common import ResultTable, attack_step_cost, device_clock, write_text
 from ..intervals import bootstrap_interval
@@ -116,11 +116,11 @@ def run_setting(setting: Setting, table: ResultTable, cache_dir: Path, costs: di
             if threat == "clean" and setting.eps != setting.run.eps[0]:
                 continue  # clean rows do not depend on eps: computed once, with the first eps
             blocks = cache_dir / ".blocks" / unit_id(base, run_columns=True)
-            merged = map_blocks(lambda start, stop: attack_block(setting.part(start, stop), threat),
-                                len(setting.images), setting.run.batch_size, blocks, shard, setting.run.progress,
-                                threat)
+            merged, seconds = map_timed_blocks(lambda start, stop: attack_block(setting.part(start, stop), threat),
+                                               len(setting.images), setting.run.batch_size, blocks, shard,
+                                               setting.run.progress, threat)
             predictions = merged["predictions"].T
-            wall = block_seconds(blocks, len(setting.images), setting.run.batch_size) * len(setting.images)
+            wall = seconds * len(setting.images)
             if shard.main:
                 if "adversarial" in merged:
                     export_adversarial(setting, threat, merged["adversarial"], setting.run.export_adversarial)

@@ -6,7 +6,7 @@ killed and restarted recomputes only the blocks it had not finished; after a bar
 blocks back in order. As long as the computation of a block depends only on its images (randomness drawn
 per image or seeded by the block's first image, ``attacks.craft``), the merged result is the one a single
 process computes, for any number of processes. Each block file also keeps the seconds its computation took, so
-that a job's cost (``block_seconds``) is one process's time whichever ranks or restarts computed it. Under
+that a job's cost (``map_timed_blocks``) is one process's time whichever ranks or restarts computed it. Under
 ``torchrun`` the ranks join a process group (gloo on CPUs, NCCL on GPUs, ``runtime.init_distributed``); the block
 files must lie on a file system every rank sees.
 """
@@ -67,6 +67,15 @@ def map_blocks(compute: Callable[[int, int], Result], n: int, batch_size: int, f
     positions ``start .. stop-1``. This rank's blocks are computed and saved under ``folder`` (one file per
     block, with the seconds it took, reused when present), then all blocks are read back and concatenated: the
     same result on every rank. A collective: every rank calls it with the same arguments."""
+    return map_timed_blocks(compute, n, batch_size, folder, shard, progress, desc)[0]
+
+
+def map_timed_blocks(compute: Callable[[int, int], Result], n: int, batch_size: int, folder: str | Path,
+                     shard: Shard = Shard(), progress: bool = True, desc: str = "blocks") -> tuple[Result, float]:
+    """``map_blocks``, and the seconds per position its blocks took: one process's time, the same whichever ranks
+    computed the blocks and however often the job was restarted in between (the wall time of the last run would
+    count only what it computed, and a rank's share of it). Averaged over the blocks that recorded their time
+    (files saved before blocks were timed did not); nan when none did."""
     folder = Path(folder)
     parts = blocks(n, batch_size)
     mine = [(start, stop) for b, (start, stop) in enumerate(parts) if b % shard.world == shard.rank]
@@ -84,20 +93,9 @@ def map_blocks(compute: Callable[[int, int], Result], n: int, batch_size: int, f
     shard.barrier()
     saved = [load_checkpoint(_block_path(folder, start, stop)) for start, stop in parts]
     merged = {k: torch.cat([part[k] for part in saved]) for k in saved[0] if k != SECONDS}
-    return merged["result"] if set(merged) == {"result"} else merged
-
-
-def block_seconds(folder: str | Path, n: int, batch_size: int) -> float:
-    """Seconds per position that ``map_blocks`` took over the blocks under ``folder``: one process's time, the
-    same whichever ranks computed the blocks and however often the job was restarted in between (the wall time
-    of the last run would count only what it computed, and a rank's share of it). Averaged over the blocks that
-    recorded their time (files saved before blocks were timed did not); nan when none did."""
-    timed = []
-    for start, stop in blocks(n, batch_size):
-        saved = load_checkpoint(_block_path(Path(folder), start, stop))
-        if SECONDS in saved:
-            timed.append((saved[SECONDS].item(), stop - start))
-    return sum(s for s, _ in timed) / sum(k for _, k in timed) if timed else math.nan
+    timed = [(part[SECONDS].item(), stop - start) for part, (start, stop) in zip(saved, parts) if SECONDS in part]
+    seconds = sum(s for s, _ in timed) / sum(k for _, k in timed) if timed else math.nan
+    return (merged["result"] if set(merged) == {"result"} else merged), seconds
 
 
 def _block_path(folder: Path, start: int, stop: int) -> Path:

@@ -3,7 +3,9 @@ MODULE -- ...``) in a code span or block of README.md, results/README.md and doc
 and its parser accepts the options and values shown; for ``bench.adaptive`` its own checks of them
 (``Run.from_args``: defence names, budgets, modes) pass too. Nothing runs beyond the parsing. A command written
 with a placeholder (``<weights>``, ``...``, ``[--bf16]``, ``{fp32,bf16}``, ``$arch``, or an upper-case name such as
-``T`` or ``CHECKPOINT`` standing for a value) is checked only for its module."""
+``T`` or ``CHECKPOINT`` standing for a value), a bare mention of a command's name, and the record of a command of
+an older release (under a heading, in a paragraph or in a table row that says "superseded") are checked only for
+their module."""
 from __future__ import annotations
 
 import argparse

@@ -922,7 +922,8 @@ def test_votes_rescore_a_run_without_attacking_and_agree_with_its_scorings_at_1_
         checkpoints, tmp_path, monkeypatch, capsys):
     """Stored predictions replaced by seeded ones that vary between evaluations: K = N gives each threat's `vote`
     scoring and K = 1 its `single` one (worst included, as the per-image minimum over the white-box threats),
-    K = 3 the mean over 3-subsets; nothing is attacked again and the deterministic `none` is skipped."""
+    K = 3 the mean over 3-subsets; nothing is attacked again and the deterministic `none` is skipped, but each K's
+    worst case is compared with its worst case (seeded stored predictions too), image by image."""
     from bench.whitebox.votes import vote_of_k
 
     out = tmp_path / "run.csv"
@@ -932,9 +933,14 @@ def test_votes_rescore_a_run_without_attacking_and_agree_with_its_scorings_at_1_
     args += ["--t-stars", "1"]
     labels = bench.common.load_split("test", checkpoints[checkpoints.index("--data-root") + 1], 6, 0)[1]
     generator = torch.Generator().manual_seed(0)
-    per = {}
+    per, alone = {}, {}
     for path in (tmp_path / "run-predictions").glob("*.pt"):
         unit = torch.load(path, weights_only=True)
+        if unit["row"]["defence"] == "none":  # deterministic: the same labels in every evaluation
+            right = (torch.rand(6, generator=generator) < 0.5).expand(len(unit["predictions"]), 6)
+            unit["predictions"] = torch.where(right, labels, (labels + 1) % 10)
+            torch.save(unit, path)
+            alone[unit["row"]["threat"]] = unit["predictions"]
         if unit["row"]["defence"] == "bcm(eps_inv=0.11, t_star=1)":
             right = torch.rand(10, 6, generator=generator) < 0.5
             unit["predictions"] = torch.where(right, labels, torch.randint(0, 10, (10, 6), generator=generator))
@@ -958,6 +964,18 @@ def test_votes_rescore_a_run_without_attacking_and_agree_with_its_scorings_at_1_
     assert votes["worst", 3] == pytest.approx(torch.minimum(three["pgd-margin"], three["pgd-ce"]).mean().item(),
                                               abs=1e-4)
     assert len({round(votes["pgd-margin", k], 4) for k in (1, 3, 10)}) == 3  # the replaced votes make K matter
+    # the worst case minus the classifier alone's (deterministic: its first evaluation), image by image
+    reference = torch.minimum(alone["pgd-margin"][0] == labels, alone["pgd-ce"][0] == labels).double()
+    assert not torch.equal(alone["pgd-margin"][0] == labels, reference.bool())  # the worst case takes both
+    paired = pd.read_csv(tmp_path / "run-votes.csv").set_index(["threat", "votes"])
+    for k, per_image in ((1, torch.minimum(scored["pgd-margin"]["single"], scored["pgd-ce"]["single"])),
+                         (3, torch.minimum(three["pgd-margin"], three["pgd-ce"]))):
+        difference = (per_image.double() - reference).mean().item()
+        assert paired.alone["worst", k] == pytest.approx(reference.mean().item(), abs=1e-4)
+        assert paired["diff"]["worst", k] == pytest.approx(difference, abs=1e-4) and abs(difference) > 0.01
+        assert paired.diff_low["worst", k] <= paired["diff"]["worst", k] <= paired.diff_high["worst", k]
+    assert paired.loc["pgd-margin", "diff"].isna().all()  # only the worst case is compared
+    assert "minus alone, paired" in (tmp_path / "run-votes.md").read_text()
     frame = pd.read_csv(tmp_path / "run-votes.csv")
     assert set(frame.defence) == {"bcm(eps_inv=0.11, t_star=1)"} and (frame.nfe == 2 * frame.votes).all()
     assert "| 3 | 6 |" in (tmp_path / "run-votes.md").read_text()

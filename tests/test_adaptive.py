@@ -170,8 +170,17 @@ def test_pgd_takes_steps_of_the_scheduled_size_and_stays_in_the_ball():
     attack(images, labels)
     delta = recorder.calls[1][0] - images  # the iterate after the first step
     torch.testing.assert_close(delta.abs(), torch.full_like(delta, 2 / 255), rtol=0, atol=1e-6)
-    adversarial = BestIteratePGD(model, eps=4 / 255, steps=10, restarts=2)(images, labels)
-    assert (adversarial - images).abs().max() <= 4 / 255 + 1e-6 and adversarial.min() >= 0
+    saturated = images.clone()  # pixels at 0 and at 1, where a start or a step could leave the image range
+    saturated[..., :3], saturated[..., -3:] = 0, 1
+    attack = BestIteratePGD(model, eps=4 / 255, steps=10, restarts=2)
+    attack.scores = recorder = Recorder(attack.scores)
+    adversarial = attack(saturated, labels)
+    iterates = torch.stack([x for x, _ in recorder.calls])  # every random start and step of both restarts
+    assert (iterates - saturated).abs().max() <= 4 / 255 + 1e-6 and iterates.min() >= 0 and iterates.max() <= 1
+    start = iterates[0] - saturated  # uniform on the ball: both signs, out to its edge, where the image allows
+    inside = (saturated > 4 / 255) & (saturated < 1 - 4 / 255)
+    assert start[inside].min() < -3.5 / 255 and start[inside].max() > 3.5 / 255
+    assert (adversarial - saturated).abs().max() <= 4 / 255 + 1e-6 and adversarial.min() >= 0
     with pytest.raises(ValueError, match="restarts >= 1"):
         BestIteratePGD(model, eps=4 / 255, steps=3, restarts=0)
 
@@ -189,6 +198,7 @@ def test_pgd_returns_the_iterate_with_the_highest_loss_over_draws_not_the_last_o
     inputs = torch.stack([x for x, _ in recorder.calls])                       # (calls, n, ...)
     losses = torch.stack([attack_loss(out, labels, loss) for _, out in recorder.calls])  # (calls, n)
     best = losses.argmax(0)
+    assert len(recorder.calls) == 2 * (6 + 1)  # both restarts: each its start, 6 steps, the final measurement
     torch.testing.assert_close(adversarial, inputs[best, torch.arange(len(images))])
     assert not torch.equal(adversarial, images)
     assert (best != len(recorder.calls) - 1).any()  # somewhere the best is not the last iterate
@@ -211,6 +221,29 @@ def test_apgd_returns_the_highest_loss_iterate_over_draws_not_the_clean_input(lo
     losses = torch.stack([criterion(out, labels) for _, out in calls])
     torch.testing.assert_close(adversarial, inputs[losses.argmax(0), torch.arange(len(images))])
     assert not torch.equal(adversarial, images)
+
+
+def test_apgd_starts_each_restart_on_the_balls_edge_and_keeps_each_images_best_restart():
+    """APGD's own L-inf start (x + eps t / max|t|: some pixel at distance eps) drawn per image, one per restart;
+    per image the restart whose loss was the highest, the first of equal ones (APGD's runs stubbed)."""
+    model = TemplateClassifier().eval()
+    images, labels = template_data(model, n=4)
+    attack = BestLossAPGD(model, eps=8 / 255, iters=5, restarts=2)
+    runs = iter([(images + 0.01, torch.tensor([1.0, 0.0, 3.0, -1.0])),
+                 (images - 0.01, torch.tensor([0.0, 2.0, 3.0, -2.0]))])
+    starts = []
+
+    def single_run(x, y, x_init):
+        starts.append(x_init)
+        adversarial, loss = next(runs)
+        return adversarial, None, loss, None
+
+    attack.apgd.attack_single_run = single_run
+    adversarial = attack(images, labels)
+    assert len(starts) == 2 and not torch.equal(starts[0], starts[1])
+    for start in starts:
+        torch.testing.assert_close((start - images).flatten(1).abs().amax(1), torch.full((4,), 8 / 255))
+    torch.testing.assert_close(adversarial, images + torch.tensor([0.01, -0.01, 0.01, 0.01]).view(-1, 1, 1, 1))
 
 
 @pytest.mark.parametrize("iters, checkpoints", [(20, (4, 1, 1)), (100, (22, 6, 3))])

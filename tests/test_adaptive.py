@@ -759,7 +759,9 @@ def test_autoattack_standard_is_the_published_version_and_breaks_a_linear_classi
     assert (adversary.apgd.n_iter, adversary.apgd_targeted.n_target_classes, adversary.square.n_queries) == \
         (100, 9, 5000)
     images, labels = template_data(model, n=20)
+    state = torch.get_rng_state()
     adversarial = run_autoattack(adversary, images, labels, batch_size=20)
+    assert torch.equal(torch.get_rng_state(), state)  # AutoAttack reseeds the global RNG; the caller's is kept
     assert (adversarial - images).abs().max() <= 32 / 255 + 1e-5
     assert (model(adversarial).argmax(1) == labels).float().mean() == 0
     with pytest.raises(ValueError, match="eps > 0"):

@@ -543,6 +543,31 @@ def test_convergence_study_writes_one_row_group_per_budget(checkpoints, tmp_path
     assert with_next <= 100 * small + 1e-6  # the worst of two budgets is never above either
 
 
+def test_a_convergence_studys_with_next_is_the_per_image_worst_of_two_budgets(checkpoints, tmp_path,  # noqa: F811
+                                                                             monkeypatch):
+    """Scripted majority decisions per image id that the larger budget does not nest in the smaller one's (budget 1
+    leaves the ids not divisible by 3 right, budget 2 the even ones): `with next` is the accuracy of their per-image
+    minimum, not budget 2's alone, and `drop` budget 1's accuracy minus it."""
+    rules, calls = [lambda i: i % 3 != 0, lambda i: i % 2 == 0], []
+
+    def scripted(self, threat, images):
+        calls.append(threat)
+        rule = rules[len(calls) - 1]
+        right = torch.tensor([rule(int(i)) for i in self.ids], dtype=torch.bool)
+        return torch.stack([torch.where(right, self.labels, (self.labels + 1) % 10) for _ in range(10)])
+
+    monkeypatch.setattr(bench.whitebox.setting.Setting, "predictions", scripted)
+    ids = bench.common.load_split("test", checkpoints[checkpoints.index("--data-root") + 1], 12, 0)[2]
+    first, second = (torch.tensor([rule(int(i)) for i in ids]).float() for rule in rules)
+    both = torch.minimum(first, second)
+    assert both.mean() < second.mean() and both.mean() < first.mean()
+    bench.adaptive.main([*checkpoints, "--n", "12", "--batch-size", "12", "--t-stars", "1", "--out",
+                         str(tmp_path / "grid.csv"), "--convergence", "2x1", "3x1"])
+    row = next(line for line in (tmp_path / "convergence.md").read_text().splitlines() if line.startswith("| 2 x 1 |"))
+    cells = [c.strip() for c in row.split("|")]
+    assert cells[6] == f"{100 * both.mean():.1f}" and cells[7].startswith(f"{100 * (first - both).mean():.1f} (")
+
+
 def test_convergence_at_the_protocol_budget_reproduces_the_grids_margin_pgd(checkpoints, tmp_path,  # noqa: F811
                                                                            monkeypatch):
     """Its random starts and the purifier's noise are drawn per image from the attack seed, as in the grid: the
@@ -609,11 +634,12 @@ def test_an_escalated_study_attacks_only_the_images_every_earlier_budget_left_ri
     """Budget 2 attacks exactly the images budget 1 left right under the majority; the worst so far is, per
     image, the minimum of the budgets' majority decisions (an image not attacked again counts as broken); the
     drop is the paired difference of the worst so far. The decisions are scripted per image id: budget 1 leaves
-    the ids not divisible by 3 right, budget 2 the even ones (7 of 10 evaluations right: a majority)."""
+    the ids not divisible by 3 right, budget 2 the even ones (7 of 10 evaluations right: a majority). A rerun
+    reuses every cached budget, unless an earlier budget's survivors changed: then the later one attacks again."""
     import bench.whitebox.convergence as conv
 
     attacked_ids, rules = {}, [lambda i: i % 3 != 0, lambda i: i % 2 == 0]
-    real_craft = conv.craft
+    real_craft, real_costs = conv.craft, conv.measure_costs
 
     def recording_craft(attack, images, labels, *args, ids=None, desc="", **kwargs):
         attacked_ids[desc] = torch.cat([attacked_ids.get(desc, torch.zeros(0, dtype=ids.dtype)), ids])
@@ -663,6 +689,21 @@ def test_an_escalated_study_attacks_only_the_images_every_earlier_budget_left_ri
     csv = (tmp_path / "convergence-escalated.csv").read_text()
     bench.adaptive.main(argv)
     assert (tmp_path / "convergence-escalated.csv").read_text() == csv
+
+    # budget 1's cache now says it left every image right: budget 2's cache holds other images, so budget 2 attacks
+    # again, exactly the new survivors, instead of reusing it
+    cache = next((tmp_path / "convergence-escalated-predictions").glob("*-2x1.pt"))
+    unit = torch.load(cache, weights_only=True)
+    labels = bench.common.load_split("test", checkpoints[checkpoints.index("--data-root") + 1], 12, 0)[1]
+    unit["predictions"] = labels.expand(10, 12).to(torch.int8)
+    torch.save(unit, cache)
+    attacked_ids.clear()
+    monkeypatch.setattr(conv, "craft", recording_craft)
+    monkeypatch.setattr(conv, "measure_costs", real_costs)
+    bench.adaptive.main(argv)
+    assert list(attacked_ids) == ["margin-PGD 3x2"] and torch.equal(attacked_ids["margin-PGD 3x2"], ids)
+    assert torch.equal(torch.load(next((tmp_path / "convergence-escalated-predictions").glob("*-3x2.pt")),
+                                  weights_only=True)["ids"], ids)
 
 
 def test_sanity_check_fails_without_gradients(tiny_bcm, monkeypatch):

@@ -24,6 +24,7 @@ SEALED_PATH = RESULTS_DIR / "adaptive" / "sealed-test.json"
 LEDGER_PATH = RESULTS_DIR / "adaptive" / "test-ledger.csv"
 LEDGER_COLUMNS = ["date", "split", "n", "data_seed", "suite", "protocol", "defence", "target", "eps", "clean_vote",
                   "robust_vote", "robust_ci", "command"]
+TEST_SPLITS = ("test", "sealed")  # the splits whose evaluations the ledger records
 TEST_SIZE = 10_000
 DEMO_SUBSET = (2000, 0)  # the README's main job (make demo): --n 2000, seed 0
 

@@ -853,7 +853,7 @@ def test_a_vote_is_evaluated_as_its_base_with_n_evaluations_and_a_paired_compari
     assert "Paired comparison" in out.with_suffix(".md").read_text()
 
 
-def test_runs_on_test_images_are_ledgered_and_validation_runs_are_not(checkpoints, tmp_path, monkeypatch):  # noqa: F811
+def test_every_evaluation_of_test_images_is_ledgered_once(checkpoints, tmp_path, monkeypatch):  # noqa: F811
     ledger = bench.ledger.LEDGER_PATH  # conftest's ledger_in_tmp points it into the test's folder
     assert tmp_path in ledger.parents
     args = [*checkpoints, "--n", "4", "--batch-size", "4", "--t-stars", "0.5", "--threats", "clean", "pgd-margin"]
@@ -863,6 +863,32 @@ def test_runs_on_test_images_are_ledgered_and_validation_runs_are_not(checkpoint
     assert rows.command.item().startswith("python -m bench.adaptive") and rows.suite.item() == "v2"
     bench.adaptive.main([*args, "--out", str(tmp_path / "a.csv")])  # resumed, nothing evaluated again
     assert len(pd.read_csv(ledger)) == 1
+    # every other way bench.adaptive evaluates test images is recorded too, each as a configuration of its own
+    bench.adaptive.main([*args[:-2], "clean", "--out", str(tmp_path / "clean.csv"), "--defence", "jpeg"])
+    rules = iter([lambda i: i % 3 != 0, lambda i: i % 2 == 0])  # budget 2 breaks images budget 1 left right
+
+    def scripted(self, threat, images):
+        rule = next(rules)
+        right = torch.tensor([rule(int(i)) for i in self.ids], dtype=torch.bool)
+        return torch.stack([torch.where(right, self.labels, (self.labels + 1) % 10) for _ in range(10)])
+
+    with monkeypatch.context() as patch:
+        patch.setattr(bench.whitebox.setting.Setting, "predictions", scripted)
+        for _ in range(2):  # the second run resumes from the caches: still one line
+            bench.adaptive.main([*args[:-3], "--convergence", "2x1", "3x1", "--escalate", "--out",
+                                 str(tmp_path / "b.csv")])
+    monkeypatch.setattr(bench.whitebox.sanity, "sanity_checks", lambda *a: [("a check", True, "")])
+    bench.adaptive.main([*args[:-3], "--sanity", "--out", str(tmp_path / "c.csv")])
+    rows = pd.read_csv(ledger, dtype=str, keep_default_na=False)
+    assert list(rows.protocol) == ["cpu", "cpu", "cpu; convergence margin-PGD 2x1, margin-PGD 3x1, escalated",
+                                   "cpu; sanity checks"]
+    clean_only = rows.iloc[1]
+    assert clean_only.defence == "jpeg(quality=75)" and clean_only.clean_vote and not clean_only.robust_vote
+    ids = bench.common.load_split("test", checkpoints[checkpoints.index("--data-root") + 1], 4, 0)[2]
+    survivors = [int(i) % 3 != 0 and int(i) % 2 == 0 for i in ids]
+    assert 0 < sum(survivors) < sum(int(i) % 3 != 0 for i in ids)  # the worst of both is not budget 1's alone
+    assert rows.robust_vote.iloc[2] == f"{100 * sum(survivors) / 4:.1f}"
+    assert rows.robust_vote.iloc[3] == rows.clean_vote.iloc[3] == ""
 
 
 def test_sealed_subset_avoids_every_used_test_id_and_is_drawn_once(tmp_path):

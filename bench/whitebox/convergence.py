@@ -14,8 +14,9 @@ from purify.infra.shards import Shard, map_timed_blocks, remove_blocks
 
 from ..common import DATASET, ResultTable, write_text
 from ..intervals import bootstrap_interval
+from ..ledger import TEST_SPLITS, append_ledger
 from .config import Run
-from .grid import measure_costs
+from .grid import ledger_row, measure_costs
 from .schema import COLUMNS, COST_COLUMNS, KEY, RUN_COLUMNS, unit_id
 from .setting import Setting, Workload
 
@@ -36,7 +37,7 @@ def convergence(run: Run) -> None:
     table = ResultTable(path, KEY + ["steps", "eot"], COLUMNS, writes=shard.main)
     costs = {}  # measured once, when a budget is attacked now; a cached budget keeps the costs and times stored with it
     n = len(setting.images)
-    correct, attacked = {}, {}
+    correct, attacked, ran = {}, {}, False
     standing = torch.ones(n)  # escalated: 1 where every budget so far left the majority right
     for budget in run.convergence:
         base = dict(setting.row(budget.threat), steps=budget.steps, eot=budget.eot)
@@ -50,6 +51,7 @@ def convergence(run: Run) -> None:
         if not set(COST_COLUMNS) <= timing.keys():  # attacked now
             costs = costs or measure_costs(setting, run.batch_size, run.bf16)
             timing.update(costs)
+            ran = True
         attacked[budget] = len(index)
         if run.escalate:
             right = torch.zeros(n)
@@ -67,6 +69,10 @@ def convergence(run: Run) -> None:
     leave_distributed()
     if not shard.main:
         return
+    if ran and run.split in TEST_SPLITS:  # test images attacked: the ledger records the study, worst of its budgets
+        worst = standing if run.escalate else torch.stack([c["vote"] for c in correct.values()]).amin(0)
+        study = "convergence " + ", ".join(b.desc for b in run.convergence) + (", escalated" if run.escalate else "")
+        append_ledger([ledger_row(setting, robust=worst, study=study)])
     lines = (escalated_lines(setting, table, correct, attacked) if run.escalate
              else convergence_lines(setting, table, correct))
     write_text(path.with_suffix(".md"), "\n".join(lines) + "\n")

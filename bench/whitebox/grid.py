@@ -23,7 +23,7 @@ from purify.infra.shards import Shard, map_timed_blocks, remove_blocks
 
 from ..common import ResultTable, attack_step_cost, device_clock, write_text
 from ..intervals import bootstrap_interval
-from ..ledger import append_ledger
+from ..ledger import TEST_SPLITS, append_ledger
 from .config import Run
 from .report import markdown, paired_differences, plot
 from .schema import COLUMNS, COST_COLUMNS, KEY, RUN_COLUMNS, numeric_adaptive, predictions_dir, unit_id, worst_per_image
@@ -57,8 +57,9 @@ def evaluate(run: Run) -> None:
                     print(f"{target}, {entry.defence.spec()}, eps = {eps}/255", file=sys.stderr)
                 result = run_setting(setting, table, cache_dir, costs, shard)
                 results[target, entry.defence.spec(), eps] = result.correct
-                if result.ran and run.split in ("test", "sealed") and "worst" in result.correct:
-                    ledger.append(ledger_row(setting, result.correct))
+                if result.ran and run.split in TEST_SPLITS:  # any unit evaluated on test images, clean alone too
+                    ledger.append(ledger_row(setting, result.correct.get("clean", {}).get("vote"),
+                                             result.correct.get("worst", {}).get("vote")))
     leave_distributed()
     if not shard.main:
         return
@@ -73,16 +74,22 @@ def evaluate(run: Run) -> None:
           file=sys.stderr)
 
 
-def ledger_row(setting: Setting, correct: dict) -> dict:
-    """The test ledger's line for a setting evaluated on test images in this run."""
+def ledger_row(setting: Setting, clean: torch.Tensor | None = None, robust: torch.Tensor | None = None,
+               study: str = "") -> dict:
+    """The test ledger's line for a setting evaluated on test images in this run: per-image correctness under the
+    majority of N on the clean images and under the worst attack, each where the run measured it; ``study``
+    names a study other than the grid (a convergence study, the sanity checks), which is then part of the
+    protocol column, so that it is a configuration of its own in the ledger."""
     run = setting.run
-    clean = correct.get("clean", {}).get("vote")
-    mean, low, high = bootstrap_interval(correct["worst"]["vote"])
+    robust_vote = robust_ci = ""
+    if robust is not None:
+        mean, low, high = bootstrap_interval(robust)
+        robust_vote, robust_ci = f"{100 * mean:.1f}", f"{100 * low:.1f}-{100 * high:.1f}"
     return dict(date=datetime.date.today().isoformat(), split=run.split, n=len(setting.images),
-                data_seed=run.seed, suite=SUITE, protocol=setting.protocol.name, defence=setting.defence.spec(),
-                target=setting.target, eps=setting.eps,
+                data_seed=run.seed, suite=SUITE, protocol=setting.protocol.name + (f"; {study}" if study else ""),
+                defence=setting.defence.spec(), target=setting.target, eps=setting.eps,
                 clean_vote="" if clean is None else f"{100 * clean.mean().item():.1f}",
-                robust_vote=f"{100 * mean:.1f}", robust_ci=f"{100 * low:.1f}-{100 * high:.1f}", command=run.command)
+                robust_vote=robust_vote, robust_ci=robust_ci, command=run.command)
 
 
 def run_setting(setting: Setting, table: ResultTable, cache_dir: Path, costs: dict,

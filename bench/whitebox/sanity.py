@@ -14,7 +14,9 @@ from purify.infra.images import as_float
 from purify.infra.runtime import pick_device
 
 from ..common import DATASET, write_text
+from ..ledger import TEST_SPLITS, append_ledger
 from .config import Run
+from .grid import ledger_row
 from .setting import Workload
 
 SANITY_BUDGETS = [(5, 1), (10, 2), (20, 4), (40, 8)]  # PGD steps x EOT draws; the last but one is the cpu protocol's
@@ -30,6 +32,8 @@ def sanity(run: Run) -> None:
     if not (purifier.randomized and purifier.differentiable):
         raise ValueError(f"--sanity checks a randomized, differentiable defence; {purifier.spec()} is not")
     checks = sanity_checks(work.models[target], purifier, images, work.labels, work.ids, eps, run)
+    if run.split in TEST_SPLITS:  # test images attacked: the ledger records the checks (no accuracy of the vote)
+        append_ledger([ledger_row(work.setting(target, work.entries[0], eps), study="sanity checks")])
     lines = ["# Sanity checks of the adaptive evaluation\n",
              f"{run.preset} preset, defence `{purifier.spec()}` before {target}; {len(images)} {run.split} "
              f"images of {DATASET}; "

@@ -66,6 +66,24 @@ def data_root():
     return root
 
 
+@pytest.fixture(autouse=True, scope="session")
+def committed_ledger_untouched():
+    """No test may write the committed test ledger, not even a subprocess that ``ledger_in_tmp`` cannot reach:
+    the suite fails if it changed (and puts it back)."""
+    import bench.ledger
+
+    path = bench.ledger.LEDGER_PATH
+    before = path.read_bytes() if path.is_file() else None
+    yield
+    after = path.read_bytes() if path.is_file() else None
+    if after != before:
+        if before is None:
+            path.unlink()
+        else:
+            path.write_bytes(before)
+        pytest.fail(f"a test wrote the committed ledger {path} (restored); point its ledger into its own folder")
+
+
 @pytest.fixture(autouse=True)
 def ledger_in_tmp(tmp_path, monkeypatch):
     """Evaluations the tests run on test images go to a ledger in the test's folder, never the committed one."""

@@ -1036,10 +1036,11 @@ def test_votes_rescore_a_run_without_attacking_and_agree_with_its_scorings_at_1_
     labels = bench.common.load_split("test", checkpoints[checkpoints.index("--data-root") + 1], 6, 0)[1]
     generator = torch.Generator().manual_seed(0)
     per, alone = {}, {}
-    for path in (tmp_path / "run-predictions").glob("*.pt"):
+    masks = {"clean": [1, 1, 1, 1, 1, 1], "pgd-margin": [1, 1, 1, 0, 0, 1], "pgd-ce": [0, 1, 1, 1, 0, 1]}
+    for path in sorted((tmp_path / "run-predictions").glob("*.pt")):  # sorted: the seeded draws go to fixed units
         unit = torch.load(path, weights_only=True)
         if unit["row"]["defence"] == "none":  # deterministic: the same labels in every evaluation
-            right = (torch.rand(6, generator=generator) < 0.5).expand(len(unit["predictions"]), 6)
+            right = torch.tensor(masks[unit["row"]["threat"]], dtype=torch.bool).expand(len(unit["predictions"]), 6)
             unit["predictions"] = torch.where(right, labels, (labels + 1) % 10)
             torch.save(unit, path)
             alone[unit["row"]["threat"]] = unit["predictions"]
@@ -1133,7 +1134,8 @@ def test_a_convergence_study_under_torchrun_writes_what_one_process_writes(check
     import subprocess
     import sys
     root = Path(__file__).resolve().parent.parent
-    launch = ("import os, pathlib, bench.adaptive, bench.whitebox.convergence as conv\n"
+    launch = ("import os, pathlib, bench.adaptive, bench.ledger, bench.whitebox.convergence as conv\n"
+              "bench.ledger.LEDGER_PATH = pathlib.Path(os.environ['LOG'] + '-ledger.csv')  # it studies test images\n"
               "real = conv.craft\n"
               "def craft(*args, ids=None, desc='', **kwargs):\n"
               "    with open(pathlib.Path(os.environ['LOG']) / os.environ['RANK'], 'a') as log:\n"

@@ -121,7 +121,7 @@ def markdown(frame: pd.DataFrame, results: Path) -> str:
              f"95% paired bootstrap interval (10,000 resamples of the images).\n"]
     for (target, defence, eps, split, protocol), group in frame.groupby(SETTING, sort=False):
         threats = [t for t in dict.fromkeys(group.threat) if t != "worst"]
-        first, paired = group.iloc[0], group["diff"].notna().any()
+        first, paired = group.iloc[0], bool(group["diff"].notna().any())
         alone = group["alone"].dropna()
         lines = [f"`{defence}` before {target}, eps {eps}/255, {first.n} {split} images, `{protocol}` protocol, "
                  f"N = {first.evals}" + (f"; the classifier alone keeps {100 * alone.iloc[0]:.1f} (worst)" if paired

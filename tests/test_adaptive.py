@@ -543,6 +543,15 @@ def test_convergence_study_writes_one_row_group_per_budget(checkpoints, tmp_path
     assert with_next <= 100 * small + 1e-6  # the worst of two budgets is never above either
 
 
+def decided(setting, rule, agree: int = 10) -> torch.Tensor:
+    """Scripted (10, n) predicted labels of ``setting``'s images: those whose id ``rule`` accepts are right in the
+    first ``agree`` evaluations and wrong in the rest, the others the reverse (``agree`` > 5: the majority follows
+    ``rule``)."""
+    right = torch.tensor([rule(int(i)) for i in setting.ids], dtype=torch.bool)
+    wrong = (setting.labels + 1) % 10
+    return torch.stack([torch.where(right if d < agree else ~right, setting.labels, wrong) for d in range(10)])
+
+
 def test_a_convergence_studys_with_next_is_the_per_image_worst_of_two_budgets(checkpoints, tmp_path,  # noqa: F811
                                                                              monkeypatch):
     """Scripted majority decisions per image id that the larger budget does not nest in the smaller one's (budget 1
@@ -552,9 +561,7 @@ def test_a_convergence_studys_with_next_is_the_per_image_worst_of_two_budgets(ch
 
     def scripted(self, threat, images):
         calls.append(threat)
-        rule = rules[len(calls) - 1]
-        right = torch.tensor([rule(int(i)) for i in self.ids], dtype=torch.bool)
-        return torch.stack([torch.where(right, self.labels, (self.labels + 1) % 10) for _ in range(10)])
+        return decided(self, rules[len(calls) - 1])
 
     monkeypatch.setattr(bench.whitebox.setting.Setting, "predictions", scripted)
     ids = bench.common.load_split("test", checkpoints[checkpoints.index("--data-root") + 1], 12, 0)[2]
@@ -646,10 +653,7 @@ def test_an_escalated_study_attacks_only_the_images_every_earlier_budget_left_ri
         return real_craft(attack, images, labels, *args, ids=ids, desc=desc, **kwargs)
 
     def scripted(self, threat, images):  # per block, on the images the budget being run attacked
-        rule = rules[len(attacked_ids) - 1]
-        right = torch.tensor([rule(int(i)) for i in self.ids], dtype=torch.bool)
-        wrong = (self.labels + 1) % 10
-        return torch.stack([torch.where(right if d < 7 else ~right, self.labels, wrong) for d in range(10)])
+        return decided(self, rules[len(attacked_ids) - 1], agree=7)
 
     monkeypatch.setattr(conv, "craft", recording_craft)
     monkeypatch.setattr(bench.whitebox.setting.Setting, "predictions", scripted)
@@ -868,9 +872,7 @@ def test_every_evaluation_of_test_images_is_ledgered_once(checkpoints, tmp_path,
     rules = iter([lambda i: i % 3 != 0, lambda i: i % 2 == 0])  # budget 2 breaks images budget 1 left right
 
     def scripted(self, threat, images):
-        rule = next(rules)
-        right = torch.tensor([rule(int(i)) for i in self.ids], dtype=torch.bool)
-        return torch.stack([torch.where(right, self.labels, (self.labels + 1) % 10) for _ in range(10)])
+        return decided(self, next(rules))
 
     with monkeypatch.context() as patch:
         patch.setattr(bench.whitebox.setting.Setting, "predictions", scripted)

@@ -15,6 +15,7 @@ BCM_CONFIG_DIR = CONFIG_DIR / "bcm"
 @dataclass
 class TrainConfig:
     batch_size: int = 1024           # global batch, split over DDP ranks
+    accumulate: int = 1              # micro-batches per rank and step (gradient accumulation, for less memory)
     total_steps: int = 400_000       # the run's length, and K of the curriculum (Eq. 21) unless set below
     curriculum_steps: int | None = None  # K of Eq. 21 when it differs from total_steps (training on at the final N)
     lr: float = 1e-4                 # RAdam

@@ -87,8 +87,11 @@ class Trainer:
             preset = preset_from_dict(start["config"], f"{self.checkpoint_path} config")
         self.preset = preset
         tc = preset.train
-        if tc.batch_size % self.session.world:
-            raise ValueError(f"batch_size {tc.batch_size} is not divisible by the {self.session.world} DDP processes")
+        if tc.accumulate < 1:
+            raise ValueError(f"train.accumulate must be a positive number of micro-batches, got {tc.accumulate}")
+        if tc.batch_size % (self.session.world * tc.accumulate):
+            raise ValueError(f"batch_size {tc.batch_size} is not divisible by the {self.session.world} DDP processes "
+                             f"x {tc.accumulate} micro-batches (train.accumulate)")
         self.session.seed(tc.seed)
 
         self.kind, model = build_model(preset)
@@ -160,14 +163,20 @@ class Trainer:
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate()
-        x = self.batch()
-        # the losses run their compared passes in float32 inside (purify.bct.float32_passes)
-        with autocast(self.device, self.bf16):
-            terms = self.module(x, self.step)
-        loss = terms["loss"].mean()
-        logged = torch.stack([loss.detach(), terms["ct"].mean().detach(), terms["soft"].mean().detach()]).float()
+        micro_batches = self.batch().chunk(self.preset.train.accumulate)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        logged = 0
+        for i, x in enumerate(micro_batches):
+            # DDP all-reduces the summed gradients once, in the last micro-batch's backward
+            last = i == len(micro_batches) - 1
+            with contextlib.nullcontext() if last or not self.session.distributed else self.module.no_sync():
+                # the losses run their compared passes in float32 inside (purify.bct.float32_passes)
+                with autocast(self.device, self.bf16):
+                    terms = self.module(x, self.step)
+                loss = terms["loss"].mean() / len(micro_batches)  # equal micro-batches: the mean over the batch
+                loss.backward()
+            logged = logged + torch.stack([terms[k].mean().detach() for k in ("loss", "ct", "soft")]).float()
+        logged = logged / len(micro_batches)
         if self.preset.train.grad_clip is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.preset.train.grad_clip)
         self.optimizer.step()

@@ -127,21 +127,24 @@ def test_resume_from_a_corrupt_checkpoint_fails_clearly(tmp_path, tiny_images):
         Trainer(tiny_preset(), tmp_path, images=tiny_images, resume=True)
 
 
-def _ddp_worker(rank, world, port, out, images):
+def _ddp_worker(rank, world, port, out, images, accumulate=1):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    trainer = Trainer(tiny_preset(batch_size=8), out, images=images, device="cpu")
+    trainer = Trainer(tiny_preset(batch_size=8, accumulate=accumulate), out, images=images, device="cpu")
     trainer.run(max_steps=2, progress=False)
     torch.save(trainer.model.state_dict(), os.path.join(out, f"rank{rank}.pt"))
     trainer.close()
 
 
-def test_ddp_with_gloo_keeps_ranks_in_sync(tmp_path, tiny_images):
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_ddp_with_gloo_keeps_ranks_in_sync(tmp_path, tiny_images, accumulate):
+    """Each rank draws its own images; the all-reduce (with accumulation, once per step after the last micro-batch)
+    keeps the weights equal."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path), _small_images(tiny_images)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path), _small_images(tiny_images), accumulate), nprocs=2, join=True)
     w0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     w1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     for a, b in zip(w0.values(), w1.values()):
@@ -311,3 +314,40 @@ def test_curriculum_steps_set_k_apart_from_the_runs_length(tmp_path, tiny_images
     preset.loss.s0, preset.loss.s1 = 10, 40  # 3 stages, K' = 26
     loss = Trainer(preset, tmp_path, images=_small_images(tiny_images)).loss
     assert [loss.discretization(k).numel() for k in (0, 25, 26, 52, 80, 5000)] == [11, 11, 21, 41, 41, 41]
+
+
+def _deterministic_terms(model, x, step):
+    """A loss without random draws (a fixed pair of times), so two ways of batching see the same function."""
+    t = torch.full((x.shape[0],), 2.0)
+    per_image = model(x, t, torch.full_like(t, 0.5)).pow(2).flatten(1).mean(1) * (2 + x.flatten(1).mean(1))
+    return {"loss": per_image, "ct": per_image * 2, "soft": per_image * 3, "N": torch.tensor(11)}
+
+
+def test_accumulated_micro_batches_give_the_full_batchs_gradient_and_loss(tmp_path, tiny_images):
+    """train.accumulate k: k forward/backward passes over equal slices of the batch, one optimizer step, the
+    gradient and the logged terms those of the whole batch at once."""
+    from purify.train import LossModule
+
+    images = _small_images(tiny_images)
+    runs = {}
+    for k in (1, 4):
+        torch.manual_seed(0)  # same initial weights, same batch
+        trainer = Trainer(tiny_preset(batch_size=8, accumulate=k), tmp_path / str(k), images=images)
+        trainer.module = LossModule(trainer.model, _deterministic_terms)
+        calls = []
+        trainer.module.register_forward_hook(lambda mod, inputs, out: calls.append(inputs[0].shape[0]))
+        terms = trainer.train_step()
+        runs[k] = terms, {n: p.grad.clone() for n, p in trainer.model.named_parameters()}, calls
+    (full, grads_full, calls_full), (acc, grads_acc, calls_acc) = runs[1], runs[4]
+    assert calls_full == [8] and calls_acc == [2, 2, 2, 2]
+    assert full["loss"] == pytest.approx(acc["loss"], rel=1e-5) and full["soft"] == pytest.approx(acc["soft"], rel=1e-5)
+    assert sum(g.abs().sum() for g in grads_full.values()) > 0
+    for name, g in grads_full.items():
+        torch.testing.assert_close(grads_acc[name], g, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_accumulate_must_divide_each_ranks_batch(tmp_path, tiny_images):
+    with pytest.raises(ValueError, match="accumulate"):
+        Trainer(tiny_preset(batch_size=8, accumulate=3), tmp_path, images=_small_images(tiny_images))
+    with pytest.raises(ValueError, match="positive"):
+        Trainer(tiny_preset(batch_size=8, accumulate=0), tmp_path, images=_small_images(tiny_images))

@@ -165,7 +165,7 @@ class Trainer:
             group["lr"] = self.learning_rate()
         micro_batches = self.batch().chunk(self.preset.train.accumulate)
         self.optimizer.zero_grad(set_to_none=True)
-        logged = 0
+        logged = []
         for i, x in enumerate(micro_batches):
             # DDP all-reduces the summed gradients once, in the last micro-batch's backward
             last = i == len(micro_batches) - 1
@@ -175,8 +175,8 @@ class Trainer:
                     terms = self.module(x, self.step)
                 loss = terms["loss"].mean() / len(micro_batches)  # equal micro-batches: the mean over the batch
                 loss.backward()
-            logged = logged + torch.stack([terms[k].mean().detach() for k in ("loss", "ct", "soft")]).float()
-        logged = logged / len(micro_batches)
+            logged.append(torch.stack([terms[k].mean().detach() for k in ("loss", "ct", "soft")]).float())
+        logged = torch.stack(logged).mean(0)  # equal micro-batches: the whole batch's means
         if self.preset.train.grad_clip is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.preset.train.grad_clip)
         self.optimizer.step()

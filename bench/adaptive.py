@@ -45,6 +45,8 @@ Markdown table and a PNG (accuracy against t*). Reruns resume: finished (setting
     python -m bench.adaptive --convergence 20x4 40x8 80x16 square:1000x10 --escalate --split val --n 500
                                    # the same criterion, each budget attacking only the images still right; then
                                    # Square on what margin-PGD left: does a gradient-free attack find more?
+    python -m bench.adaptive --convergence 20x4 pgd-ce:100x10 apgd-ce:100x10 apgd-ce:200x20 --escalate --split val
+                                   # other threats' budgets too (pgd-ce, apgd-ce, apgd-dlr): does doubling them add?
     python -m bench.adaptive --retime --target preact --t-stars 0.5 1 --n 200  # re-measure the costs
     python -m bench.adaptive --split val --n 100 --bf16 --out bf16.csv --compare fp32.csv   # does bf16 agree?
     python -m bench.adaptive --defence bcm-robust --target preact:adv-fgsm-long --split val --votes 1 3 5 10
@@ -122,8 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="instead of the grid: margin-PGD with each budget STEPSxEOT (e.g. 20x4 40x8) on the first "
                              "target, t* and eps, scored like the grid, and per image the worst of each budget and the "
                              "next (paired: how much the larger budget adds), written to convergence.csv/.md next to "
-                             "--out; a budget square:QUERIESxEOT (e.g. square:1000x10) runs the gradient-free Square "
-                             "instead, a check for gradient masking")
+                             "--out; THREAT:STEPSxEOT runs another threat at that budget (pgd-ce, apgd-ce, apgd-dlr: "
+                             "e.g. apgd-ce:100x10), square:QUERIESxEOT the gradient-free Square, a check for gradient "
+                             "masking")
     parser.add_argument("--escalate", action="store_true",
                         help="with --convergence: each budget after the first attacks only the images every earlier "
                              "budget left correct (majority of N), as AutoAttack runs each attack on the points still "

@@ -520,7 +520,8 @@ def test_clean_only_run_still_gets_its_table(checkpoints, tmp_path):  # noqa: F8
 def test_bench_adaptive_rejects_bad_input(checkpoints, tmp_path, capsys):  # noqa: F811
     for bad in (["--eps", "0"], ["--target", "resnet"], ["--protocol", "fast"], ["--split", "train"],
                 ["--convergence", "5y4"], ["--convergence", "0x4"], ["--convergence", "square:0x4"],
-                ["--convergence", "square:4"], ["--n", "0"], ["--defence", "vote:n=3"],
+                ["--convergence", "square:4"], ["--convergence", "pgd:4x4"], ["--convergence", "aa-standard:1x1"],
+                ["--convergence", "clean:1x1"], ["--n", "0"], ["--defence", "vote:n=3"],
                 ["--defence", "vote:how=logits"], ["--defence", "nosuch"], ["--threats", "worst"],
                 ["--threats", "pgd"], ["--escalate"], ["--votes", "0"]):
         with pytest.raises(SystemExit) as exit_info:
@@ -1127,6 +1128,47 @@ def test_a_convergence_study_runs_square_through_the_randomized_purifier(checkpo
     assert len(list((tmp_path / "convergence-predictions").glob("*-40x2.pt"))) == 1
     md = (tmp_path / "convergence.md").read_text()
     assert "then Square" in md and "| Square 40 x 2 | 80 forwards |" in md
+
+
+def test_convergence_budgets_name_their_threat():
+    from bench.whitebox.config import Budget, budget
+    assert budget("20x4") == Budget("pgd-margin", 20, 4) == budget("pgd-margin:20x4")
+    assert budget("PGD-CE:100x10") == Budget("pgd-ce", 100, 10)
+    assert budget("apgd-dlr:3x2") == Budget("apgd-dlr", 3, 2) and budget("square:1000x10").threat == "square"
+    assert [b.label for b in map(budget, ("20x4", "apgd-ce:100x10", "square:5x2"))] == [
+        "20 x 4", "APGD-CE 100 x 10", "Square 5 x 2"]
+    assert budget("pgd-ce:7x3").desc == "CE-PGD 7x3" and budget("7x3").desc == "margin-PGD 7x3"
+
+
+def test_a_convergence_study_runs_each_budgets_own_threat(checkpoints, tmp_path, monkeypatch):  # noqa: F811
+    """Budgets naming CE-PGD, APGD-CE and APGD-DLR build those attacks (their loss, steps and draws), and a
+    budget of the same size as margin-PGD's keeps its own rows and cache instead of reusing margin-PGD's."""
+    import bench.whitebox.convergence as conv
+
+    built, real_craft = [], conv.craft
+
+    def recording(attack, *args, desc="", **kwargs):
+        if hasattr(attack, "apgd"):
+            built.append((desc, "apgd", attack.apgd.loss, attack.apgd.n_iter, attack.apgd.model.draws))
+        else:
+            built.append((desc, "pgd", attack.loss, attack.steps, attack.scores.draws))
+        return real_craft(attack, *args, desc=desc, **kwargs)
+
+    monkeypatch.setattr(conv, "craft", recording)
+    bench.adaptive.main([*checkpoints, "--n", "4", "--batch-size", "4", "--t-stars", "1", "--out",
+                         str(tmp_path / "grid.csv"), "--convergence", "1x1", "pgd-ce:1x1", "apgd-ce:2x2",
+                         "apgd-dlr:1x3"])
+    assert built == [("margin-PGD 1x1", "pgd", "margin", 1, 1), ("CE-PGD 1x1", "pgd", "ce", 1, 1),
+                     ("APGD-CE 2x2", "apgd", "ce", 2, 2), ("APGD-DLR 1x3", "apgd", "dlr", 1, 3)]
+    frame = pd.read_csv(tmp_path / "convergence.csv")
+    assert len(frame) == 4 * 3
+    assert set(zip(frame.threat, frame.steps, frame.eot)) == {("pgd-margin", 1, 1), ("pgd-ce", 1, 1),
+                                                              ("apgd-ce", 2, 2), ("apgd-dlr", 1, 3)}
+    assert frame[frame.threat == "apgd-dlr"].attack.str.startswith("APGD-DLR").all()
+    assert len(list((tmp_path / "convergence-predictions").glob("*-1x1.pt"))) == 2
+    md = (tmp_path / "convergence.md").read_text()
+    assert "Margin-PGD budgets, then CE-PGD, APGD-CE, APGD-DLR on 4" in md
+    assert "| CE-PGD 1 x 1 | 1 |" in md and "| APGD-CE 2 x 2 | 4 |" in md and "| APGD-DLR 1 x 3 | 3 |" in md
 
 
 def test_a_convergence_study_under_torchrun_writes_what_one_process_writes(checkpoints, tmp_path):  # noqa: F811

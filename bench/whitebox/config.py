@@ -101,31 +101,46 @@ def vote_base(spec: str, evals: int) -> str:
     return base + (":" + ",".join(f"{k}={v}" for k, v in options.items()) if options else "")
 
 
+# the threats a convergence budget can name (``THREAT:STEPSxEOT``), as its rows and Markdown name them
+BUDGET_THREATS = {"pgd-margin": "margin-PGD", "pgd-ce": "CE-PGD", "apgd-ce": "APGD-CE", "apgd-dlr": "APGD-DLR",
+                  "square": "Square"}
+
+
 class Budget(NamedTuple):
-    """One budget of a convergence study: margin-PGD's steps, or Square's queries, x draws per step."""
-    threat: str  # "pgd-margin" or "square"
+    """One budget of a convergence study: a white-box threat's steps (APGD's iterations, Square's queries) x draws."""
+    threat: str  # a key of BUDGET_THREATS
     steps: int
     eot: int
 
     @property
+    def name(self) -> str:
+        """The attack's name: "margin-PGD", "CE-PGD", "APGD-CE", "APGD-DLR" or "Square"."""
+        return BUDGET_THREATS[self.threat]
+
+    @property
     def label(self) -> str:
-        """As the Markdown shows it: "20 x 4", "Square 1000 x 10"."""
-        return f"{'Square ' if self.threat == 'square' else ''}{self.steps} x {self.eot}"
+        """As the Markdown shows it: "20 x 4" (margin-PGD, the study's default), "Square 1000 x 10"."""
+        return f"{'' if self.threat == 'pgd-margin' else self.name + ' '}{self.steps} x {self.eot}"
 
     @property
     def desc(self) -> str:
         """As its progress bar names it: "margin-PGD 20x4", "Square 1000x10"."""
-        return f"{'Square' if self.threat == 'square' else 'margin-PGD'} {self.steps}x{self.eot}"
+        return f"{self.name} {self.steps}x{self.eot}"
 
 
 def budget(text: str) -> Budget:
-    """``"STEPSxEOT"`` -> margin-PGD's (steps, eot); ``"square:QUERIESxEOT"`` -> Square's; both positive."""
-    threat, spec = ("square", text[len("square:"):]) if text.lower().startswith("square:") else ("pgd-margin", text)
+    """``"STEPSxEOT"`` -> margin-PGD's (steps, eot); ``"THREAT:STEPSxEOT"`` -> that threat's (a key of
+    BUDGET_THREATS, e.g. ``pgd-ce:100x10``, ``square:1000x10`` for Square's queries); both positive."""
+    threat, _, spec = text.lower().rpartition(":")
+    threat = threat or "pgd-margin"
+    usage = (f"a budget is STEPSxEOT (margin-PGD) or THREAT:STEPSxEOT with THREAT one of {', '.join(BUDGET_THREATS)}, "
+             f"e.g. 50x4, pgd-ce:100x10 or square:1000x10; got {text!r}")
+    if threat not in BUDGET_THREATS:
+        raise ValueError(usage)
     try:
-        steps, eot = (int(v) for v in spec.lower().split("x"))
+        steps, eot = (int(v) for v in spec.split("x"))
     except ValueError:
-        raise ValueError(f"a budget is STEPSxEOT (margin-PGD) or square:QUERIESxEOT, e.g. 50x4 or square:1000x10; "
-                         f"got {text!r}") from None
+        raise ValueError(usage) from None
     if steps < 1 or eot < 1:
         raise ValueError(f"a budget needs at least 1 step (query) and 1 EOT draw; got {text!r}")
     return Budget(threat, steps, eot)

@@ -1,6 +1,7 @@
-"""``--convergence``: margin-PGD as its steps and draws grow, and per image the worst of each budget and the next
-(the paired drop the larger budget adds: the criterion for a converged default); a Square budget after them
-checks that no gradient-free attack removes robustness the gradients could not (gradient masking)."""
+"""``--convergence``: margin-PGD (or another white-box threat: CE-PGD, APGD-CE, APGD-DLR) as its steps and draws
+grow, and per image the worst of each budget and the next (the paired drop the larger budget adds: the criterion
+for a converged default); a Square budget after them checks that no gradient-free attack removes robustness the
+gradients could not (gradient masking)."""
 from __future__ import annotations
 
 import hashlib
@@ -15,7 +16,7 @@ from purify.infra.shards import Shard, map_timed_blocks, remove_blocks
 from ..common import DATASET, ResultTable, write_text
 from ..intervals import bootstrap_interval
 from ..ledger import TEST_SPLITS, append_ledger
-from .config import Run
+from .config import BUDGET_THREATS, Run
 from .grid import ledger_row, measure_costs
 from .schema import COLUMNS, COST_COLUMNS, KEY, RUN_COLUMNS, unit_id
 from .setting import Setting, Workload
@@ -24,8 +25,8 @@ TIMING_COLUMNS = ("wall_s", "s_per_image", *COST_COLUMNS)  # a budget's time col
 
 
 def convergence(run: Run) -> None:
-    """Margin-PGD (or Square) with each budget of ``run.convergence`` on the first target, t* and eps, scored like
-    the grid, written to convergence.csv/.md next to ``run.out`` (resumable: each budget's per-image predictions
+    """Each budget of ``run.convergence`` (margin-PGD's unless it names another threat) on the first target, t*
+    and eps, scored like the grid, written to convergence.csv/.md next to ``run.out`` (resumable: each budget's per-image predictions
     are cached). With ``run.escalate``, each budget after the first attacks only the images that every earlier one
     left correct under the majority of N, and the study goes to convergence-escalated.csv/.md. Under ``torchrun``
     each budget's images are split across the ranks by blocks, as in the grid; rank 0 writes."""
@@ -116,13 +117,21 @@ def budget_predictions(setting: Setting, table: ResultTable, base: dict, cache, 
 
 def header(setting: Setting, escalated: bool) -> str:
     """The opening of the study's Markdown: what was attacked, with which attacks, scored how."""
-    run, square = setting.run, any(b.threat == "square" for b in setting.run.convergence)
-    return (f"**Margin-PGD budgets{', then Square' if square else ''}{', escalated,' if escalated else ''} on "
-            f"{len(setting.images)} {run.split} images** ({run.preset} preset, defence `{setting.defence.spec()}` "
-            f"before {setting.target}; eps = {setting.eps}/255; suite {SUITE}, step eps/4 -> eps/8 -> eps/16, best "
-            f"iterate, prediction averaged over the draws"
+    run = setting.run
+    names = list(dict.fromkeys(b.name for b in run.convergence))  # the attacks, in the order they first ran
+    threats = {b.threat for b in run.convergence}
+    title = f"{names[0][0].upper() + names[0][1:]} budgets" + "".join(f", then {n}" for n in names[1:2])
+    title += "".join(f", {n}" for n in names[2:])
+    pgd = " and ".join(BUDGET_THREATS[t] for t in ("pgd-margin", "pgd-ce") if t in threats)
+    return (f"**{title}{', escalated,' if escalated else ''} on {len(setting.images)} {run.split} images** "
+            f"({run.preset} preset, defence `{setting.defence.spec()}` before {setting.target}; eps = "
+            f"{setting.eps}/255; suite {SUITE}"
+            + (f"; {pgd}: step eps/4 -> eps/8 -> eps/16, best iterate" if pgd else "")
+            + ("; APGD: AutoAttack's step-size schedule for its iterations, best-loss iterate"
+               if threats & {"apgd-ce", "apgd-dlr"} else "")
+            + "; every step on the prediction averaged over the draws"
             + ("; Square: AutoAttack's gradient-free Square on the margin of the same averaged prediction, the "
-               "lowest-margin query per image, its cost in forward passes" if square else "")
+               "lowest-margin query per image, its cost in forward passes" if "square" in threats else "")
             + f"; scored over N = {setting.protocol.evals} fresh evaluations; {DATASET}).")
 
 

@@ -26,10 +26,10 @@ TIMING_COLUMNS = ("wall_s", "s_per_image", *COST_COLUMNS)  # a budget's time col
 
 def convergence(run: Run) -> None:
     """Each budget of ``run.convergence`` (margin-PGD's unless it names another threat) on the first target, t*
-    and eps, scored like the grid, written to convergence.csv/.md next to ``run.out`` (resumable: each budget's per-image predictions
-    are cached). With ``run.escalate``, each budget after the first attacks only the images that every earlier one
-    left correct under the majority of N, and the study goes to convergence-escalated.csv/.md. Under ``torchrun``
-    each budget's images are split across the ranks by blocks, as in the grid; rank 0 writes."""
+    and eps, scored like the grid, written to convergence.csv/.md next to ``run.out`` (resumable: each budget's
+    per-image predictions are cached). With ``run.escalate``, each budget after the first attacks only the images
+    that every earlier one left correct under the majority of N, and the study goes to convergence-escalated.csv/.md.
+    Under ``torchrun`` each budget's images are split across the ranks by blocks, as in the grid; rank 0 writes."""
     shard, device = Shard.join(run.device)
     work = Workload.load(run, pick_device(device))
     setting = work.setting(run.targets[0], work.entries[0], run.eps[0])
@@ -120,8 +120,7 @@ def header(setting: Setting, escalated: bool) -> str:
     run = setting.run
     names = list(dict.fromkeys(b.name for b in run.convergence))  # the attacks, in the order they first ran
     threats = {b.threat for b in run.convergence}
-    title = f"{names[0][0].upper() + names[0][1:]} budgets" + "".join(f", then {n}" for n in names[1:2])
-    title += "".join(f", {n}" for n in names[2:])
+    title = f"{names[0][0].upper()}{names[0][1:]} budgets" + (f", then {', '.join(names[1:])}" if names[1:] else "")
     pgd = " and ".join(BUDGET_THREATS[t] for t in ("pgd-margin", "pgd-ce") if t in threats)
     return (f"**{title}{', escalated,' if escalated else ''} on {len(setting.images)} {run.split} images** "
             f"({run.preset} preset, defence `{setting.defence.spec()}` before {setting.target}; eps = "

@@ -6,7 +6,7 @@
 ``grid``         running and scoring the grid, resumably, with the costs and the test ledger
 ``report``       the Markdown tables, the figure and the paired comparison with the classifier alone
 ``sanity``       Carlini et al.'s sanity checks
-``convergence``  margin-PGD as its budget grows, then Square on what it left
+``convergence``  an attack as its budget grows (margin-PGD, other losses, Square), paired
 ``retime``       the costs measured again
 ``compare``      the same settings in two results files, image by image
 """

@@ -12,6 +12,7 @@ from purify import parse_defence
 from purify.infra.paths import RESULTS_DIR
 
 from ..common import check_defences, check_names
+from .schema import ATTACK_NAMES, RANDOMIZED_ATTACKS
 
 MODES = ("grid", "sanity", "convergence", "retime", "compare", "votes")
 
@@ -101,9 +102,8 @@ def vote_base(spec: str, evals: int) -> str:
     return base + (":" + ",".join(f"{k}={v}" for k, v in options.items()) if options else "")
 
 
-# the threats a convergence budget can name (``THREAT:STEPSxEOT``), as its rows and Markdown name them
-BUDGET_THREATS = {"pgd-margin": "margin-PGD", "pgd-ce": "CE-PGD", "apgd-ce": "APGD-CE", "apgd-dlr": "APGD-DLR",
-                  "square": "Square"}
+# the threats a convergence budget can name (``THREAT:STEPSxEOT``): every white-box threat of a randomized defence
+BUDGET_THREATS = RANDOMIZED_ATTACKS
 
 
 class Budget(NamedTuple):
@@ -115,7 +115,7 @@ class Budget(NamedTuple):
     @property
     def name(self) -> str:
         """The attack's name: "margin-PGD", "CE-PGD", "APGD-CE", "APGD-DLR" or "Square"."""
-        return BUDGET_THREATS[self.threat]
+        return ATTACK_NAMES[self.threat]
 
     @property
     def label(self) -> str:

@@ -16,9 +16,9 @@ from purify.infra.shards import Shard, map_timed_blocks, remove_blocks
 from ..common import DATASET, ResultTable, write_text
 from ..intervals import bootstrap_interval
 from ..ledger import TEST_SPLITS, append_ledger
-from .config import BUDGET_THREATS, Run
+from .config import Run
 from .grid import ledger_row, measure_costs
-from .schema import COLUMNS, COST_COLUMNS, KEY, RUN_COLUMNS, unit_id
+from .schema import ATTACK_NAMES, COLUMNS, COST_COLUMNS, KEY, RUN_COLUMNS, unit_id
 from .setting import Setting, Workload
 
 TIMING_COLUMNS = ("wall_s", "s_per_image", *COST_COLUMNS)  # a budget's time columns, kept with its cache
@@ -121,7 +121,7 @@ def header(setting: Setting, escalated: bool) -> str:
     names = list(dict.fromkeys(b.name for b in run.convergence))  # the attacks, in the order they first ran
     threats = {b.threat for b in run.convergence}
     title = f"{names[0][0].upper()}{names[0][1:]} budgets" + (f", then {', '.join(names[1:])}" if names[1:] else "")
-    pgd = " and ".join(BUDGET_THREATS[t] for t in ("pgd-margin", "pgd-ce") if t in threats)
+    pgd = " and ".join(ATTACK_NAMES[t] for t in ("pgd-margin", "pgd-ce") if t in threats)
     return (f"**{title}{', escalated,' if escalated else ''} on {len(setting.images)} {run.split} images** "
             f"({run.preset} preset, defence `{setting.defence.spec()}` before {setting.target}; eps = "
             f"{setting.eps}/255; suite {SUITE}"

@@ -13,6 +13,9 @@ from purify.defences import BCM_DEFENCES
 
 # white-box threats of a randomized defence, of a deterministic one; then the rest
 RANDOMIZED_ATTACKS = ("pgd-margin", "pgd-ce", "apgd-ce", "apgd-dlr", "square")
+# how rows, reports and progress bars name the attacks of a randomized defence
+ATTACK_NAMES = {"pgd-margin": "margin-PGD", "pgd-ce": "CE-PGD", "apgd-ce": "APGD-CE", "apgd-dlr": "APGD-DLR",
+                "square": "Square"}
 DETERMINISTIC_ATTACKS = ("pgd-margin", "pgd-ce", "aa-standard")
 THREATS = ("clean", "transfer", "pgd-margin", "pgd-ce", "apgd-ce", "apgd-dlr", "square", "aa-standard", "worst",
            "pgd-fixed")

@@ -20,7 +20,7 @@ from purify.infra.images import as_float
 from ..common import (Entry, build_defences, classifier_path, combine_ids, file_id, load_classifiers,
                       load_split)
 from .config import Run
-from .schema import DETERMINISTIC_ATTACKS, RANDOMIZED_ATTACKS, THREATS
+from .schema import ATTACK_NAMES, DETERMINISTIC_ATTACKS, RANDOMIZED_ATTACKS, THREATS
 
 
 class Setting:
@@ -65,17 +65,17 @@ class Setting:
 
     def row(self, threat: str) -> dict:
         """The columns shared by every scoring of ``threat``."""
-        protocol, steps = self.protocol, self.protocol.steps
+        protocol, steps, names = self.protocol, self.protocol.steps, ATTACK_NAMES
         attack = {"clean": ("none", 0, 1, 1),
                   "transfer": (f"PGD on the undefended {self.target}", pgd_steps(self.eps), 1, 1),
-                  "pgd-margin": ("margin-PGD, best iterate", steps, self.eot, self.restarts),
-                  "pgd-ce": ("CE-PGD, best iterate", steps, self.eot, self.restarts),
-                  "apgd-ce": ("APGD-CE, best-loss iterate", steps, self.eot, 1),
-                  "apgd-dlr": ("APGD-DLR, best-loss iterate", steps, self.eot, 1),
-                  "square": ("Square, best-margin query", protocol.square_queries, self.eot, 1),
+                  "pgd-margin": (f"{names['pgd-margin']}, best iterate", steps, self.eot, self.restarts),
+                  "pgd-ce": (f"{names['pgd-ce']}, best iterate", steps, self.eot, self.restarts),
+                  "apgd-ce": (f"{names['apgd-ce']}, best-loss iterate", steps, self.eot, 1),
+                  "apgd-dlr": (f"{names['apgd-dlr']}, best-loss iterate", steps, self.eot, 1),
+                  "square": (f"{names['square']}, best-margin query", protocol.square_queries, self.eot, 1),
                   "aa-standard": ("AutoAttack standard", 100, 1, 1),
                   "worst": (f"worst per image of {', '.join(self.worst_of)}", steps, self.eot, self.restarts),
-                  "pgd-fixed": ("margin-PGD, noise frozen per image", steps, 1, 1)}
+                  "pgd-fixed": (f"{names['pgd-margin']}, noise frozen per image", steps, 1, 1)}
         name, steps, eot, restarts = attack[threat]
         if not self.defence.differentiable and threat not in ("clean", "transfer", "square"):
             name += " with BPDA (identity backward)"

@@ -39,6 +39,15 @@ def test_map_blocks_computes_this_ranks_blocks_and_reuses_saved_ones(tmp_path):
         map_blocks(lambda start, stop: torch.zeros(1), 4, 2, tmp_path / "bad", progress=False)
 
 
+def test_a_resumed_jobs_progress_bar_counts_the_blocks_it_already_has(tmp_path, capsys):
+    compute = lambda start, stop: torch.arange(start, stop)  # noqa: E731
+    map_blocks(compute, 2, 1, tmp_path, progress=False)  # 2 of 3 blocks saved, as by an interrupted job
+    capsys.readouterr()
+    assert torch.equal(map_blocks(compute, 3, 1, tmp_path, desc="resumed"), torch.arange(3))
+    bar = capsys.readouterr().err
+    assert "resumed:  67%" in bar and "2/3" in bar and "0/3" not in bar
+
+
 class FakeClock:
     """``time`` for ``purify.infra.shards``: ``monotonic()`` advances by ``step`` seconds at every read."""
 

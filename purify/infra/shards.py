@@ -79,17 +79,19 @@ def map_timed_blocks(compute: Callable[[int, int], Result], n: int, batch_size: 
     folder = Path(folder)
     parts = blocks(n, batch_size)
     mine = [(start, stop) for b, (start, stop) in enumerate(parts) if b % shard.world == shard.rank]
-    for start, stop in tqdm(mine, desc=desc, disable=not progress, leave=False):
-        if not _block_path(folder, start, stop).is_file():
-            started = time.monotonic()
-            result = compute(start, stop)
-            parts_of = {k: v.cpu() for k, v in (result if isinstance(result, dict) else {"result": result}).items()}
-            seconds = time.monotonic() - started  # after the copy to the host, which waits for a GPU's work
-            wrong = {k: len(v) for k, v in parts_of.items() if len(v) != stop - start}
-            if wrong:
-                raise ValueError(f"block {start}-{stop} computed {wrong} results instead of {stop - start}")
-            save_checkpoint({**parts_of, SECONDS: torch.tensor(seconds, dtype=torch.float64)},
-                            _block_path(folder, start, stop))
+    todo = [(start, stop) for start, stop in mine if not _block_path(folder, start, stop).is_file()]
+    # a resumed job's bar starts at the blocks it already has, so its count and rate are this run's
+    for start, stop in tqdm(todo, desc=desc, disable=not progress, leave=False, initial=len(mine) - len(todo),
+                            total=len(mine)):
+        started = time.monotonic()
+        result = compute(start, stop)
+        parts_of = {k: v.cpu() for k, v in (result if isinstance(result, dict) else {"result": result}).items()}
+        seconds = time.monotonic() - started  # after the copy to the host, which waits for a GPU's work
+        wrong = {k: len(v) for k, v in parts_of.items() if len(v) != stop - start}
+        if wrong:
+            raise ValueError(f"block {start}-{stop} computed {wrong} results instead of {stop - start}")
+        save_checkpoint({**parts_of, SECONDS: torch.tensor(seconds, dtype=torch.float64)},
+                        _block_path(folder, start, stop))
     shard.barrier()
     saved = [load_checkpoint(_block_path(folder, start, stop)) for start, stop in parts]
     merged = {k: torch.cat([part[k] for part in saved]) for k in saved[0] if k != SECONDS}
